@@ -1,0 +1,102 @@
+"""Pure AdaScale statistics: gradient moments, their bias-corrected moving averages and the gain."""
+
+import tensorflow as tf
+
+
+def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale):
+    """Unbiased estimates of the gradient variance and squared norm.
+
+    With S samples g_1..g_S and their mean g:
+    `sigma2 = (sum_i ||g_i||^2 - S ||g||^2) / (S - 1)` (the trace of the
+    gradient covariance) and `mu2 = ||g||^2 - sigma2 / S`, both clipped at 0.
+    With S = 1 there is no variance to see: `sigma2 = 0`, `mu2 = ||g||^2`.
+
+    Args:
+        sample_sqr_norm_sum: float32 scalar, `sum_i ||g_i||^2`.
+        mean_sqr_norm: float32 scalar, `||g||^2`.
+        scale: float32 scalar, S >= 1.
+
+    Returns:
+        `(gradient_variance, gradient_sqr_norm)`, float32 scalars >= 0.
+
+    References:
+        Johnson et al., 2020, Section 3.3 and Algorithm 1.
+    """
+    variance = (sample_sqr_norm_sum - scale * mean_sqr_norm) / tf.maximum(
+        scale - 1.0, 1.0
+    )
+    variance = tf.where(scale > 1.0, variance, tf.zeros_like(variance))
+    sqr_norm = mean_sqr_norm - variance / scale
+    return tf.maximum(variance, 0.0), tf.maximum(sqr_norm, 0.0)
+
+
+def moving_average(average, value, smoothing):
+    """One step of an exponential moving average, `theta * a + (1 - theta) * x`.
+
+    Bias correction divides by the same average taken of the constant 1
+    (which equals `1 - theta^t` while theta is fixed), as Adam does.
+
+    Args:
+        average: the running (uncorrected) average.
+        value: the new observation.
+        smoothing: theta in [0, 1).
+
+    Returns:
+        The updated running average.
+    """
+    return smoothing * average + (1.0 - smoothing) * value
+
+
+def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
+    """The AdaScale gain `r = (sigma2 + mu2) / (sigma2 / S + mu2)`, in [1, S].
+
+    Args:
+        gradient_variance: sigma2 estimate (>= 0).
+        gradient_sqr_norm: mu2 estimate (>= 0).
+        scale: S >= 1.
+
+    Returns:
+        The gain, 1 where both estimates are 0.
+
+    References:
+        Johnson et al., 2020, Equation (3) / Algorithm 1.
+    """
+    total = gradient_variance + gradient_sqr_norm
+    denominator = gradient_variance / scale + gradient_sqr_norm
+    safe_denominator = tf.where(total > 0.0, denominator, tf.ones_like(total))
+    ratio = tf.where(total > 0.0, total / safe_denominator, tf.ones_like(total))
+    return tf.clip_by_value(ratio, 1.0, scale)
+
+
+@tf.function(jit_compile=True)
+def update_gain(
+    sample_sqr_norm_sum,
+    mean_sqr_norm,
+    scale,
+    smoothing,
+    variance_average,
+    sqr_norm_average,
+    average_weight,
+):
+    """One AdaScale statistics step, XLA-compiled.
+
+    Args:
+        sample_sqr_norm_sum: float32 scalar, `sum_i ||g_i||^2` over the S samples.
+        mean_sqr_norm: float32 scalar, `||mean_i g_i||^2`.
+        scale: float32 scalar S.
+        smoothing: float32 scalar theta in [0, 1).
+        variance_average: running average of sigma2 (uncorrected).
+        sqr_norm_average: running average of mu2 (uncorrected).
+        average_weight: running average of 1 (`1 - theta^t`), the bias correction.
+
+    Returns:
+        `(variance_average, sqr_norm_average, average_weight, gain)` after this step.
+    """
+    variance, sqr_norm = gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale)
+    variance_average = moving_average(variance_average, variance, smoothing)
+    sqr_norm_average = moving_average(sqr_norm_average, sqr_norm, smoothing)
+    average_weight = moving_average(average_weight, 1.0, smoothing)
+    gain = gain_ratio(
+        variance_average / average_weight, sqr_norm_average / average_weight, scale
+    )
+    return variance_average, sqr_norm_average, average_weight, gain

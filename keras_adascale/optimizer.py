@@ -1,0 +1,330 @@
+"""AdaScaleSGD: the paper's Algorithm 1 around Keras's SGD update."""
+
+import numbers
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_adascale import distribute
+from keras_adascale import gain as gain_lib
+
+_LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale")
+class AdaScaleSGD(keras.optimizers.SGD):
+    """SGD (with momentum) that adapts its learning rate to the batch scale S.
+
+    Each update sees S gradient samples g_1..g_S: the replicas' local gradients
+    under `tf.distribute`, times the micro-batches of
+    `gradient_accumulation_steps`. With g their mean (the gradient applied):
+
+    ```python
+    sigma2 = (sum_i ||g_i||^2 - S * ||g||^2) / (S - 1)     # clipped at >= 0
+    mu2 = ||g||^2 - sigma2 / S                             # clipped at >= 0
+    v, m = bias_corrected_ema(sigma2), bias_corrected_ema(mu2)   # smoothing theta
+    gain = (v + m) / (v / S + m)                           # in [1, S]
+    lr_t = gain * lr(floor(tau))
+    velocity = momentum * velocity - lr_t * g              # as keras.optimizers.SGD
+    w = w + velocity
+    tau = tau + gain
+    ```
+
+    A learning-rate schedule is evaluated at `floor(tau)`, the number of
+    scale-invariant iterations, so the single-batch schedule needs no
+    re-tuning at scale (see `ScaleInvariantSchedule`). `weight_decay` is
+    decoupled as in Keras, with the learning rate `lr_t`. `clipnorm` and
+    `global_clipnorm` act on the mean gradient after the all-reduce; the gain
+    sees the gradients before clipping.
+
+    Each replica's loss is assumed scaled by 1/replicas, as `model.fit` and
+    `tf.nn.compute_average_loss(..., global_batch_size=...)` do, so that the
+    all-reduced sum of local gradients is the mean gradient g.
+
+    Args:
+        learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`
+            (evaluated at floor(tau)) or a callable taking no arguments. The
+            single-batch (S = 1) learning rate. Defaults to `0.01`.
+        momentum: float in [0, 1]. Defaults to `0.0`.
+        nesterov: bool, whether to use Nesterov momentum. Defaults to `False`.
+        scale: optional int >= 1, S. Defaults to
+            `num_replicas_in_sync * (gradient_accumulation_steps or 1)`, the
+            only value for which the statistics are right: a different value
+            raises at build time.
+        smoothing: optional float in [0, 1), theta, the moving-average factor
+            of the variance and squared-norm estimates. Defaults to
+            `max(1 - S / 1000, 0)`.
+        name: string. Defaults to `"adascale_sgd"`.
+        **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
+            (`weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`,
+            `use_ema`, `loss_scale_factor`, `gradient_accumulation_steps`...).
+
+    References:
+        Johnson, Agrawal, Gu, Guestrin. "AdaScale SGD: A User-Friendly
+        Algorithm for Distributed Training". ICML 2020, arXiv:2007.05105,
+        Algorithm 1.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.0,
+        nesterov=False,
+        scale=None,
+        smoothing=None,
+        name="adascale_sgd",
+        **kwargs,
+    ):
+        learning_rate = _checked_learning_rate(learning_rate)
+        momentum = _checked_momentum(momentum)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"Argument `nesterov` must be a bool. Received: nesterov={nesterov!r}")
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1
+        ):
+            raise ValueError(f"Argument `scale` must be an integer >= 1 or None. Received: scale={scale!r}")
+        if smoothing is not None and (
+            isinstance(smoothing, bool)
+            or not isinstance(smoothing, numbers.Real)
+            or not 0.0 <= smoothing < 1.0
+        ):
+            raise ValueError(
+                "Argument `smoothing` must be a float in [0, 1) or None. "
+                f"Received: smoothing={smoothing!r}"
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            name=name,
+            **kwargs,
+        )
+        self._requested_scale = None if scale is None else int(scale)
+        self._requested_smoothing = None if smoothing is None else float(smoothing)
+        self._add_adascale_state()
+
+    def _add_adascale_state(self):
+        def scalar(name, initial=0.0, dtype="float32"):
+            return self.add_variable(
+                shape=(),
+                initializer=keras.initializers.Constant(initial),
+                dtype=dtype,
+                aggregation="only_first_replica",
+                name=name,
+            )
+
+        # Created here rather than in build() so that `learning_rate`, which
+        # reads tau, works before the first update, as Keras's `iterations` does.
+        self._variance_average = scalar("gradient_variance_average")
+        self._sqr_norm_average = scalar("gradient_sqr_norm_average")
+        self._average_weight = scalar("average_weight")
+        self._gain = scalar("gain", 1.0)
+        # tau = whole + fraction: a float32 alone would round r away once tau
+        # reaches ~1e6, and floor(tau) picks the learning rate.
+        self._tau_whole = scalar("scale_invariant_iterations_whole", 0, "int64")
+        self._tau_fraction = scalar("scale_invariant_iterations_fraction")
+        self._effective_learning_rate = scalar("effective_learning_rate")
+        self._adascale_state = [
+            self._variance_average,
+            self._sqr_norm_average,
+            self._average_weight,
+            self._gain,
+            self._tau_whole,
+            self._tau_fraction,
+            self._effective_learning_rate,
+        ]
+        if self.gradient_accumulation_steps:
+            # Per replica (sync on read): each replica adds its own micro-batch
+            # norms without a merge_call; cross-replica reads sum them.
+            with keras.name_scope(self.name, caller=self):
+                self._sample_sqr_norm_accumulator = keras.Variable(
+                    0.0,
+                    dtype="float32",
+                    trainable=False,
+                    synchronization="on_read",
+                    aggregation="sum",
+                    name="sample_sqr_norm_accumulator",
+                )
+            self._track_variable(self._sample_sqr_norm_accumulator)
+
+    @property
+    def scale(self):
+        """S, the number of gradient samples per update (int)."""
+        if self._requested_scale is not None:
+            return self._requested_scale
+        return self._default_scale()
+
+    def _default_scale(self):
+        replicas = self._distribution_strategy.num_replicas_in_sync
+        return replicas * (self.gradient_accumulation_steps or 1)
+
+    @property
+    def smoothing(self):
+        """theta, the moving-average factor of the gain statistics (float)."""
+        if self._requested_smoothing is not None:
+            return self._requested_smoothing
+        return max(1.0 - self.scale / 1000.0, 0.0)
+
+    @property
+    def gain(self):
+        """The gain r of the last update (1.0 before any)."""
+        return tf.convert_to_tensor(self._gain.value)
+
+    @property
+    def scale_invariant_iterations(self):
+        """tau, the sum of the gains of all updates so far (float64 tensor)."""
+        return tf.cast(self._tau_whole.value, tf.float64) + tf.cast(
+            self._tau_fraction.value, tf.float64
+        )
+
+    @property
+    def gradient_variance(self):
+        """The smoothed, bias-corrected estimate of sigma^2 (0.0 before any update)."""
+        return self._corrected(self._variance_average)
+
+    @property
+    def gradient_sqr_norm(self):
+        """The smoothed, bias-corrected estimate of mu^2 (0.0 before any update)."""
+        return self._corrected(self._sqr_norm_average)
+
+    @property
+    def effective_learning_rate(self):
+        """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
+        return tf.convert_to_tensor(self._effective_learning_rate.value)
+
+    def _corrected(self, average):
+        weight = tf.convert_to_tensor(self._average_weight.value)
+        return tf.math.divide_no_nan(tf.convert_to_tensor(average.value), weight)
+
+    def build(self, variables):
+        if self.built:
+            return
+        expected = self._default_scale()
+        if self._requested_scale is not None and self._requested_scale != expected:
+            raise ValueError(
+                f"Argument `scale` is {self._requested_scale}, but each update "
+                f"sees {expected} gradient samples (num_replicas_in_sync="
+                f"{self._distribution_strategy.num_replicas_in_sync} x "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps or 1}). "
+                "Leave `scale=None` or make them agree."
+            )
+        if self.scale == 1:
+            warnings.warn(
+                "AdaScaleSGD has scale S = 1 (one replica, no gradient "
+                "accumulation): the gain is always 1 and it behaves as plain "
+                "SGD. Use several replicas or `gradient_accumulation_steps`.",
+                stacklevel=2,
+            )
+        super().build(variables)
+
+    def _get_current_learning_rate(self):
+        if isinstance(self._learning_rate, _LearningRateSchedule):
+            return self._learning_rate(self._tau_whole)
+        return super()._get_current_learning_rate()
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if self.gradient_accumulation_steps:
+            self.assign_add(
+                self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads)
+            )
+        super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _clip_gradients(self, grads):
+        # Clipping happens in _backend_update_step, on the all-reduced mean
+        # gradient: Keras would clip each replica's share before the reduce.
+        return grads
+
+    def _apply_weight_decay(self, variables):
+        # Weight decay happens in update_step, with the gain-scaled rate.
+        return
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if self.gradient_accumulation_steps:
+            local_sqr_norm_sum = tf.identity(self._sample_sqr_norm_accumulator.value)
+            self.assign(self._sample_sqr_norm_accumulator, tf.zeros((), tf.float32))
+        else:
+            local_sqr_norm_sum = distribute.sqr_norm_sum(grads)
+        grads, sample_sqr_norm_sum, replicas = distribute.all_reduce_gradients(
+            grads, local_sqr_norm_sum
+        )
+        # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
+        sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
+        variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
+            sample_sqr_norm_sum,
+            distribute.sqr_norm_sum(grads),
+            tf.constant(float(self.scale)),
+            tf.constant(self.smoothing, tf.float32),
+            tf.convert_to_tensor(self._variance_average.value),
+            tf.convert_to_tensor(self._sqr_norm_average.value),
+            tf.convert_to_tensor(self._average_weight.value),
+        )
+        effective_learning_rate = gain * tf.cast(learning_rate, tf.float32)
+        fraction = tf.convert_to_tensor(self._tau_fraction.value) + gain
+        carry = tf.floor(fraction)
+        state_values = [
+            variance_average,
+            sqr_norm_average,
+            average_weight,
+            gain,
+            tf.convert_to_tensor(self._tau_whole.value) + tf.cast(carry, tf.int64),
+            fraction - carry,
+            effective_learning_rate,
+        ]
+        grads = super()._clip_gradients(grads)
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_adascale_update,
+            self._distribution_strategy,
+            list(zip(grads, trainable_variables)),
+            effective_learning_rate,
+            state_values,
+        )
+
+    def _distributed_adascale_update(
+        self, distribution, grads_and_vars, learning_rate, state_values
+    ):
+        grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
+        self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+        for variable, value in zip(self._adascale_state, state_values):
+            distribution.extended.update(
+                variable.value, lambda var, x: var.assign(x), args=(value,), group=False
+            )
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            decay = tf.cast(learning_rate, variable.dtype) * tf.cast(
+                self.weight_decay, variable.dtype
+            )
+            self.assign_sub(variable, variable * decay)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"scale": self._requested_scale, "smoothing": self._requested_smoothing})
+        return config
+
+
+def _checked_learning_rate(learning_rate):
+    if isinstance(learning_rate, _LearningRateSchedule) or (
+        callable(learning_rate) and not isinstance(learning_rate, numbers.Number)
+    ):
+        return learning_rate
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
+        raise ValueError(
+            "Argument `learning_rate` must be a float, a "
+            "keras.optimizers.schedules.LearningRateSchedule or a callable. "
+            f"Received: learning_rate={learning_rate!r}"
+        )
+    if not learning_rate >= 0:
+        raise ValueError(f"Argument `learning_rate` must be >= 0. Received: learning_rate={learning_rate}")
+    return float(learning_rate)
+
+
+def _checked_momentum(momentum):
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, numbers.Real)
+        or not 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"Argument `momentum` must be a float in [0, 1]. Received: momentum={momentum!r}")
+    return float(momentum)

@@ -1,0 +1,45 @@
+"""Shared fixtures: quiet TensorFlow, a least-squares problem with exact per-batch gradients."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+
+class LeastSquares:
+    """y = X w* + c* + noise; loss = mean((X w + c - y)^2) per batch, as keras 'mse'."""
+
+    def __init__(self, num_examples, dim=3, seed=0):
+        rng = np.random.RandomState(seed)
+        self.x = rng.randn(num_examples, dim).astype(np.float32)
+        true_w = rng.randn(dim, 1).astype(np.float32)
+        self.y = (self.x @ true_w + 0.5 + rng.randn(num_examples, 1)).astype(np.float32)
+        self.dim = dim
+        self.initial = (0.1 * rng.randn(dim + 1)).astype(np.float32)
+
+    def gradient(self, params, start, stop):
+        """Exact gradient of the batch loss w.r.t. [kernel..., bias], float64."""
+        x = self.x[start:stop].astype(np.float64)
+        y = self.y[start:stop, 0].astype(np.float64)
+        residual = x @ params[:-1] + params[-1] - y
+        scale = 2.0 / len(y)
+        return np.concatenate([scale * x.T @ residual, [scale * residual.sum()]])
+
+    def model(self):
+        import keras
+
+        model = keras.Sequential([keras.Input((self.dim,)), keras.layers.Dense(1)])
+        model.set_weights([self.initial[:-1].reshape(-1, 1), self.initial[-1:]])
+        return model
+
+
+def flat_weights(model):
+    kernel, bias = model.get_weights()
+    return np.concatenate([kernel.ravel(), bias.ravel()]).astype(np.float64)
+
+
+@pytest.fixture
+def least_squares():
+    return LeastSquares(num_examples=192)
