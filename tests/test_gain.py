@@ -1,0 +1,91 @@
+"""The pure gain math against NumPy and its limits."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_adascale import gain
+from reference import gain_statistics
+
+
+def run_update_gain(samples_sequence, scale, smoothing):
+    state = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+    gains = []
+    for samples in samples_sequence:
+        samples = np.asarray(samples, np.float64)
+        mean = samples.mean(axis=0)
+        *state, value = gain.update_gain(
+            tf.constant(np.sum(samples**2), tf.float32),
+            tf.constant(mean @ mean, tf.float32),
+            tf.constant(float(scale)),
+            tf.constant(smoothing, tf.float32),
+            *state,
+        )
+        gains.append(float(value))
+    return gains
+
+
+def numpy_gains(samples_sequence, scale, smoothing):
+    variance_ema = sqr_norm_ema = 0.0
+    gains = []
+    for t, samples in enumerate(samples_sequence, start=1):
+        sigma2, mu2 = gain_statistics(samples)
+        variance_ema = smoothing * variance_ema + (1 - smoothing) * sigma2
+        sqr_norm_ema = smoothing * sqr_norm_ema + (1 - smoothing) * mu2
+        v, m = variance_ema / (1 - smoothing**t), sqr_norm_ema / (1 - smoothing**t)
+        gains.append((v + m) / (v / scale + m) if v + m > 0 else 1.0)
+    return gains
+
+
+@pytest.mark.parametrize("scale, smoothing", [(2, 0.0), (4, 0.9), (16, 0.984), (32, 0.5)])
+def test_update_gain_matches_numpy_over_a_sequence(scale, smoothing):
+    rng = np.random.RandomState(scale)
+    sequence = [rng.randn(scale, 7) * rng.uniform(0.1, 3) + rng.randn(7) for _ in range(12)]
+    np.testing.assert_allclose(
+        run_update_gain(sequence, scale, smoothing), numpy_gains(sequence, scale, smoothing), rtol=1e-5
+    )
+
+
+def test_gain_is_one_for_identical_samples():
+    samples = [np.tile(np.array([1.0, -2.0, 0.5]), (8, 1))] * 3
+    assert run_update_gain(samples, 8, 0.9) == pytest.approx([1.0] * 3, abs=1e-5)
+
+
+def test_gain_tends_to_scale_for_pure_noise():
+    rng = np.random.RandomState(0)
+    sequence = []
+    for _ in range(30):
+        half = rng.randn(4, 50)
+        sequence.append(np.concatenate([half, -half]))  # mean exactly 0
+    assert run_update_gain(sequence, 8, 0.9)[-1] == pytest.approx(8.0, rel=1e-5)
+
+
+def test_gain_is_one_for_zero_gradients_and_for_scale_one():
+    assert run_update_gain([np.zeros((4, 3))] * 2, 4, 0.5) == [1.0, 1.0]
+    rng = np.random.RandomState(1)
+    assert run_update_gain([rng.randn(1, 5) for _ in range(3)], 1, 0.5) == [1.0] * 3
+
+
+def test_gradient_moments_are_clipped_at_zero():
+    variance, sqr_norm = gain.gradient_moments(tf.constant(1.0), tf.constant(2.0), tf.constant(4.0))
+    assert float(variance) == 0.0 and float(sqr_norm) > 0.0
+    variance, sqr_norm = gain.gradient_moments(tf.constant(100.0), tf.constant(0.0), tf.constant(4.0))
+    assert float(variance) == pytest.approx(100.0 / 3) and float(sqr_norm) == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.integers(min_value=2, max_value=64),
+    dim=st.integers(min_value=1, max_value=20),
+    magnitude=st.floats(min_value=1e-6, max_value=1e6),
+    smoothing=st.floats(min_value=0.0, max_value=0.999),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_gain_matches_numpy_and_stays_in_bounds(scale, dim, magnitude, smoothing, seed):
+    rng = np.random.RandomState(seed)
+    sequence = [magnitude * (rng.randn(scale, dim) + rng.uniform(-1, 1) * rng.randn(dim)) for _ in range(3)]
+    gains = run_update_gain(sequence, scale, smoothing)
+    assert all(1.0 <= g <= scale for g in gains)
+    np.testing.assert_allclose(gains, numpy_gains(sequence, scale, smoothing), rtol=2e-3)
