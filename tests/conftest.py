@@ -6,6 +6,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+import tensorflow as tf
+
+# Eight logical CPU devices give real 2-, 4- and 8-replica MirroredStrategy tests; this must
+# happen before TensorFlow initializes its runtime, so here, before any test runs.
+LOGICAL_CPUS = 8
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS,
+)
 
 
 class LeastSquares:
@@ -43,3 +52,11 @@ def flat_weights(model):
 @pytest.fixture
 def least_squares():
     return LeastSquares(num_examples=192)
+
+
+def mirrored(replicas):
+    """A real MirroredStrategy over `replicas` logical CPU devices."""
+    # Strategies of different sizes in one process must not share collective group keys
+    # (TensorFlow's own strategy_combinations offsets them the same way).
+    tf.distribute.MirroredStrategy._collective_key_base = 1000 * replicas
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])

@@ -1,0 +1,143 @@
+"""AdaScaleSGD under a real MirroredStrategy (logical CPU devices) against the NumPy reference."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_adascale
+from conftest import flat_weights, mirrored
+from reference import AdaScaleReference
+
+BATCH = 8  # examples per sample (per replica, per micro-batch)
+
+
+def reference_history(problem, scale, updates, reference=None, first=0, **kwargs):
+    """Sample i of update u is the i-th batch of BATCH rows from row (first + u) * scale * BATCH."""
+    reference = reference or AdaScaleReference(problem.initial, scale=scale, **kwargs)
+    history = []
+    for update in range(first, first + updates):
+        base = update * scale * BATCH
+        reference.step(
+            [problem.gradient(reference.params, base + i * BATCH, base + (i + 1) * BATCH) for i in range(scale)]
+        )
+        history.append((reference.params.copy(), reference.gain, reference.tau))
+    return reference, history
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.history = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        self.history.append(
+            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
+        )
+
+
+def assert_same_history(actual, expected):
+    assert len(actual) == len(expected)
+    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
+        np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
+        assert gain == pytest.approx(ref_gain, rel=1e-5)
+        assert tau == pytest.approx(ref_tau, rel=1e-5)
+
+
+def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        if model is None:
+            model = problem.model()
+            model.compile(optimizer=keras_adascale.AdaScaleSGD(**kwargs), loss="mse")
+    start, stop = first * replicas * BATCH, (first + updates) * replicas * BATCH
+    dataset = tf.data.Dataset.from_tensor_slices((problem.x[start:stop], problem.y[start:stop])).batch(
+        replicas * BATCH
+    )
+    recorder = Recorder()
+    model.fit(dataset, callbacks=[recorder], verbose=0)
+    return model, recorder.history
+
+
+def test_mirrored_fit_matches_reference_update_by_update(least_squares):
+    _, expected = reference_history(least_squares, 4, 5, learning_rate=0.05, momentum=0.9)
+    model, actual = fit_mirrored(least_squares, 4, 5, learning_rate=0.05, momentum=0.9)
+    assert model.optimizer.scale == 4
+    assert_same_history(actual, expected)
+    assert 1.0 < expected[-1][1] < 4.0
+
+
+def test_mirrored_custom_loop_matches_reference(least_squares):
+    replicas, updates = 4, 4
+    _, expected = reference_history(least_squares, replicas, updates, learning_rate=0.05, nesterov=True,
+                                    momentum=0.5)
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        model = least_squares.model()
+        optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.5, nesterov=True)
+        optimizer.build(model.trainable_variables)
+    x, y = tf.constant(least_squares.x), tf.constant(least_squares.y)
+
+    @tf.function
+    def train_step(update):
+        def replica_fn(x_local, y_local):
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=replicas * BATCH)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        def slice_for(context):  # replica i gets the i-th BATCH rows of this update's block
+            start = (update * replicas + context.replica_id_in_sync_group) * BATCH
+            return x[start : start + BATCH], y[start : start + BATCH]
+
+        x_local, y_local = (
+            strategy.experimental_distribute_values_from_function(lambda ctx: slice_for(ctx)[i]) for i in (0, 1)
+        )
+        strategy.run(replica_fn, args=(x_local, y_local))
+
+    actual = []
+    for update in range(updates):
+        train_step(tf.constant(update))
+        actual.append((flat_weights(model), float(optimizer.gain), float(optimizer.scale_invariant_iterations)))
+    assert_same_history(actual, expected)
+
+
+def test_four_replicas_match_four_accumulation_steps_on_one_device(least_squares):
+    updates = 5
+    _, mirrored_history = fit_mirrored(least_squares, 4, updates, learning_rate=0.05, momentum=0.9)
+    model = least_squares.model()
+    model.compile(
+        optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=4), loss="mse"
+    )
+    recorder = Recorder()
+    count = updates * 4 * BATCH
+    model.fit(least_squares.x[:count], least_squares.y[:count], batch_size=BATCH, shuffle=False,
+              callbacks=[recorder], verbose=0)
+    accumulated_history = recorder.history[3::4]  # the micro-steps that updated
+    assert_same_history(mirrored_history, accumulated_history)
+
+
+@pytest.mark.parametrize("new_replicas", [2, 8])
+def test_elastic_resume_keeps_tau_and_averages_and_uses_the_new_scale(least_squares, tmp_path, new_replicas):
+    options = {"learning_rate": 0.03, "momentum": 0.9, "smoothing": 0.9}
+    model, _ = fit_mirrored(least_squares, 4, 2, **options)
+    saved_tau = float(model.optimizer.scale_invariant_iterations)
+    path = tmp_path / "s4.keras"
+    model.save(path)
+
+    reference, _ = reference_history(least_squares, 4, 2, **options)
+    # The reference continues with S = new_replicas samples, from where S = 4 stopped.
+    reference.scale = new_replicas
+    rows_done = 2 * 4 * BATCH
+    assert rows_done % (new_replicas * BATCH) == 0
+    first = rows_done // (new_replicas * BATCH)
+    _, expected = reference_history(least_squares, new_replicas, 2, reference=reference, first=first)
+
+    with mirrored(new_replicas).scope():
+        resumed = keras.models.load_model(path)
+    assert resumed.optimizer.scale == new_replicas
+    assert float(resumed.optimizer.scale_invariant_iterations) == pytest.approx(saved_tau)
+    _, actual = fit_mirrored(least_squares, new_replicas, 2, first=first, model=resumed)
+    assert_same_history(actual, expected)
