@@ -135,18 +135,36 @@ class AdaScaleSGD(keras.optimizers.SGD):
             self._effective_learning_rate,
         ]
         if self.gradient_accumulation_steps:
-            # Per replica (sync on read): each replica adds its own micro-batch
-            # norms without a merge_call; cross-replica reads sum them.
-            with keras.name_scope(self.name, caller=self):
-                self._sample_sqr_norm_accumulator = keras.Variable(
-                    0.0,
-                    dtype="float32",
-                    trainable=False,
-                    synchronization="on_read",
-                    aggregation="sum",
-                    name="sample_sqr_norm_accumulator",
-                )
-            self._track_variable(self._sample_sqr_norm_accumulator)
+            self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
+                (), "float32", "sample_sqr_norm_accumulator"
+            )
+
+    def _add_replica_local_variable(self, shape, dtype, name):
+        # Sync on read: each replica adds its own micro-batch gradients without a
+        # merge_call (Keras's mirrored accumulators need one inside a cond, which
+        # MirroredStrategy rejects: keras-team/keras#20582).
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=keras.initializers.Zeros(),
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                synchronization="on_read",
+                aggregation="sum",
+                name=name,
+            )
+        self._track_variable(variable)
+        return variable
+
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        if name != "gradient_accumulator":
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+        with self._distribution_strategy.extended.colocate_vars_with(reference_variable.value):
+            return self._add_replica_local_variable(
+                reference_variable.shape,
+                reference_variable.dtype,
+                f"{reference_variable.path.replace('/', '_')}_{name}",
+            )
 
     @property
     def scale(self):
@@ -224,15 +242,77 @@ class AdaScaleSGD(keras.optimizers.SGD):
         return super()._get_current_learning_rate()
 
     def _backend_apply_gradients(self, grads, trainable_variables):
-        if self.gradient_accumulation_steps:
-            self.assign_add(
-                self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads)
+        if not self.gradient_accumulation_steps:
+            super()._backend_apply_gradients(grads, trainable_variables)
+            return
+        accumulators = [
+            self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
+        ]
+        for grad, accumulator in zip(grads, accumulators):
+            self.assign_add(accumulator, grad)
+        self.assign_add(self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads))
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            is_update = tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
+            learning_rate = self.learning_rate
+            tf.cond(
+                is_update,
+                lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate),
+                tf.no_op,
             )
-        super()._backend_apply_gradients(grads, trainable_variables)
+        else:
+            # The cond must not hold a merge_call: take the one merge_call first
+            # and branch in cross-replica context.
+            tf.distribute.get_replica_context().merge_call(
+                self._cross_replica_update_from_accumulators,
+                args=(accumulators, trainable_variables),
+            )
+        if self.use_ema:
+            self._update_model_variables_moving_average(self._trainable_variables)
+            if self.ema_overwrite_frequency:
+                tf.cond(
+                    tf.equal((self.iterations + 1) % self.ema_overwrite_frequency, 0),
+                    lambda: self._overwrite_model_variables_with_average_value(
+                        self._trainable_variables
+                    ),
+                    tf.no_op,
+                )
+
+    def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate):
+        steps = float(self.gradient_accumulation_steps)
+        grads = [tf.convert_to_tensor(a.value) / steps for a in accumulators]
+        self._backend_update_step(grads, trainable_variables, learning_rate)
+        for accumulator in accumulators:
+            self.assign(accumulator, tf.zeros_like(accumulator.value))
+        return tf.no_op()
+
+    def _cross_replica_update_from_accumulators(self, distribution, accumulators, trainable_variables):
+        def update():
+            device = distribution.extended.worker_devices[0]
+            sums = distribution.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM,
+                [(a.value, device) for a in accumulators]
+                + [(self._sample_sqr_norm_accumulator.value, device)],
+            )
+            steps = float(self.gradient_accumulation_steps)
+            grads = [distribution.experimental_local_results(g)[0] / steps for g in sums[:-1]]
+            sample_sqr_norm_sum = distribution.experimental_local_results(sums[-1])[0]
+            grads, learning_rate, state_values = self._adascale_step(
+                grads, sample_sqr_norm_sum, distribution.num_replicas_in_sync, self.learning_rate
+            )
+            self._distributed_adascale_update(
+                distribution, list(zip(grads, trainable_variables)), learning_rate, state_values
+            )
+            for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
+                for component in distribution.experimental_local_results(accumulator.value):
+                    component.assign(tf.zeros_like(component))
+            return tf.no_op()
+
+        is_update = tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
+        tf.cond(is_update, update, tf.no_op)
 
     def _clip_gradients(self, grads):
-        # Clipping happens in _backend_update_step, on the all-reduced mean
-        # gradient: Keras would clip each replica's share before the reduce.
+        # Clipping happens in _adascale_step, on the all-reduced mean gradient:
+        # Keras would clip each replica's share before the reduce.
         return grads
 
     def _apply_weight_decay(self, variables):
@@ -240,6 +320,8 @@ class AdaScaleSGD(keras.optimizers.SGD):
         return
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # Replica context: one all-reduce carries the gradients and the replica's
+        # sum of squared sample norms.
         if self.gradient_accumulation_steps:
             local_sqr_norm_sum = tf.identity(self._sample_sqr_norm_accumulator.value)
             self.assign(self._sample_sqr_norm_accumulator, tf.zeros((), tf.float32))
@@ -248,6 +330,19 @@ class AdaScaleSGD(keras.optimizers.SGD):
         grads, sample_sqr_norm_sum, replicas = distribute.all_reduce_gradients(
             grads, local_sqr_norm_sum
         )
+        grads, learning_rate, state_values = self._adascale_step(
+            grads, sample_sqr_norm_sum, replicas, learning_rate
+        )
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_adascale_update,
+            self._distribution_strategy,
+            list(zip(grads, trainable_variables)),
+            learning_rate,
+            state_values,
+        )
+
+    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate):
+        """Algorithm 1 on reduced values: returns clipped grads, r * lr and the new state."""
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
         variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
@@ -271,19 +366,14 @@ class AdaScaleSGD(keras.optimizers.SGD):
             fraction - carry,
             effective_learning_rate,
         ]
-        grads = super()._clip_gradients(grads)
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_adascale_update,
-            self._distribution_strategy,
-            list(zip(grads, trainable_variables)),
-            effective_learning_rate,
-            state_values,
-        )
+        return super()._clip_gradients(grads), effective_learning_rate, state_values
 
     def _distributed_adascale_update(
         self, distribution, grads_and_vars, learning_rate, state_values
     ):
-        grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
+        grads_and_vars = [
+            (g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars
+        ]
         self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
         for variable, value in zip(self._adascale_state, state_values):
             distribution.extended.update(

@@ -141,3 +141,27 @@ def test_elastic_resume_keeps_tau_and_averages_and_uses_the_new_scale(least_squa
     assert float(resumed.optimizer.scale_invariant_iterations) == pytest.approx(saved_tau)
     _, actual = fit_mirrored(least_squares, new_replicas, 2, first=first, model=resumed)
     assert_same_history(actual, expected)
+
+
+def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_squares):
+    # Keras's own gradient accumulation fails here (merge_call inside a cond,
+    # keras-team/keras#20582); AdaScaleSGD accumulates per replica instead.
+    replicas, steps, updates = 2, 2, 4
+    _, expected = reference_history(least_squares, replicas * steps, updates, learning_rate=0.05, momentum=0.9)
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        model = least_squares.model()
+        model.compile(
+            optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps),
+            loss="mse",
+        )
+    count = updates * replicas * steps * BATCH
+    # Global batch i feeds replica 0 rows [i*16, i*16+8) and replica 1 the next 8; the
+    # reference's update u takes its 4 samples from rows [u*32, u*32+32) in the same order.
+    dataset = tf.data.Dataset.from_tensor_slices((least_squares.x[:count], least_squares.y[:count])).batch(
+        replicas * BATCH
+    )
+    recorder = Recorder()
+    model.fit(dataset, callbacks=[recorder], verbose=0)
+    assert model.optimizer.scale == 4
+    assert_same_history(recorder.history[steps - 1 :: steps], expected)
