@@ -165,3 +165,32 @@ def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_square
     model.fit(dataset, callbacks=[recorder], verbose=0)
     assert model.optimizer.scale == 4
     assert_same_history(recorder.history[steps - 1 :: steps], expected)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_loss_scaled_step_with_inf_gradient_changes_nothing(least_squares, replicas):
+    strategy = mirrored(replicas) if replicas > 1 else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = least_squares.model()
+        inner = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(inner), loss="mse")
+    x, y = least_squares.x[: 2 * replicas * BATCH], least_squares.y[: 2 * replicas * BATCH]
+    fit = lambda features: model.fit(features, y, batch_size=replicas * BATCH, shuffle=False, verbose=0)
+
+    def snapshot():
+        return flat_weights(model), [float(inner.scale_invariant_iterations), float(inner.gradient_variance),
+                                     float(inner.gradient_sqr_norm), int(inner.iterations.numpy())]
+
+    fit(x)
+    weights, state = snapshot()
+    assert state[0] > 0
+    poisoned = x.copy()
+    poisoned[:, 0] = np.inf
+    fit(poisoned)
+    poisoned_weights, poisoned_state = snapshot()
+    np.testing.assert_array_equal(poisoned_weights, weights)
+    assert poisoned_state == state
+    fit(x)
+    final_weights, final_state = snapshot()
+    assert final_state[0] > state[0] and final_state[3] == state[3] + 2
+    assert np.all(np.isfinite(final_weights)) and not np.array_equal(final_weights, weights)
