@@ -287,11 +287,11 @@ class AdaScaleSGD(keras.optimizers.SGD):
 
     def _cross_replica_update_from_accumulators(self, distribution, accumulators, trainable_variables):
         def update():
-            device = distribution.extended.worker_devices[0]
+            # Destinations on every replica's device make this one batched all-reduce.
             sums = distribution.extended.batch_reduce_to(
                 tf.distribute.ReduceOp.SUM,
-                [(a.value, device) for a in accumulators]
-                + [(self._sample_sqr_norm_accumulator.value, device)],
+                [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)]
+                + [(self._sample_sqr_norm_accumulator.value, self._gain.value)],
             )
             steps = float(self.gradient_accumulation_steps)
             grads = [distribution.experimental_local_results(g)[0] / steps for g in sums[:-1]]
