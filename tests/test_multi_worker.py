@@ -1,0 +1,109 @@
+"""MultiWorkerMirroredStrategy: 2 real worker processes on 127.0.0.1, a strategy.run loop, vs the reference."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reference import AdaScaleReference
+
+WORKERS, BATCH, UPDATES = 2, 8, 3
+
+# Each worker: data from a fixed seed, worker i takes rows [(u * 2 + i) * 8, +8) at update u.
+WORKER = r"""
+import json, os, sys
+import numpy as np, tensorflow as tf, keras
+import keras_adascale
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+rng = np.random.RandomState(0)
+x = rng.randn(64, 3).astype("float32")
+y = (x @ rng.randn(3, 1) + rng.randn(64, 1)).astype("float32")
+with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+
+@tf.function
+def step(update):
+    def replica_fn(x_local, y_local):
+        with tf.GradientTape() as tape:
+            per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=16)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    rows = tf.range((update * 2 + task) * 8, (update * 2 + task) * 8 + 8)
+    strategy.run(replica_fn, args=(tf.gather(x, rows), tf.gather(y, rows)))
+
+for update in range(3):
+    step(tf.constant(update))
+weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+print("RESULT " + json.dumps({"weights": weights.tolist(), "tau": float(optimizer.scale_invariant_iterations),
+                              "gain": float(optimizer.gain), "scale": optimizer.scale}), flush=True)
+"""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(timeout=150):
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(WORKERS)]}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    try:
+        for index in range(WORKERS):
+            env = dict(
+                os.environ,
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                PYTHONPATH=repo,
+                TF_CPP_MIN_LOG_LEVEL="2",
+            )
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results = []
+    for output in outputs:
+        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        assert lines, f"a worker printed no result:\n{output[-3000:]}"
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    return results
+
+
+def reference():
+    rng = np.random.RandomState(0)
+    x = rng.randn(64, 3).astype(np.float32).astype(np.float64)
+    y = (x.astype(np.float32) @ rng.randn(3, 1) + rng.randn(64, 1)).astype(np.float32)[:, 0].astype(np.float64)
+    ref = AdaScaleReference(np.zeros(4), 0.05, scale=WORKERS, momentum=0.9)
+
+    def gradient(params, start):
+        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+        residual = xb @ params[:-1] + params[-1] - yb
+        return np.concatenate([2.0 / BATCH * xb.T @ residual, [2.0 / BATCH * residual.sum()]])
+
+    for update in range(UPDATES):
+        ref.step([gradient(ref.params, (update * WORKERS + i) * BATCH) for i in range(WORKERS)])
+    return ref
+
+
+def test_two_workers_agree_with_each_other_and_the_reference():
+    results = run_workers()
+    expected = reference()
+    assert results[0]["weights"] == results[1]["weights"] and results[0]["tau"] == results[1]["tau"]
+    for result in results:
+        assert result["scale"] == WORKERS
+        np.testing.assert_allclose(result["weights"], expected.params, rtol=2e-5, atol=1e-6)
+        assert result["gain"] == pytest.approx(expected.gain, rel=1e-5)
+        assert result["tau"] == pytest.approx(expected.tau, rel=1e-5)
+    assert 1.0 < expected.gain < WORKERS
