@@ -252,10 +252,9 @@ class AdaScaleSGD(keras.optimizers.SGD):
             self.assign_add(accumulator, grad)
         self.assign_add(self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads))
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            is_update = tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
             learning_rate = self.learning_rate
             tf.cond(
-                is_update,
+                self._is_update_step(),
                 lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate),
                 tf.no_op,
             )
@@ -307,8 +306,10 @@ class AdaScaleSGD(keras.optimizers.SGD):
                     component.assign(tf.zeros_like(component))
             return tf.no_op()
 
-        is_update = tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
-        tf.cond(is_update, update, tf.no_op)
+        tf.cond(self._is_update_step(), update, tf.no_op)
+
+    def _is_update_step(self):
+        return tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
 
     def _clip_gradients(self, grads):
         # Clipping happens in _adascale_step, on the all-reduced mean gradient:
@@ -330,8 +331,11 @@ class AdaScaleSGD(keras.optimizers.SGD):
         grads, sample_sqr_norm_sum, replicas = distribute.all_reduce_gradients(
             grads, local_sqr_norm_sum
         )
+        # With one sample, the sample is the mean: no second pass over it.
+        single_sample = replicas == 1 and not self.gradient_accumulation_steps
         grads, learning_rate, state_values = self._adascale_step(
-            grads, sample_sqr_norm_sum, replicas, learning_rate
+            grads, sample_sqr_norm_sum, replicas, learning_rate,
+            mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_adascale_update,
@@ -341,13 +345,15 @@ class AdaScaleSGD(keras.optimizers.SGD):
             state_values,
         )
 
-    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate):
+    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
         """Algorithm 1 on reduced values: returns clipped grads, r * lr and the new state."""
+        if mean_sqr_norm is None:
+            mean_sqr_norm = distribute.sqr_norm_sum(grads)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
         variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
             sample_sqr_norm_sum,
-            distribute.sqr_norm_sum(grads),
+            mean_sqr_norm,
             tf.constant(float(self.scale)),
             tf.constant(self.smoothing, tf.float32),
             tf.convert_to_tensor(self._variance_average.value),
