@@ -9,11 +9,11 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[examples,test]'
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m keras_adascale demo
+	$(VENV)/bin/keras-adascale train saved_configs/demo.yaml --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

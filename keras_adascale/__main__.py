@@ -1,19 +1,8 @@
-"""Command line: `python -m keras_adascale demo`."""
+"""`python -m keras_adascale train CONFIG`: the same as the `keras-adascale` console script."""
 
-import argparse
+import sys
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="keras-adascale", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="a short real training run: AdaScale vs SGD on digits")
-    demo.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from keras_adascale import demo as demo_module
-
-        demo_module.main(verbose=0 if args.quiet else 2)
-
+from keras_adascale.experiments.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

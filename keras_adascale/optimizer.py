@@ -218,6 +218,12 @@ class AdaScaleSGD(keras.optimizers.SGD):
     def build(self, variables):
         if self.built:
             return
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
+            raise ValueError(
+                "AdaScaleSGD was created outside the `strategy.scope()` it is used in, so "
+                "it cannot see the replicas. Create the optimizer (and compile the model) "
+                "inside `with strategy.scope():`."
+            )
         expected = self._default_scale()
         if self._requested_scale is not None and self._requested_scale != expected:
             raise ValueError(

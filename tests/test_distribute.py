@@ -194,3 +194,13 @@ def test_loss_scaled_step_with_inf_gradient_changes_nothing(least_squares, repli
     final_weights, final_state = snapshot()
     assert final_state[0] > state[0] and final_state[3] == state[3] + 2
     assert np.all(np.isfinite(final_weights)) and not np.array_equal(final_weights, weights)
+
+
+def test_optimizer_created_outside_the_strategy_scope_is_refused(least_squares):
+    strategy = mirrored(2)
+    optimizer = keras_adascale.AdaScaleSGD(0.1)
+    with strategy.scope():
+        model = least_squares.model()
+        model.compile(optimizer=optimizer, loss="mse")
+    with pytest.raises(ValueError, match="outside the `strategy.scope"):
+        model.fit(least_squares.x[:16], least_squares.y[:16], batch_size=16, verbose=0)

@@ -1,0 +1,1 @@
+"""The experiment runner behind `keras-adascale train` and `keras-adascale compare`."""

@@ -1,0 +1,141 @@
+"""Command line: `keras-adascale train CONFIG` and `keras-adascale compare RUN_DIR...`."""
+
+import argparse
+import json
+import pathlib
+import sys
+
+from keras_adascale.experiments import config as config_lib
+
+_DESCRIPTION = """\
+Train and compare AdaScale SGD runs (Johnson et al., ICML 2020).
+
+  keras-adascale train saved_configs/demo.yaml
+  keras-adascale train saved_configs/demo.yaml --set total_steps=500 --only adascale
+  keras-adascale compare runs/demo/adascale runs/demo/lsr
+"""
+
+_COLUMNS = (
+    ("run", "{}"), ("optimizer", "{}"), ("S", "{}"), ("replicas x accum", "{}"), ("updates", "{}"),
+    ("tau", "{:.0f}"), ("mean gain", "{:.3f}"), ("train loss", "{:.4f}"), ("test acc", "{:.4f}"),
+    ("wall s", "{:.1f}"),
+)
+
+
+def comparison_table(finals):
+    """The side-by-side table of finished runs, as text.
+
+    Args:
+        finals: the runs' `final.json` contents.
+    """
+    rows = [
+        [
+            final["run"], final["optimizer"], final["scale"], f"{final['replicas']} x {final['accumulation']}",
+            final["updates"], final["tau"], final["mean_gain"], final["final_train_loss"],
+            final["test_accuracy"], final["wall_time"],
+        ]
+        for final in finals
+    ]
+    cells = [[name for name, _ in _COLUMNS]] + [
+        [template.format(value) for (_, template), value in zip(_COLUMNS, row)] for row in rows
+    ]
+    widths = [max(len(row[index]) for row in cells) for index in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def compare(run_dirs, output):
+    """Prints the table of finished runs and writes their comparison plot.
+
+    Args:
+        run_dirs: finished run folders (each with `final.json`).
+        output: the PNG to write.
+    """
+    from keras_adascale.experiments import plots
+
+    finals = []
+    for run_dir in run_dirs:
+        final_path = run_dir / "final.json"
+        if not final_path.is_file():
+            state = "an unfinished run" if run_dir.name.endswith(".incomplete") else "not a finished run folder"
+            raise config_lib.ConfigError(f"{run_dir}: {state} (no final.json)")
+        finals.append(json.loads(final_path.read_text()))
+    print(comparison_table(finals))
+    plots.plot_comparison(run_dirs, output)
+    print(f"\nplot: {output}")
+
+
+def _train(args):
+    runs = config_lib.load(args.config, args.set)
+    if args.only:
+        names = [run["run"] for run in runs]
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            raise config_lib.ConfigError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}")
+        runs = [run for run in runs if run["run"] in args.only]
+    from keras_adascale.experiments import training  # imports TensorFlow
+
+    training.configure_devices(runs)
+    output_root = pathlib.Path(args.output_dir)
+    run_dirs = []
+    for index, run in enumerate(runs):
+        print(f"[{index + 1}/{len(runs)}] {run['name']}/{run['run']}: {run['optimizer']['name']} at "
+              f"S={run['optimizer']['scale']} on {run['strategy']['name']}", flush=True)
+        run_dirs.append(training.train(run, output_root, overwrite=args.overwrite))
+    print()
+    compare(run_dirs, output_root / runs[0]["name"] / "comparison.png")
+
+
+def _compare(args):
+    run_dirs = [pathlib.Path(path) for path in args.run_dirs]
+    output = pathlib.Path(args.output) if args.output else run_dirs[0].parent / "comparison.png"
+    compare(run_dirs, output)
+
+
+def parser():
+    """The argument parser (its `--help` lists every config key)."""
+    top = argparse.ArgumentParser(
+        prog="keras-adascale", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train every run of a config, then print their comparison",
+        description="Train every run of a YAML or JSON config. Each run is written to "
+        "OUTPUT_DIR/<name>/<run>/: config.json, metrics.jsonl (one line per update), "
+        "evaluations.jsonl, final.json, model.keras, curves.png, gain_lr.png. A run is written "
+        "under <run>.incomplete and renamed when done; training the same config again resumes it.",
+        epilog="config keys (key = default: meaning):\n" + config_lib.describe()
+        + "\n\nA config may hold 'runs': a list of {name: ..., <section>: {<key>: <value>}} overriding "
+        "the top-level keys per run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="a YAML or JSON file, e.g. saved_configs/demo.yaml")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (value parsed as YAML), e.g. --set optimizer.scale=8 or "
+        "--set runs.lsr.optimizer.scale=8 for one run; repeatable",
+    )
+    train.add_argument("--only", type=lambda text: text.split(","), default=None, metavar="RUN[,RUN...]",
+                       help="train only these runs of the config")
+    train.add_argument("--output-dir", default="runs", help="where run folders go (default: runs)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace finished runs of the same name and discard interrupted ones")
+    train.set_defaults(handler=_train)
+    comparison = commands.add_parser("compare", help="a table and a plot of finished runs side by side")
+    comparison.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    comparison.add_argument("--output", help="PNG to write (default: comparison.png beside the first run)")
+    comparison.set_defaults(handler=_compare)
+    return top
+
+
+def main(argv=None):
+    """Entry point of the `keras-adascale` console script."""
+    args = parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (config_lib.ConfigError, FileNotFoundError) as error:
+        print(f"keras-adascale: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,295 @@
+"""Experiment configs: the schema, defaults, validation, `--set` overrides and per-run merging."""
+
+import copy
+import dataclasses
+import difflib
+import json
+import pathlib
+
+import yaml
+
+OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+MODELS = ("mlp", "small_cnn", "resnet20", "resnet18", "resnet50")
+SCHEDULES = ("constant", "piecewise_constant", "cosine")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: its default, what it accepts and what it means."""
+
+    default: object
+    help: str
+    kind: type | tuple = object
+    choices: tuple = ()
+    minimum: float | None = None
+    nullable: bool = False
+
+
+def _section(**keys):
+    return keys
+
+
+SCHEMA = {
+    "name": Key(None, "experiment name; defaults to the config file's stem", str, nullable=True),
+    "seed": Key(0, "random seed of the weights and the data order", int, minimum=0),
+    "total_steps": Key(
+        1000, "T_SI: length of the single-batch (S = 1) schedule, in scale-invariant steps", int, minimum=1
+    ),
+    "jit_compile": Key(False, "compile the train step with XLA (helps on GPU/TPU; slower on CPU)", bool),
+    "evaluations": Key(10, "how many times the test split is evaluated during training", int, minimum=1),
+    "dataset": _section(
+        name=Key("bundled_mnist", "tensorflow-datasets name (bundled_mnist ships offline)", str),
+        data_dir=Key(None, "tfds data_dir; default: tfds's own (~/tensorflow_datasets)", str, nullable=True),
+        train_split=Key("train", "tfds split to train on", str),
+        test_split=Key("test", "tfds split to evaluate on", str),
+        batch_size=Key(32, "B: examples per gradient sample (per replica and micro-batch)", int, minimum=1),
+        image_size=Key(None, "resize images to this square size (e.g. 224 for imagenet2012)", int,
+                       minimum=1, nullable=True),
+        augment=Key(False, "random crop (4-pixel padding) and horizontal flip while training", bool),
+        shuffle_buffer=Key(10000, "tf.data shuffle buffer, in examples", int, minimum=1),
+        cache=Key(True, "cache the decoded training split in memory (small datasets only)", bool),
+    ),
+    "model": _section(
+        name=Key("small_cnn", "architecture", str, choices=MODELS),
+        hidden_units=Key([512, 512], "mlp only: widths of the hidden layers", list),
+    ),
+    "strategy": _section(
+        name=Key("default", "tf.distribute strategy", str, choices=STRATEGIES),
+        devices=Key(1, "mirrored only: replicas; on a machine without GPUs, logical CPU devices", int,
+                    minimum=1),
+        tpu=Key("", "tpu only: TPUClusterResolver address ('' = the attached/Colab TPU)", str),
+    ),
+    "schedule": _section(
+        name=Key("piecewise_constant", "single-batch learning-rate schedule, in scale-invariant steps",
+                 str, choices=SCHEDULES),
+        learning_rate=Key(0.1, "single-batch (S = 1) learning rate", float, minimum=0.0),
+        decay_at=Key([0.5, 0.75], "piecewise_constant: fractions of total_steps where the rate drops", list),
+        decay_factor=Key(0.1, "piecewise_constant: factor applied at each drop", float, minimum=0.0),
+    ),
+    "optimizer": _section(
+        name=Key("adascale", "adascale | sgd (single-batch schedule, T updates of S*B examples) | "
+                 "lsr (linear scaling rule: lr x S, T/S updates) | lsr_warmup (lsr with gradual warm-up)",
+                 str, choices=OPTIMIZERS),
+        scale=Key(1, "S: gradient samples per update = replicas x accumulation steps", int, minimum=1),
+        momentum=Key(0.9, "SGD momentum", float, minimum=0.0),
+        nesterov=Key(False, "Nesterov momentum", bool),
+        weight_decay=Key(None, "decoupled weight decay (Keras semantics)", float, minimum=0.0, nullable=True),
+        smoothing=Key(None, "adascale only: theta of the moving averages; default max(1 - S/1000, 0)",
+                      float, minimum=0.0, nullable=True),
+        warmup_fraction=Key(0.05, "lsr_warmup only: warm-up length, as a fraction of the run's updates",
+                            float, minimum=0.0),
+    ),
+    "runs": Key(None, "list of variants to train, each {name: ..., <key>: <override>...}", list, nullable=True),
+}
+
+
+def _is_section(value):
+    return isinstance(value, dict)
+
+
+def defaults():
+    """The config with every key at its default, as a plain dict."""
+
+    def resolve(schema):
+        return {
+            name: resolve(entry) if _is_section(entry) else copy.deepcopy(entry.default)
+            for name, entry in schema.items()
+        }
+
+    return resolve(SCHEMA)
+
+
+def describe():
+    """Every config key with its default and meaning, one per line (for `--help`)."""
+    lines = []
+
+    def walk(schema, prefix):
+        for name, entry in schema.items():
+            if _is_section(entry):
+                walk(entry, f"{prefix}{name}.")
+                continue
+            allowed = f" (one of: {', '.join(entry.choices)})" if entry.choices else ""
+            lines.append(f"  {prefix}{name} = {json.dumps(entry.default)}: {entry.help}{allowed}")
+
+    walk(SCHEMA, "")
+    return "\n".join(lines)
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} Known keys here: {', '.join(sorted(known))}")
+
+
+def _check_value(path, key, value):
+    if value is None:
+        if key.nullable:
+            return None
+        raise ConfigError(f"config key '{path}' must not be null")
+    expected = key.kind
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is not object and (not isinstance(value, expected) or (
+            expected is int and isinstance(value, bool))):
+        raise ConfigError(f"config key '{path}' must be {_KIND_NAMES[expected]}; got {value!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"config key '{path}' must be one of {', '.join(key.choices)}; got {value!r}")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"config key '{path}' must be >= {key.minimum}; got {value!r}")
+    return value
+
+
+def _merge(base, update, schema, prefix=""):
+    """Deep-merges `update` into a copy of `base`, checking every key against `schema`."""
+    merged = copy.deepcopy(base)
+    if not isinstance(update, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping; got {update!r}")
+    for name, value in update.items():
+        path = f"{prefix}{name}"
+        if name not in schema:
+            raise _unknown(path, schema.keys())
+        entry = schema[name]
+        if _is_section(entry):
+            merged[name] = _merge(merged[name], value, entry, f"{path}.")
+        else:
+            merged[name] = _check_value(path, entry, value)
+    return merged
+
+
+def _check_run(run, label):
+    """Cross-key rules of one resolved run."""
+    optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
+    scale = optimizer["scale"]
+    replicas = strategy["devices"] if strategy["name"] == "mirrored" else None
+    if replicas is not None and optimizer["name"] == "adascale" and scale % replicas:
+        raise ConfigError(
+            f"{label}: optimizer.scale={scale} must be a multiple of strategy.devices={replicas} "
+            "(S = replicas x accumulation steps)"
+        )
+    if replicas is not None and optimizer["name"] != "adascale" and (
+            scale * run["dataset"]["batch_size"]) % replicas:
+        raise ConfigError(
+            f"{label}: the global batch optimizer.scale x dataset.batch_size = "
+            f"{scale * run['dataset']['batch_size']} must split evenly over strategy.devices={replicas}"
+        )
+    if optimizer["smoothing"] is not None and not optimizer["smoothing"] < 1:
+        raise ConfigError(f"{label}: optimizer.smoothing must be in [0, 1); got {optimizer['smoothing']}")
+    if not optimizer["warmup_fraction"] <= 1:
+        raise ConfigError(f"{label}: optimizer.warmup_fraction must be in [0, 1]; got {optimizer['warmup_fraction']}")
+    if optimizer["momentum"] >= 1:
+        raise ConfigError(f"{label}: optimizer.momentum must be in [0, 1); got {optimizer['momentum']}")
+    decay_at = schedule["decay_at"]
+    if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in decay_at) or decay_at != sorted(decay_at):
+        raise ConfigError(f"{label}: schedule.decay_at must be increasing fractions in (0, 1); got {decay_at}")
+    units = run["model"]["hidden_units"]
+    if not units or not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units):
+        raise ConfigError(f"{label}: model.hidden_units must be a non-empty list of positive ints; got {units}")
+
+
+def resolve(raw, name):
+    """Validates a raw config and expands it into its runs.
+
+    Args:
+        raw: the parsed config (a dict).
+        name: experiment name to use when the config has none.
+
+    Returns:
+        A list of dicts, one per run, each with every key of `SCHEMA` resolved
+        and a `run` key holding the run's name.
+
+    Raises:
+        ConfigError: naming the first bad key or value.
+    """
+    base = _merge(defaults(), raw, SCHEMA)
+    base["name"] = base["name"] or name
+    variants = base.pop("runs") or [{"name": base["optimizer"]["name"]}]
+    runs, seen = [], set()
+    for index, variant in enumerate(variants):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"]:
+            raise ConfigError(f"runs[{index}] must be a mapping with a non-empty string 'name'; got {variant!r}")
+        overrides = {key: value for key, value in variant.items() if key != "name"}
+        if "runs" in overrides:
+            raise ConfigError(f"runs[{index}] ('{variant['name']}') must not hold 'runs'")
+        if variant["name"] in seen:
+            raise ConfigError(f"runs[{index}]: the run name '{variant['name']}' is used twice")
+        seen.add(variant["name"])
+        run = _merge({**base, "runs": None}, overrides, SCHEMA)
+        del run["runs"]
+        run["run"] = variant["name"]
+        _check_run(run, f"run '{variant['name']}'")
+        runs.append(run)
+    return runs
+
+
+def parse_override(text):
+    """Parses one `--set key.path=value` into (["key", "path"], value); the value is YAML."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError(f"--set expects key.path=value; got {text!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML: {error}") from error
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw, overrides):
+    """Returns a copy of `raw` with each `--set` applied (before validation).
+
+    Args:
+        raw: the parsed config.
+        overrides: strings `key.path=value`; `runs.<name>.key=value` changes one run.
+    """
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        target = raw
+        if path[0] == "runs" and len(path) > 2:
+            matches = [run for run in raw.get("runs") or [] if isinstance(run, dict) and run.get("name") == path[1]]
+            if not matches:
+                names = [run.get("name") for run in raw.get("runs") or [] if isinstance(run, dict)]
+                raise ConfigError(f"--set {text}: no run named '{path[1]}'; runs: {names}")
+            target, path = matches[0], path[2:]
+        for part in path[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+            target = child
+        target[path[-1]] = value
+    return raw
+
+
+def load(path, overrides=()):
+    """Reads, overrides and validates a YAML or JSON config file.
+
+    Args:
+        path: the config file (`.yaml`, `.yml` or `.json`).
+        overrides: `--set` strings, applied before validation.
+
+    Returns:
+        The list of resolved runs (see `resolve`).
+
+    Raises:
+        ConfigError: for a missing or unparsable file, or a bad key or value.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return resolve(apply_overrides(raw, overrides), name=path.stem)

@@ -1,0 +1,123 @@
+"""Input pipelines of the experiment runner, through tensorflow-datasets."""
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import keras_adascale.datasets  # noqa: F401  (registers the bundled builders with tfds)
+from keras_adascale.experiments.config import ConfigError
+
+
+def _builder(config):
+    try:
+        return tfds.builder(config["name"], data_dir=config["data_dir"])
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ConfigError(f"dataset.name: tensorflow-datasets has no dataset '{config['name']}'") from error
+
+
+def describe(config):
+    """Reads what the model needs to know about a dataset, without preparing it.
+
+    Args:
+        config: the `dataset` section of a resolved config.
+
+    Returns:
+        `(input_shape, num_classes)` of the model's input and output.
+
+    Raises:
+        ConfigError: if the dataset is unknown, is not (image, label)
+            classification, or has images of varying size and no `image_size`.
+    """
+    features = _builder(config).info.features
+    if "image" not in features or "label" not in features:
+        raise ConfigError(f"dataset.name: '{config['name']}' has no 'image' and 'label' features")
+    height, width, channels = features["image"].shape
+    if config["image_size"] is not None:
+        height = width = config["image_size"]
+    if height is None or width is None:
+        raise ConfigError(f"dataset.image_size: '{config['name']}' has images of varying size; set a size")
+    return (height, width, channels), features["label"].num_classes
+
+
+def prepare(config):
+    """Downloads (where a download is needed and possible) and prepares the dataset.
+
+    Raises:
+        ConfigError: if the prepared dataset lacks a split the config names.
+    """
+    builder = _builder(config)
+    builder.download_and_prepare()
+    for split in (config["train_split"], config["test_split"]):
+        if split.split("[")[0] not in builder.info.splits:
+            raise ConfigError(
+                f"dataset: '{config['name']}' has no split '{split}'; it has {', '.join(builder.info.splits)}"
+            )
+
+
+def _preprocess(config):
+    size = config["image_size"]
+
+    def convert(image, label):
+        image = tf.cast(image, tf.float32) / 255.0
+        if size is not None:
+            image = tf.image.resize(image, (size, size))
+        return image, label
+
+    return convert
+
+
+def _augment(image, label):
+    height, width = image.shape[0], image.shape[1]
+    image = tf.image.resize_with_crop_or_pad(image, height + 8, width + 8)
+    image = tf.image.random_crop(image, (height, width, image.shape[2]))
+    return tf.image.random_flip_left_right(image), label
+
+
+def _with_sharding(dataset):
+    options = tf.data.Options()
+    # Every worker reads the whole split and keeps its own share of each batch:
+    # correct for any number of files, which FILE sharding is not.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.deterministic = True
+    return dataset.with_options(options)
+
+
+def train_dataset(config, global_batch_size, seed):
+    """The endless, shuffled training stream, in batches of `global_batch_size`.
+
+    Args:
+        config: the `dataset` section of a resolved config.
+        global_batch_size: examples per `model.fit` step, over all replicas.
+        seed: shuffle (and augmentation) seed.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)`; `model.fit` distributes it.
+    """
+    dataset = tfds.load(
+        config["name"], split=config["train_split"], data_dir=config["data_dir"],
+        as_supervised=True, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+    dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)
+    if config["cache"]:
+        dataset = dataset.cache()
+    dataset = dataset.shuffle(config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=True).repeat()
+    if config["augment"]:
+        dataset = dataset.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _with_sharding(dataset)
+
+
+def test_dataset(config, global_batch_size):
+    """The whole test split, once, in batches of `global_batch_size` (the last one smaller).
+
+    Returns:
+        `(dataset, steps)`: pass `steps` to `model.evaluate`, which cannot
+        count the batches of a distributed dataset itself.
+    """
+    dataset, info = tfds.load(
+        config["name"], split=config["test_split"], data_dir=config["data_dir"], as_supervised=True,
+        with_info=True,
+    )
+    examples = info.splits[config["test_split"]].num_examples
+    dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = _with_sharding(dataset.batch(global_batch_size).cache().prefetch(tf.data.AUTOTUNE))
+    return dataset, -(-examples // global_batch_size)

@@ -1,0 +1,175 @@
+"""RunRecorder: per-update and per-evaluation metrics as JSON lines, a progress bar, stopping."""
+
+import json
+import sys
+import time
+
+import keras
+
+from keras_adascale.optimizer import AdaScaleSGD
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file, or [] when it does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _Progress:
+    """A Keras progress bar on a terminal; a line per tenth of the run elsewhere (logs, CI)."""
+
+    def __init__(self, target, label):
+        self.target = target
+        self.interactive = sys.stdout.isatty()
+        self.bar = keras.utils.Progbar(target, unit_name="step", interval=0.5) if self.interactive else None
+        self.label = label
+        self.next_report = target / 10
+
+    def update(self, position, values):
+        position = min(position, self.target)
+        if self.bar is not None:
+            self.bar.update(position, values)
+        elif position >= self.next_report or position >= self.target:
+            shown = " - ".join(f"{name}: {value:.4g}" for name, value in values)
+            print(f"{self.label}: {100 * position / self.target:5.1f}% ({position:.0f}/{self.target} "
+                  f"scale-invariant steps) - {shown}", flush=True)
+            while self.next_report <= position:
+                self.next_report += self.target / 10
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Writes one JSON line per update and per test evaluation, shows progress, stops the run.
+
+    The test split is evaluated each time tau passes another
+    `total_steps / evaluations`, so runs at every scale are evaluated at the
+    same points of the single-batch schedule.
+
+    Per update (`metrics.jsonl`): `update`, `tau` (position on the single-batch
+    schedule: AdaScale's scale-invariant iterations, `update * S` under the
+    linear scaling rule, `update` for plain SGD), `gain`, `learning_rate`,
+    `loss` and `accuracy` of that update's examples, `examples` seen and
+    `wall_time` in seconds. Per epoch (`evaluations.jsonl`): `update`, `tau`,
+    `test_loss`, `test_accuracy`, `wall_time` (evaluation time excluded).
+
+    Keras reports running means since the metrics were last reset; the value
+    of the k-th batch since then is recovered as
+    `k * mean_k - (k - 1) * mean_(k-1)` (all batches have the same size).
+    The metrics are reset after each evaluation, which shares them. On resume (`BackupAndRestore` placed before this callback),
+    rows past the restored update are dropped, so none is counted twice.
+
+    Args:
+        run_dir: `pathlib.Path` of the run folder.
+        total_steps: T_SI, the length of the run in scale-invariant steps.
+        tau_per_update: for optimizers other than AdaScaleSGD, the schedule
+            steps one update covers (S for the linear scaling rule, else 1).
+        schedule: for optimizers other than AdaScaleSGD, the learning-rate
+            schedule (called with the update index) or a float.
+        examples_per_batch: global batch size of one `model.fit` step.
+        test_data: `(dataset, steps)` to evaluate on.
+        evaluations: how many evaluations over the run.
+        label: the run's name, for the progress lines.
+    """
+
+    def __init__(self, run_dir, total_steps, tau_per_update, schedule, examples_per_batch, test_data,
+                 evaluations, label):
+        super().__init__()
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.evaluations_path = run_dir / "evaluations.jsonl"
+        self.total_steps = total_steps
+        self.tau_per_update = tau_per_update
+        self.schedule = schedule
+        self.examples_per_batch = examples_per_batch
+        self.test_data = test_data
+        self.evaluation_period = total_steps / evaluations
+        self.label = label
+
+    def _adascale(self):
+        return isinstance(self.model.optimizer, AdaScaleSGD)
+
+    def _tau(self, update):
+        if self._adascale():
+            return float(self.model.optimizer.scale_invariant_iterations)
+        return float(update * self.tau_per_update)
+
+    def _truncate(self, path, update):
+        rows = [row for row in read_jsonl(path) if row["update"] <= update]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return rows
+
+    def on_train_begin(self, logs=None):
+        self.update = int(self.model.optimizer.iterations.numpy())
+        rows = self._truncate(self.metrics_path, self.update)
+        evaluations = self._truncate(self.evaluations_path, self.update)
+        self.next_evaluation = (len(evaluations) + 1) * self.evaluation_period
+        self.wall_offset = rows[-1]["wall_time"] if rows else 0.0
+        self.examples = rows[-1]["examples"] if rows else 0
+        self.start = time.perf_counter()
+        self.progress = _Progress(self.total_steps, self.label)
+        self._check_stop()
+
+    def _reset_means(self):
+        self.previous_means = {}
+        self.batches_since_reset = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._reset_means()  # model.fit resets the metrics at each epoch
+        self.pending = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        values = {}
+        self.batches_since_reset += 1
+        k = self.batches_since_reset
+        for name in ("loss", "accuracy"):
+            mean = float(logs[name])
+            values[name] = k * mean - (k - 1) * self.previous_means.get(name, 0.0)
+            self.previous_means[name] = mean
+        self.pending.append(values)
+        self.examples += self.examples_per_batch
+        update = int(self.model.optimizer.iterations.numpy())
+        if update == self.update:
+            return  # a micro-batch of gradient accumulation
+        self.update = update
+        row = {"update": update, "tau": self._tau(update)}
+        if self._adascale():
+            row["gain"] = float(self.model.optimizer.gain)
+            row["learning_rate"] = float(self.model.optimizer.effective_learning_rate)
+        else:
+            row["gain"] = 1.0
+            schedule = self.schedule
+            row["learning_rate"] = float(schedule(update - 1) if callable(schedule) else schedule)
+        for name in ("loss", "accuracy"):
+            row[name] = sum(values[name] for values in self.pending) / len(self.pending)
+        row["examples"] = self.examples
+        row["wall_time"] = self.wall_offset + time.perf_counter() - self.start
+        self.pending = []
+        with self.metrics_path.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        self.progress.update(row["tau"], [("loss", row["loss"]), ("gain", row["gain"])])
+        if row["tau"] >= self.next_evaluation - 1e-6:
+            self._evaluate(row)
+        self._check_stop()
+
+    def _check_stop(self):
+        if self._tau(self.update) >= self.total_steps:
+            self.model.stop_training = True
+
+    def _evaluate(self, row):
+        paused = time.perf_counter()
+        dataset, steps = self.test_data
+        test_loss, test_accuracy = self.model.evaluate(dataset, steps=steps, verbose=0)
+        self.model.reset_metrics()  # evaluate left the test values in the shared metrics
+        self._reset_means()
+        self.start += time.perf_counter() - paused  # evaluation is not training time
+        evaluation = {
+            "update": row["update"],
+            "tau": row["tau"],
+            "test_loss": float(test_loss),
+            "test_accuracy": float(test_accuracy),
+            "wall_time": row["wall_time"],
+        }
+        with self.evaluations_path.open("a") as stream:
+            stream.write(json.dumps(evaluation) + "\n")
+        while self.next_evaluation <= row["tau"] + 1e-6:
+            self.next_evaluation += self.evaluation_period

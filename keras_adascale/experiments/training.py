@@ -1,0 +1,253 @@
+"""One run of an experiment: strategy, data, model, optimizer, `model.fit`, and its run folder."""
+
+import json
+import math
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+
+from keras_adascale.experiments import data, models, plots
+from keras_adascale.experiments.baselines import LinearScalingSchedule
+from keras_adascale.experiments.config import ConfigError
+from keras_adascale.experiments.recording import RunRecorder, read_jsonl
+from keras_adascale.optimizer import AdaScaleSGD
+from keras_adascale.schedules import ScaleInvariantSchedule
+
+_STRATEGIES = {}
+
+
+def configure_devices(runs):
+    """Splits the CPU into logical devices for mirrored runs on a machine without GPUs.
+
+    Must run before TensorFlow initializes its devices (the first op or
+    strategy); the runner calls it right after reading the config.
+
+    Args:
+        runs: resolved runs (see `config.resolve`).
+
+    Raises:
+        ConfigError: if there are fewer GPUs than `strategy.devices`, or the
+            devices were already initialized with too few CPUs.
+    """
+    wanted = max((run["strategy"]["devices"] for run in runs if run["strategy"]["name"] == "mirrored"), default=0)
+    if wanted == 0:
+        return
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if len(gpus) < wanted:
+            raise ConfigError(f"strategy.devices={wanted} but this machine has {len(gpus)} GPUs")
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * wanted)
+    except RuntimeError as error:  # TensorFlow is already initialized
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have < wanted:
+            raise ConfigError(
+                f"strategy.devices={wanted} needs {wanted} logical CPU devices, but TensorFlow "
+                f"was initialized with {have}"
+            ) from error
+
+
+def make_strategy(config):
+    """The `tf.distribute` strategy a `strategy` section names (one instance per kind, reused).
+
+    Args:
+        config: the `strategy` section of a resolved config.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    key = (config["name"], config["devices"], config["tpu"])
+    if key in _STRATEGIES:
+        return _STRATEGIES[key]
+    name = config["name"]
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "mirrored":
+        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        devices = [device.name for device in tf.config.list_logical_devices(kind)][: config["devices"]]
+        if len(devices) < config["devices"]:
+            raise ConfigError(f"strategy.devices={config['devices']} but only {len(devices)} {kind} devices exist")
+        # Strategies of different sizes in one process must not share collective group
+        # keys (TensorFlow's own strategy_combinations offsets them the same way).
+        tf.distribute.MirroredStrategy._collective_key_base = 1000 * config["devices"]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    elif name == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config["tpu"])
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        strategy = tf.distribute.TPUStrategy(resolver)
+    _STRATEGIES[key] = strategy
+    return strategy
+
+
+def build_schedule(run):
+    """The single-batch learning-rate schedule, a function of single-batch steps.
+
+    Returns:
+        A float (constant) or a `LearningRateSchedule`.
+    """
+    config, total_steps = run["schedule"], run["total_steps"]
+    rate = config["learning_rate"]
+    if config["name"] == "constant":
+        return rate
+    if config["name"] == "cosine":
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=total_steps)
+    boundaries = [max(1, round(fraction * total_steps)) for fraction in config["decay_at"]]
+    values = [rate * config["decay_factor"] ** index for index in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def plan(run, replicas):
+    """How a run steps: its optimizer, batches and schedule.
+
+    Args:
+        run: a resolved run.
+        replicas: `num_replicas_in_sync` of its strategy.
+
+    Returns:
+        A dict: `optimizer` (a Keras optimizer, not built), `schedule` (what
+        the optimizer steps with, per update), `batch_size` (global examples
+        per `model.fit` step), `accumulation` (steps per update),
+        `tau_per_update`, `min_updates` and `max_updates` (the fewest and most
+        updates the run can take: AdaScale's gain lies in [1, S]).
+    """
+    config, total_steps = run["optimizer"], run["total_steps"]
+    scale, batch = config["scale"], run["dataset"]["batch_size"]
+    single_batch = build_schedule(run)
+    common = {
+        "momentum": config["momentum"],
+        "nesterov": config["nesterov"],
+        "weight_decay": config["weight_decay"],
+    }
+    if config["name"] == "adascale":
+        if scale % replicas:
+            raise ConfigError(f"optimizer.scale={scale} must be a multiple of the {replicas} replicas")
+        accumulation = scale // replicas
+        optimizer = AdaScaleSGD(
+            ScaleInvariantSchedule(single_batch, total_steps=total_steps),
+            scale=scale,
+            smoothing=config["smoothing"],
+            gradient_accumulation_steps=accumulation if accumulation > 1 else None,
+            **common,
+        )
+        return {
+            "optimizer": optimizer, "schedule": None, "batch_size": replicas * batch,
+            "accumulation": accumulation, "tau_per_update": None,
+            "min_updates": math.ceil(total_steps / scale), "max_updates": total_steps,
+        }
+    if config["name"] == "sgd":
+        schedule, tau_per_update = single_batch, 1
+    else:
+        updates = math.ceil(total_steps / scale)
+        warmup = round(config["warmup_fraction"] * updates) if config["name"] == "lsr_warmup" else 0
+        schedule, tau_per_update = LinearScalingSchedule(single_batch, scale, warmup_steps=warmup), scale
+    optimizer = keras.optimizers.SGD(schedule, **common)
+    return {
+        "optimizer": optimizer, "schedule": schedule, "batch_size": scale * batch, "accumulation": 1,
+        "tau_per_update": tau_per_update, "min_updates": math.ceil(total_steps / tau_per_update),
+        "max_updates": math.ceil(total_steps / tau_per_update),
+    }
+
+
+def _same_config(run_dir, run):
+    path = run_dir / "config.json"
+    return path.exists() and json.loads(path.read_text()) == run
+
+
+def train(run, output_root, overwrite=False):
+    """Trains one run and writes its folder `output_root/<experiment>/<run>`.
+
+    The run is written into `<run>.incomplete` and renamed when it has
+    finished, so a folder without the suffix is always complete. An
+    interrupted run with the same config resumes from its last epoch
+    (`keras.callbacks.BackupAndRestore`).
+
+    Args:
+        run: a resolved run (see `config.resolve`).
+        output_root: `pathlib.Path` under which run folders are written.
+        overwrite: replace an existing finished run instead of failing.
+
+    Returns:
+        The `pathlib.Path` of the finished run folder.
+
+    Raises:
+        ConfigError: if the finished folder exists and `overwrite` is false,
+            or an interrupted run with a different config is in the way.
+    """
+    final_dir = output_root / run["name"] / run["run"]
+    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+    if final_dir.exists() and not overwrite:
+        raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
+    if work_dir.exists() and not _same_config(work_dir, run):
+        if not overwrite:
+            raise ConfigError(
+                f"{work_dir} holds an interrupted run with another config; pass --overwrite to discard it"
+            )
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    strategy = make_strategy(run["strategy"])
+    replicas = strategy.num_replicas_in_sync
+    input_shape, num_classes = data.describe(run["dataset"])
+    data.prepare(run["dataset"])
+    keras.utils.set_random_seed(run["seed"])
+    with strategy.scope():
+        steps = plan(run, replicas)
+        model = models.build(run["model"], input_shape, num_classes)
+        model.compile(
+            optimizer=steps["optimizer"],
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=run["jit_compile"],
+        )
+    train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"])
+    test_data = data.test_dataset(run["dataset"], max(steps["batch_size"], 256))
+    updates_per_epoch = max(1, math.ceil(steps["min_updates"] / run["evaluations"]))
+    recorder = RunRecorder(
+        work_dir, run["total_steps"], steps["tau_per_update"], steps["schedule"],
+        steps["batch_size"], test_data, run["evaluations"], label=run["run"],
+    )
+    callbacks = [keras.callbacks.BackupAndRestore(str(work_dir / "backup")), recorder]
+    start = time.perf_counter()
+    model.fit(
+        train_data,
+        epochs=math.ceil(steps["max_updates"] / updates_per_epoch) + 1,
+        steps_per_epoch=updates_per_epoch * steps["accumulation"],
+        callbacks=callbacks,
+        shuffle=False,  # the dataset shuffles itself
+        verbose=0,
+    )
+    rows = read_jsonl(work_dir / "metrics.jsonl")
+    last = read_jsonl(work_dir / "evaluations.jsonl")[-1]  # at tau >= T_SI
+    final = {
+        "experiment": run["name"],
+        "run": run["run"],
+        "optimizer": run["optimizer"]["name"],
+        "scale": run["optimizer"]["scale"],
+        "replicas": replicas,
+        "accumulation": steps["accumulation"],
+        "updates": int(model.optimizer.iterations.numpy()),
+        "tau": rows[-1]["tau"],
+        "examples": rows[-1]["examples"],
+        "mean_gain": sum(row["gain"] for row in rows) / len(rows),
+        "final_train_loss": rows[-1]["loss"],
+        "test_loss": last["test_loss"],
+        "test_accuracy": last["test_accuracy"],
+        "wall_time": rows[-1]["wall_time"],
+        "fit_seconds_this_session": time.perf_counter() - start,
+    }
+    model.save(work_dir / "model.keras")
+    (work_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    plots.plot_run(work_dir)
+    shutil.rmtree(work_dir / "backup", ignore_errors=True)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    work_dir.rename(final_dir)
+    return final_dir

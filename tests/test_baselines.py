@@ -1,0 +1,37 @@
+"""LinearScalingSchedule against hand-computed rates."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_adascale.experiments.baselines import LinearScalingSchedule
+
+
+def single_batch():
+    return keras.optimizers.schedules.PiecewiseConstantDecay([100], [0.1, 0.01])
+
+
+def test_without_warmup_the_rate_is_s_times_the_schedule_run_s_times_faster():
+    schedule = LinearScalingSchedule(single_batch(), scale=4)
+    rates = [float(schedule(step)) for step in (0, 24, 25, 26)]
+    # step 25 is single-batch step 100, still before the boundary (PiecewiseConstantDecay: step > 100)
+    np.testing.assert_allclose(rates, [0.4, 0.4, 0.4, 0.04], rtol=1e-6)
+
+
+def test_warmup_ramps_linearly_from_the_single_batch_rate_to_s_times_it():
+    schedule = LinearScalingSchedule(0.1, scale=5, warmup_steps=10)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 20)]
+    np.testing.assert_allclose(rates, [0.1, 0.3, 0.5, 0.5], rtol=1e-6)
+
+
+def test_config_round_trips_through_keras_serialization():
+    schedule = LinearScalingSchedule(single_batch(), scale=8, warmup_steps=3, name="lsr")
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert restored.get_config() == schedule.get_config()
+    assert float(restored(7)) == pytest.approx(float(schedule(7)))
+
+
+@pytest.mark.parametrize("kwargs, name", [({"scale": 0}, "scale"), ({"scale": 2, "warmup_steps": -1}, "warmup_steps")])
+def test_bad_arguments_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        LinearScalingSchedule(0.1, **kwargs)

@@ -1,0 +1,101 @@
+"""Experiment configs: defaults, validation errors that name the key, overrides, runs."""
+
+import json
+
+import pytest
+
+from keras_adascale.experiments import config
+
+
+def test_an_empty_config_is_one_run_with_every_default():
+    (run,) = config.resolve({}, name="empty")
+    expected = config.defaults()
+    expected.pop("runs")
+    expected["name"] = "empty"
+    assert run == {**expected, "run": "adascale"}
+
+
+def test_runs_override_the_top_level_keys_deeply():
+    raw = {
+        "optimizer": {"scale": 4, "momentum": 0.5},
+        "runs": [{"name": "a"}, {"name": "b", "optimizer": {"name": "lsr"}}],
+    }
+    a, b = config.resolve(raw, name="x")
+    assert (a["run"], a["optimizer"]["name"], a["optimizer"]["scale"]) == ("a", "adascale", 4)
+    assert (b["run"], b["optimizer"]["name"], b["optimizer"]["scale"], b["optimizer"]["momentum"]) == (
+        "b", "lsr", 4, 0.5)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"optimiser": {}}, "unknown config key 'optimiser'; did you mean 'optimizer'"),
+        ({"optimizer": {"scal": 2}}, "unknown config key 'optimizer.scal'; did you mean 'scale'"),
+        ({"optimizer": {"name": "adam"}}, "'optimizer.name' must be one of adascale, sgd, lsr, lsr_warmup"),
+        ({"optimizer": {"scale": 0}}, "'optimizer.scale' must be >= 1"),
+        ({"optimizer": {"scale": 2.5}}, "'optimizer.scale' must be an integer"),
+        ({"optimizer": {"scale": True}}, "'optimizer.scale' must be an integer"),
+        ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum must be in \\[0, 1\\)"),
+        ({"optimizer": {"smoothing": 1.0}}, "optimizer.smoothing must be in \\[0, 1\\)"),
+        ({"dataset": {"batch_size": None}}, "'dataset.batch_size' must not be null"),
+        ({"dataset": 3}, "config section 'dataset' must be a mapping"),
+        ({"strategy": {"name": "mirrored", "devices": 4}, "optimizer": {"scale": 6}},
+         "optimizer.scale=6 must be a multiple of strategy.devices=4"),
+        ({"strategy": {"name": "mirrored", "devices": 3}, "optimizer": {"name": "lsr", "scale": 2},
+          "dataset": {"batch_size": 16}}, "global batch .* = 32 must split evenly over strategy.devices=3"),
+        ({"schedule": {"decay_at": [0.75, 0.5]}}, "schedule.decay_at must be increasing fractions"),
+        ({"schedule": {"decay_at": [1.5]}}, "schedule.decay_at must be increasing fractions"),
+        ({"model": {"name": "mlp", "hidden_units": []}}, "model.hidden_units must be a non-empty list"),
+        ({"runs": [{"optimizer": {}}]}, "runs\\[0\\] must be a mapping with a non-empty string 'name'"),
+        ({"runs": [{"name": "a"}, {"name": "a"}]}, "the run name 'a' is used twice"),
+        ({"runs": [{"name": "a", "optimizer": {"scale": -1}}]}, "'optimizer.scale' must be >= 1"),
+    ],
+)
+def test_bad_configs_are_refused_with_a_message_naming_the_key(raw, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.resolve(raw, name="bad")
+
+
+def test_set_overrides_parse_values_as_yaml_and_reach_one_run():
+    raw = {"runs": [{"name": "a"}, {"name": "b"}]}
+    raw = config.apply_overrides(raw, ["optimizer.scale=8", "runs.b.optimizer.name=lsr", "dataset.augment=true"])
+    a, b = config.resolve(raw, name="x")
+    assert a["optimizer"]["scale"] == b["optimizer"]["scale"] == 8
+    assert (a["optimizer"]["name"], b["optimizer"]["name"]) == ("adascale", "lsr")
+    assert a["dataset"]["augment"] is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.scale", "--set expects key.path=value"),
+        ("runs.c.optimizer.scale=2", "no run named 'c'"),
+        ("seed.value=1", "'seed' is not a section"),
+    ],
+)
+def test_bad_overrides_are_refused(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.apply_overrides({"seed": 0, "runs": [{"name": "a"}]}, [override])
+
+
+def test_load_reads_yaml_and_json_and_names_missing_or_broken_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("optimizer:\n  scale: 2\n")
+    (tmp_path / "b.json").write_text(json.dumps({"optimizer": {"scale": 3}}))
+    (tmp_path / "broken.yaml").write_text("optimizer: [1,\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    assert config.load(tmp_path / "a.yaml")[0]["optimizer"]["scale"] == 2
+    assert config.load(tmp_path / "a.yaml")[0]["name"] == "a"
+    assert config.load(tmp_path / "b.json", ["optimizer.scale=5"])[0]["optimizer"]["scale"] == 5
+    with pytest.raises(config.ConfigError, match="config file not found: .*missing.yaml"):
+        config.load(tmp_path / "missing.yaml")
+    with pytest.raises(config.ConfigError, match="broken.yaml: not valid YAML"):
+        config.load(tmp_path / "broken.yaml")
+    with pytest.raises(config.ConfigError, match="the top level must be a mapping"):
+        config.load(tmp_path / "list.yaml")
+
+
+def test_describe_lists_every_key_with_its_default():
+    text = config.describe()
+    assert "optimizer.scale = 1:" in text
+    assert "strategy.name = \"default\"" in text and "one of: default, mirrored, multi_worker, tpu" in text
+    assert "dataset.batch_size = 32:" in text

@@ -1,0 +1,109 @@
+"""The `keras-adascale` command end to end on real MNIST: a tiny config, three runs, run folders."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from keras_adascale.experiments import config, training
+
+TINY = {
+    "total_steps": 40,
+    "evaluations": 2,
+    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
+    "model": {"name": "mlp", "hidden_units": [32]},
+    "schedule": {"name": "constant", "learning_rate": 0.1},
+    "optimizer": {"scale": 2},
+    "strategy": {"name": "mirrored", "devices": 2},
+    "runs": [
+        {"name": "baseline", "optimizer": {"name": "sgd", "scale": 1}, "strategy": {"name": "default"}},
+        {"name": "adascale"},
+        {"name": "lsr", "optimizer": {"name": "lsr"}},
+    ],
+}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tfds_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    (root / "tiny.yaml").write_text("# tiny\n" + yaml.safe_dump(TINY))
+    command = [
+        sys.executable, "-m", "keras_adascale", "train", str(root / "tiny.yaml"),
+        "--output-dir", str(root / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny", result.stdout
+
+
+def test_each_run_leaves_a_complete_folder(finished):
+    experiment, _ = finished
+    assert sorted(path.name for path in experiment.iterdir()) == ["adascale", "baseline", "comparison.png", "lsr"]
+    for run in ("adascale", "baseline", "lsr"):
+        files = {path.name for path in (experiment / run).iterdir()}
+        assert files == {"config.json", "metrics.jsonl", "evaluations.jsonl", "final.json", "model.keras",
+                         "curves.png", "gain_lr.png"}
+        assert json.loads((experiment / run / "config.json").read_text())["run"] == run
+
+
+def test_update_counts_follow_each_optimizers_rule(finished):
+    experiment, _ = finished
+    finals = {run: json.loads((experiment / run / "final.json").read_text()) for run in ("adascale", "baseline", "lsr")}
+    assert finals["baseline"]["updates"] == 40  # plain SGD: T updates
+    assert finals["lsr"]["updates"] == 20  # linear scaling rule: T / S updates
+    assert 20 <= finals["adascale"]["updates"] <= 40  # gain in [1, S]
+    assert finals["adascale"]["tau"] >= 40
+    assert (finals["adascale"]["replicas"], finals["adascale"]["accumulation"]) == (2, 1)
+    for final in finals.values():
+        assert final["test_accuracy"] > 0.5  # real digits; chance is 0.1
+
+
+def test_metrics_have_one_row_per_update_and_consistent_columns(finished):
+    experiment, _ = finished
+    rows = read_jsonl(experiment / "adascale" / "metrics.jsonl")
+    final = json.loads((experiment / "adascale" / "final.json").read_text())
+    assert [row["update"] for row in rows] == list(range(1, final["updates"] + 1))
+    taus = [row["tau"] for row in rows]
+    gains = [row["gain"] for row in rows]
+    assert all(1.0 <= gain <= 2.0 for gain in gains)
+    # tau advances by each update's gain
+    assert taus[-1] == pytest.approx(sum(gains), rel=1e-5)
+    # the effective rate is the gain times the constant single-batch rate
+    assert all(row["learning_rate"] == pytest.approx(0.1 * row["gain"], rel=1e-5) for row in rows)
+    assert all(row["loss"] > 0 for row in rows)
+    assert rows[-1]["examples"] == final["updates"] * 2 * 16
+    evaluations = read_jsonl(experiment / "adascale" / "evaluations.jsonl")
+    assert len(evaluations) == 2 and evaluations[-1]["tau"] >= 40
+
+
+def test_the_comparison_table_is_printed(finished):
+    _, stdout = finished
+    table = stdout[stdout.index("run  optimizer"):]
+    for run in ("baseline", "adascale", "lsr"):
+        assert f"{run} " in table
+
+
+def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
+    experiment, _ = finished
+    run = config.resolve(TINY, name="tiny")[1]
+    with pytest.raises(config.ConfigError, match="exists; pass --overwrite"):
+        training.train(run, experiment.parent)
+
+
+def test_cli_errors_name_the_problem_and_exit_2(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optimizer: {scal: 2}\n")
+    result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "bad.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown config key 'optimizer.scal'; did you mean 'scale'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "keras_adascale", "compare", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a finished run folder" in result.stderr
