@@ -74,8 +74,11 @@ def _train(args):
         if unknown:
             raise config_lib.ConfigError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}")
         runs = [run for run in runs if run["run"] in args.only]
+    import tensorflow_datasets as tfds
+
     from keras_adascale.experiments import training  # imports TensorFlow
 
+    tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
     training.configure_devices(runs)
     output_root = pathlib.Path(args.output_dir)
     run_dirs = []
