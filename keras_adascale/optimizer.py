@@ -6,7 +6,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_adascale import distribute
+from keras_adascale import distribute, keras_fixes
 from keras_adascale import gain as gain_lib
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
@@ -103,6 +103,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
         self._requested_scale = None if scale is None else int(scale)
         self._requested_smoothing = None if smoothing is None else float(smoothing)
         self._add_adascale_state()
+        keras_fixes.enable_for(self._distribution_strategy)
 
     def _add_adascale_state(self):
         def scalar(name, initial=0.0, dtype="float32"):

@@ -11,39 +11,66 @@ import pytest
 
 from reference import AdaScaleReference
 
-WORKERS, BATCH, UPDATES = 2, 8, 3
+WORKERS, BATCH, UPDATES, ROWS = 2, 8, 3, 128
 
-# Each worker: data from a fixed seed, worker i takes rows [(u * 2 + i) * 8, +8) at update u.
-WORKER = r"""
+# Worker i's k-th batch is rows [(k * 2 + i) * 8, +8), from data made with a fixed seed.
+COMMON = r"""
 import json, os, sys
 import numpy as np, tensorflow as tf, keras
 import keras_adascale
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 rng = np.random.RandomState(0)
-x = rng.randn(64, 3).astype("float32")
-y = (x @ rng.randn(3, 1) + rng.randn(64, 1)).astype("float32")
+x = rng.randn(128, 3).astype("float32")
+y = (x @ rng.randn(3, 1) + rng.randn(128, 1)).astype("float32")
+
+def rows(k, worker):
+    return np.arange((k * 2 + worker) * 8, (k * 2 + worker) * 8 + 8)
+
+def report(model, optimizer):
+    weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+    print("RESULT " + json.dumps({"weights": weights.tolist(), "tau": float(optimizer.scale_invariant_iterations),
+                                  "gain": float(optimizer.gain), "scale": optimizer.scale}), flush=True)
+"""
+
+CUSTOM_LOOP = COMMON + r"""
 with strategy.scope():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
     optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
     optimizer.build(model.trainable_variables)
-task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 
 @tf.function
-def step(update):
+def step(k):
     def replica_fn(x_local, y_local):
         with tf.GradientTape() as tape:
             per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=16)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    rows = tf.range((update * 2 + task) * 8, (update * 2 + task) * 8 + 8)
-    strategy.run(replica_fn, args=(tf.gather(x, rows), tf.gather(y, rows)))
+    local = tf.range((k * 2 + task) * 8, (k * 2 + task) * 8 + 8)
+    strategy.run(replica_fn, args=(tf.gather(x, local), tf.gather(y, local)))
 
-for update in range(3):
-    step(tf.constant(update))
-weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-print("RESULT " + json.dumps({"weights": weights.tolist(), "tau": float(optimizer.scale_invariant_iterations),
-                              "gain": float(optimizer.gain), "scale": optimizer.scale}), flush=True)
+for k in range(3):
+    step(tf.constant(k))
+report(model, optimizer)
+"""
+
+# model.fit: ACCUMULATION micro-batches per update, so S = 2 workers x ACCUMULATION.
+FIT = COMMON + r"""
+accumulation = int(sys.argv[1])
+with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    optimizer = keras_adascale.AdaScaleSGD(
+        0.05, momentum=0.9, gradient_accumulation_steps=accumulation if accumulation > 1 else None)
+    model.compile(optimizer=optimizer, loss="mse")
+
+def dataset_fn(context):
+    local = np.concatenate([rows(k, context.input_pipeline_id) for k in range(3 * accumulation)])
+    return tf.data.Dataset.from_tensor_slices((x[local], y[local])).batch(8)
+
+model.fit(strategy.distribute_datasets_from_function(dataset_fn), epochs=1, steps_per_epoch=3 * accumulation,
+          verbose=0)
+report(model, optimizer)
 """
 
 
@@ -53,7 +80,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_workers(timeout=150):
+def run_workers(script, args=(), timeout=150):
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(WORKERS)]}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
@@ -65,7 +92,7 @@ def run_workers(timeout=150):
                 PYTHONPATH=repo,
                 TF_CPP_MIN_LOG_LEVEL="2",
             )
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
@@ -81,29 +108,35 @@ def run_workers(timeout=150):
     return results
 
 
-def reference():
+def reference(scale):
+    """Algorithm 1 on the blocks of 8 rows: update u averages blocks u * scale .. u * scale + scale - 1."""
     rng = np.random.RandomState(0)
-    x = rng.randn(64, 3).astype(np.float32).astype(np.float64)
-    y = (x.astype(np.float32) @ rng.randn(3, 1) + rng.randn(64, 1)).astype(np.float32)[:, 0].astype(np.float64)
-    ref = AdaScaleReference(np.zeros(4), 0.05, scale=WORKERS, momentum=0.9)
+    x = rng.randn(ROWS, 3).astype(np.float32).astype(np.float64)
+    y = (x.astype(np.float32) @ rng.randn(3, 1) + rng.randn(ROWS, 1)).astype(np.float32)[:, 0].astype(np.float64)
+    ref = AdaScaleReference(np.zeros(4), 0.05, scale=scale, momentum=0.9)
 
-    def gradient(params, start):
-        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+    def gradient(params, block):
+        xb, yb = x[block * BATCH : (block + 1) * BATCH], y[block * BATCH : (block + 1) * BATCH]
         residual = xb @ params[:-1] + params[-1] - yb
         return np.concatenate([2.0 / BATCH * xb.T @ residual, [2.0 / BATCH * residual.sum()]])
 
     for update in range(UPDATES):
-        ref.step([gradient(ref.params, (update * WORKERS + i) * BATCH) for i in range(WORKERS)])
+        ref.step([gradient(ref.params, update * scale + j) for j in range(scale)])
     return ref
 
 
-def test_two_workers_agree_with_each_other_and_the_reference():
-    results = run_workers()
-    expected = reference()
+@pytest.mark.parametrize(
+    "script, args, scale",
+    [(CUSTOM_LOOP, (), WORKERS), (FIT, ("1",), WORKERS), (FIT, ("2",), 2 * WORKERS)],
+    ids=["strategy_run_loop", "model_fit", "model_fit_accumulation_2"],
+)
+def test_two_workers_agree_with_each_other_and_the_reference(script, args, scale):
+    results = run_workers(script, args)
+    expected = reference(scale)
     assert results[0]["weights"] == results[1]["weights"] and results[0]["tau"] == results[1]["tau"]
     for result in results:
-        assert result["scale"] == WORKERS
+        assert result["scale"] == scale
         np.testing.assert_allclose(result["weights"], expected.params, rtol=2e-5, atol=1e-6)
         assert result["gain"] == pytest.approx(expected.gain, rel=1e-5)
         assert result["tau"] == pytest.approx(expected.tau, rel=1e-5)
-    assert 1.0 < expected.gain < WORKERS
+    assert 1.0 < expected.gain < scale
