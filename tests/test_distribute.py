@@ -204,3 +204,18 @@ def test_optimizer_created_outside_the_strategy_scope_is_refused(least_squares):
         model.compile(optimizer=optimizer, loss="mse")
     with pytest.raises(ValueError, match="outside the `strategy.scope"):
         model.fit(least_squares.x[:16], least_squares.y[:16], batch_size=16, verbose=0)
+
+
+def test_one_device_strategy_with_accumulation_matches_the_reference(least_squares):
+    scale, updates = 3, 4
+    _, expected = reference_history(least_squares, scale, updates, learning_rate=0.05, momentum=0.9)
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = least_squares.model()
+        model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=scale),
+                      loss="mse")
+    recorder = Recorder()
+    count = updates * scale * BATCH
+    model.fit(least_squares.x[:count], least_squares.y[:count], batch_size=BATCH, shuffle=False,
+              callbacks=[recorder], verbose=0)
+    assert model.optimizer.scale == scale
+    assert_same_history(recorder.history[scale - 1 :: scale], expected)

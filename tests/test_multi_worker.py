@@ -80,7 +80,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_workers(script, args=(), timeout=150):
+def run_workers(script, args=(), timeout=150, command=None):
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(WORKERS)]}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
@@ -92,7 +92,7 @@ def run_workers(script, args=(), timeout=150):
                 PYTHONPATH=repo,
                 TF_CPP_MIN_LOG_LEVEL="2",
             )
-            procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen(command or [sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
@@ -100,6 +100,8 @@ def run_workers(script, args=(), timeout=150):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    if command:
+        return outputs
     results = []
     for output in outputs:
         lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
@@ -140,3 +142,25 @@ def test_two_workers_agree_with_each_other_and_the_reference(script, args, scale
         assert result["gain"] == pytest.approx(expected.gain, rel=1e-5)
         assert result["tau"] == pytest.approx(expected.tau, rel=1e-5)
     assert 1.0 < expected.gain < scale
+
+
+def test_the_runner_trains_one_run_on_two_workers(tfds_data_dir, tmp_path):
+    config = {
+        "total_steps": 24, "evaluations": 1,
+        "dataset": {"train_split": "train[:2%]", "test_split": "test[:5%]", "batch_size": 16,
+                    "data_dir": str(tfds_data_dir)},
+        "model": {"name": "mlp", "hidden_units": [16]},
+        "schedule": {"name": "constant", "learning_rate": 0.1},
+        "optimizer": {"scale": 2},
+        "strategy": {"name": "multi_worker"},
+    }
+    (tmp_path / "mw.json").write_text(json.dumps(config))
+    outputs = run_workers(None, timeout=200, command=[
+        sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "mw.json"), "--output-dir", str(tmp_path)])
+    chief, other = tmp_path / "mw" / "adascale", tmp_path / "mw" / "adascale.worker1"
+    assert (chief / "final.json").exists() and (other / "final.json").exists(), outputs[0][-3000:]
+    finals = [json.loads((path / "final.json").read_text()) for path in (chief, other)]
+    assert finals[0]["replicas"] == 2 and finals[0]["scale"] == 2
+    for key in ("updates", "tau", "test_accuracy"):  # the workers trained one model together
+        assert finals[0][key] == finals[1][key]
+    assert "run  optimizer" in outputs[0] and "run  optimizer" not in outputs[1]

@@ -86,6 +86,8 @@ def _train(args):
         print(f"[{index + 1}/{len(runs)}] {run['name']}/{run['run']}: {run['optimizer']['name']} at "
               f"S={run['optimizer']['scale']} on {run['strategy']['name']}", flush=True)
         run_dirs.append(training.train(run, output_root, overwrite=args.overwrite))
+    if any(run_dir.name != run["run"] for run_dir, run in zip(run_dirs, runs)):
+        return  # a non-chief worker of a multi-worker job: the chief prints and plots the comparison
     print()
     compare(run_dirs, output_root / runs[0]["name"] / "comparison.png")
 

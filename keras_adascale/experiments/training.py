@@ -155,6 +155,18 @@ def plan(run, replicas):
     }
 
 
+def _worker_suffix(strategy):
+    """'' on the chief; '.worker<i>' on the other workers of a multi-worker strategy, which train
+    the same model but must not write into the chief's run folder."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return ""
+    if resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
+                                                 and "chief" not in resolver.cluster_spec().jobs):
+        return ""
+    return f".{resolver.task_type}{resolver.task_id}"
+
+
 def _same_config(run_dir, run):
     path = run_dir / "config.json"
     return path.exists() and json.loads(path.read_text()) == run
@@ -168,6 +180,9 @@ def train(run, output_root, overwrite=False):
     interrupted run with the same config resumes from its last epoch
     (`keras.callbacks.BackupAndRestore`).
 
+    Under a multi-worker strategy the chief writes the run folder and every
+    other worker writes `<run>.<task_type><task_id>` beside it.
+
     Args:
         run: a resolved run (see `config.resolve`).
         output_root: `pathlib.Path` under which run folders are written.
@@ -180,7 +195,8 @@ def train(run, output_root, overwrite=False):
         ConfigError: if the finished folder exists and `overwrite` is false,
             or an interrupted run with a different config is in the way.
     """
-    final_dir = output_root / run["name"] / run["run"]
+    strategy = make_strategy(run["strategy"])
+    final_dir = output_root / run["name"] / (run["run"] + _worker_suffix(strategy))
     work_dir = final_dir.with_name(final_dir.name + ".incomplete")
     if final_dir.exists() and not overwrite:
         raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
@@ -193,7 +209,6 @@ def train(run, output_root, overwrite=False):
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.json").write_text(json.dumps(run, indent=2) + "\n")
 
-    strategy = make_strategy(run["strategy"])
     replicas = strategy.num_replicas_in_sync
     input_shape, num_classes = data.describe(run["dataset"])
     data.prepare(run["dataset"])
