@@ -9,11 +9,16 @@ from keras_adascale.schedules import ScaleInvariantSchedule
 class AdaScaleCallback(keras.callbacks.Callback):
     """Logs AdaScale's state and stops training once tau >= T_SI.
 
-    Adds `gain`, `scale_invariant_iterations` and `effective_learning_rate`
-    (the gain times the scheduled rate, as used by the last update) to the
+    Adds `gain`, `scale_invariant_iterations`, `effective_learning_rate`
+    (the gain times the scheduled rate, as used by the last update) and
+    `skipped_updates` (updates skipped for NaN or Inf gradients) to the
     batch and epoch logs, so they appear in the progress bar, in `History` and,
     when `keras.callbacks.TensorBoard` comes after this callback in the list,
     in TensorBoard. Sets `model.stop_training` once tau reaches `total_steps`.
+
+    With `AdaScaleSGD(non_finite="raise")` it also raises after a batch whose
+    update was skipped: inside an XLA-compiled step (`jit_compile=True`) the
+    optimizer's own check cannot fail the step, so this is where it fails.
 
     Args:
         total_steps: optional number, T_SI. Defaults to the `total_steps` of
@@ -51,6 +56,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         optimizer = self._optimizer()
+        self._skipped = int(optimizer.skipped_updates)
         total_steps = self._resolved_total_steps(optimizer)
         if total_steps is not None and float(optimizer.scale_invariant_iterations) >= total_steps:
             self.model.stop_training = True
@@ -62,12 +68,21 @@ class AdaScaleCallback(keras.callbacks.Callback):
             logs["gain"] = float(optimizer.gain)
             logs["scale_invariant_iterations"] = tau
             logs["effective_learning_rate"] = float(optimizer.effective_learning_rate)
+            logs["skipped_updates"] = int(optimizer.skipped_updates)
         total_steps = self._resolved_total_steps(optimizer)
         if total_steps is not None and tau >= total_steps:
             self.model.stop_training = True
 
     def on_train_batch_end(self, batch, logs=None):
         self._log(logs)
+        optimizer = self._optimizer()
+        skipped = int(optimizer.skipped_updates)
+        if skipped > self._skipped and optimizer.non_finite == "raise":
+            raise FloatingPointError(
+                f"AdaScaleSGD skipped an update for NaN or Inf gradients at batch {batch} "
+                "(non_finite='raise'); weights, tau and the averages are as before it."
+            )
+        self._skipped = skipped
 
     def on_epoch_end(self, epoch, logs=None):
         self._log(logs)

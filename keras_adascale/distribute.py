@@ -3,29 +3,34 @@
 import tensorflow as tf
 
 
-def sqr_norm_sum(tensors):
-    """`sum_k ||t_k||^2` over a list of tensors, in float32 (or wider).
+def sqr_norm_sum(tensors, dtype=tf.float64):
+    """`sum_k ||t_k||^2` over a list of tensors, computed in `dtype`.
 
-    `IndexedSlices` are densified first, since rows may repeat and the norm is
-    that of the dense gradient.
+    Each tensor is cast to `dtype` before squaring: in float64, gradients from
+    1e-150 to 1e150 (any float16, bfloat16 or float32 value) square without
+    underflow or overflow. `IndexedSlices` are densified first, since rows may
+    repeat and the norm is that of the dense gradient.
 
     Args:
         tensors: list of `tf.Tensor` or `tf.IndexedSlices`.
+        dtype: float dtype of the computation and the result.
 
     Returns:
-        A scalar of dtype float32, or float64 if a tensor is float64.
+        A scalar of dtype `dtype`.
     """
-    total = tf.constant(0.0, tf.float32)
+    total = tf.constant(0.0, dtype)
     for tensor in tensors:
-        if isinstance(tensor, tf.IndexedSlices):
-            tensor = tf.convert_to_tensor(tensor)
-        dtype = tf.float64 if tensor.dtype == tf.float64 else tf.float32
-        total = tf.cast(total, dtype) + tf.reduce_sum(tf.square(tf.cast(tensor, dtype)))
-    return tf.cast(total, tf.float32)
+        if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
+            tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
+        total += tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(tensor), dtype)))
+    return total
 
 
 def all_reduce_gradients(gradients, local_sqr_norm_sum):
-    """Sums gradients and one scalar statistic over replicas in one all-reduce.
+    """Sums gradients and one scalar statistic over replicas.
+
+    One all-reduce carries both when they share a dtype; a float64 statistic
+    with float32 gradients goes in a second, scalar all-reduce beside it.
 
     Must run in replica context (inside `strategy.run`, `model.fit`, or with no
     strategy at all). Keras scales each replica's loss by 1/replicas, so each
@@ -33,7 +38,7 @@ def all_reduce_gradients(gradients, local_sqr_norm_sum):
 
     Args:
         gradients: list of the replica's local gradients.
-        local_sqr_norm_sum: float32 scalar, the replica's sum of squared norms.
+        local_sqr_norm_sum: scalar, the replica's sum of squared norms.
 
     Returns:
         `(reduced_gradients, reduced_sqr_norm_sum, num_replicas)`.
@@ -52,7 +57,12 @@ def all_reduce_gradients(gradients, local_sqr_norm_sum):
                 "sample: it was called in cross-replica context."
             )
         return list(gradients), local_sqr_norm_sum, 1
-    reduced = replica_context.all_reduce(
-        tf.distribute.ReduceOp.SUM, list(gradients) + [local_sqr_norm_sum]
-    )
-    return reduced[:-1], reduced[-1], replica_context.num_replicas_in_sync
+    gradients = list(gradients)
+    if all(tf.as_dtype(g.dtype) == local_sqr_norm_sum.dtype for g in gradients):
+        reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients + [local_sqr_norm_sum])
+        return reduced[:-1], reduced[-1], replica_context.num_replicas_in_sync
+    # One all-reduce packs its tensors into one buffer, so a float64 statistic
+    # travels beside the float32 gradients, in a second (scalar) all-reduce.
+    reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    sqr_norm_sum = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_sqr_norm_sum)
+    return reduced, sqr_norm_sum, replica_context.num_replicas_in_sync

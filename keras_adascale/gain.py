@@ -12,12 +12,12 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale):
     With S = 1 there is no variance to see: `sigma2 = 0`, `mu2 = ||g||^2`.
 
     Args:
-        sample_sqr_norm_sum: float32 scalar, `sum_i ||g_i||^2`.
-        mean_sqr_norm: float32 scalar, `||g||^2`.
-        scale: float32 scalar, S >= 1.
+        sample_sqr_norm_sum: float scalar, `sum_i ||g_i||^2`.
+        mean_sqr_norm: float scalar of the same dtype, `||g||^2`.
+        scale: float scalar of the same dtype, S >= 1.
 
     Returns:
-        `(gradient_variance, gradient_sqr_norm)`, float32 scalars >= 0.
+        `(gradient_variance, gradient_sqr_norm)`, scalars >= 0.
 
     References:
         Johnson et al., 2020, Section 3.3 and Algorithm 1.
@@ -80,11 +80,14 @@ def update_gain(
 ):
     """One AdaScale statistics step, XLA-compiled.
 
+    All arguments are scalars of one float dtype (float64 on CPU and GPU,
+    float32 on TPU; see `AdaScaleSGD`), which the results keep.
+
     Args:
-        sample_sqr_norm_sum: float32 scalar, `sum_i ||g_i||^2` over the S samples.
-        mean_sqr_norm: float32 scalar, `||mean_i g_i||^2`.
-        scale: float32 scalar S.
-        smoothing: float32 scalar theta in [0, 1).
+        sample_sqr_norm_sum: `sum_i ||g_i||^2` over the S samples.
+        mean_sqr_norm: `||mean_i g_i||^2`.
+        scale: S.
+        smoothing: theta in [0, 1).
         variance_average: running average of sigma2 (uncorrected).
         sqr_norm_average: running average of mu2 (uncorrected).
         average_weight: running average of 1 (`1 - theta^t`), the bias correction.

@@ -55,6 +55,12 @@ class AdaScaleSGD(keras.optimizers.SGD):
         smoothing: optional float in [0, 1), theta, the moving-average factor
             of the variance and squared-norm estimates. Defaults to
             `max(1 - S / 1000, 0)`.
+        non_finite: `"skip"` or `"raise"`, what an update whose gradients hold
+            a NaN or an Inf does. `"skip"` (the default) leaves the weights,
+            momentum, tau and the averages as they were and adds one to
+            `skipped_updates`; `"raise"` fails the step with
+            `tf.errors.InvalidArgumentError` (also skipping it). Either way
+            no NaN reaches the averages.
         name: string. Defaults to `"adascale_sgd"`.
         **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
             (`weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`,
@@ -73,6 +79,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
         nesterov=False,
         scale=None,
         smoothing=None,
+        non_finite="skip",
         name="adascale_sgd",
         **kwargs,
     ):
@@ -93,6 +100,10 @@ class AdaScaleSGD(keras.optimizers.SGD):
                 "Argument `smoothing` must be a float in [0, 1) or None. "
                 f"Received: smoothing={smoothing!r}"
             )
+        if non_finite not in ("skip", "raise"):
+            raise ValueError(
+                f"Argument `non_finite` must be 'skip' or 'raise'. Received: non_finite={non_finite!r}"
+            )
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,
@@ -102,6 +113,12 @@ class AdaScaleSGD(keras.optimizers.SGD):
         )
         self._requested_scale = None if scale is None else int(scale)
         self._requested_smoothing = None if smoothing is None else float(smoothing)
+        self.non_finite = non_finite
+        # float64 statistics square any float32 gradient without overflow or
+        # underflow; TPUs have no float64.
+        self._statistics_dtype = (
+            tf.float32 if isinstance(self._distribution_strategy, tf.distribute.TPUStrategy) else tf.float64
+        )
         self._add_adascale_state()
         keras_fixes.enable_for(self._distribution_strategy)
 
@@ -117,15 +134,17 @@ class AdaScaleSGD(keras.optimizers.SGD):
 
         # Created here rather than in build() so that `learning_rate`, which
         # reads tau, works before the first update, as Keras's `iterations` does.
-        self._variance_average = scalar("gradient_variance_average")
-        self._sqr_norm_average = scalar("gradient_sqr_norm_average")
-        self._average_weight = scalar("average_weight")
+        statistics = self._statistics_dtype.name
+        self._variance_average = scalar("gradient_variance_average", dtype=statistics)
+        self._sqr_norm_average = scalar("gradient_sqr_norm_average", dtype=statistics)
+        self._average_weight = scalar("average_weight", dtype=statistics)
         self._gain = scalar("gain", 1.0)
         # tau = whole + fraction: a float32 alone would round r away once tau
         # reaches ~1e6, and floor(tau) picks the learning rate.
         self._tau_whole = scalar("scale_invariant_iterations_whole", 0, "int64")
         self._tau_fraction = scalar("scale_invariant_iterations_fraction")
         self._effective_learning_rate = scalar("effective_learning_rate")
+        self._skipped_updates = scalar("skipped_updates", 0, "int64")
         self._adascale_state = [
             self._variance_average,
             self._sqr_norm_average,
@@ -134,10 +153,11 @@ class AdaScaleSGD(keras.optimizers.SGD):
             self._tau_whole,
             self._tau_fraction,
             self._effective_learning_rate,
+            self._skipped_updates,
         ]
         if self.gradient_accumulation_steps:
             self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
-                (), "float32", "sample_sqr_norm_accumulator"
+                (), statistics, "sample_sqr_norm_accumulator"
             )
 
     def _add_replica_local_variable(self, shape, dtype, name):
@@ -208,6 +228,11 @@ class AdaScaleSGD(keras.optimizers.SGD):
         return self._corrected(self._sqr_norm_average)
 
     @property
+    def skipped_updates(self):
+        """How many updates were skipped for NaN or Inf gradients (int64 tensor)."""
+        return tf.convert_to_tensor(self._skipped_updates.value)
+
+    @property
     def effective_learning_rate(self):
         """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
         return tf.convert_to_tensor(self._effective_learning_rate.value)
@@ -257,7 +282,9 @@ class AdaScaleSGD(keras.optimizers.SGD):
         ]
         for grad, accumulator in zip(grads, accumulators):
             self.assign_add(accumulator, grad)
-        self.assign_add(self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads))
+        self.assign_add(
+            self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads, self._statistics_dtype)
+        )
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             learning_rate = self.learning_rate
             tf.cond(
@@ -296,17 +323,20 @@ class AdaScaleSGD(keras.optimizers.SGD):
             # Destinations on every replica's device make this one batched all-reduce.
             sums = distribution.extended.batch_reduce_to(
                 tf.distribute.ReduceOp.SUM,
-                [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)]
-                + [(self._sample_sqr_norm_accumulator.value, self._gain.value)],
+                [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)],
+            )
+            # Its own reduce: a float64 statistic cannot share the float32 buffer.
+            (sample_sqr_norm_sum,) = distribution.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM, [(self._sample_sqr_norm_accumulator.value, self._gain.value)]
             )
             steps = float(self.gradient_accumulation_steps)
-            grads = [distribution.experimental_local_results(g)[0] / steps for g in sums[:-1]]
-            sample_sqr_norm_sum = distribution.experimental_local_results(sums[-1])[0]
-            grads, learning_rate, state_values = self._adascale_step(
+            grads = [distribution.experimental_local_results(g)[0] / steps for g in sums]
+            sample_sqr_norm_sum = distribution.experimental_local_results(sample_sqr_norm_sum)[0]
+            grads, learning_rate, state_values, finite = self._adascale_step(
                 grads, sample_sqr_norm_sum, distribution.num_replicas_in_sync, self.learning_rate
             )
             self._distributed_adascale_update(
-                distribution, list(zip(grads, trainable_variables)), learning_rate, state_values
+                distribution, list(zip(grads, trainable_variables)), learning_rate, state_values, finite
             )
             for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
                 for component in distribution.experimental_local_results(accumulator.value):
@@ -332,15 +362,15 @@ class AdaScaleSGD(keras.optimizers.SGD):
         # sum of squared sample norms.
         if self.gradient_accumulation_steps:
             local_sqr_norm_sum = tf.identity(self._sample_sqr_norm_accumulator.value)
-            self.assign(self._sample_sqr_norm_accumulator, tf.zeros((), tf.float32))
+            self.assign(self._sample_sqr_norm_accumulator, tf.zeros((), self._statistics_dtype))
         else:
-            local_sqr_norm_sum = distribute.sqr_norm_sum(grads)
+            local_sqr_norm_sum = distribute.sqr_norm_sum(grads, self._statistics_dtype)
         grads, sample_sqr_norm_sum, replicas = distribute.all_reduce_gradients(
             grads, local_sqr_norm_sum
         )
         # With one sample, the sample is the mean: no second pass over it.
         single_sample = replicas == 1 and not self.gradient_accumulation_steps
-        grads, learning_rate, state_values = self._adascale_step(
+        grads, learning_rate, state_values, finite = self._adascale_step(
             grads, sample_sqr_norm_sum, replicas, learning_rate,
             mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
         )
@@ -350,48 +380,75 @@ class AdaScaleSGD(keras.optimizers.SGD):
             list(zip(grads, trainable_variables)),
             learning_rate,
             state_values,
+            finite,
         )
 
     def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
-        """Algorithm 1 on reduced values: returns clipped grads, r * lr and the new state."""
+        """Algorithm 1 on reduced values.
+
+        Returns:
+            `(clipped grads, r * lr, new state values, finite)`: where the
+            gradients hold a NaN or an Inf, `finite` is false and the state
+            values are the current ones (but for `skipped_updates` + 1).
+        """
+        dtype = self._statistics_dtype
         if mean_sqr_norm is None:
-            mean_sqr_norm = distribute.sqr_norm_sum(grads)
+            mean_sqr_norm = distribute.sqr_norm_sum(grads, dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
+        # A NaN or Inf anywhere makes a sum of squares non-finite; all replicas
+        # see the same reduced sums, so they all take the same branch.
+        finite = tf.logical_and(tf.math.is_finite(sample_sqr_norm_sum), tf.math.is_finite(mean_sqr_norm))
+        current = [tf.convert_to_tensor(variable.value) for variable in self._adascale_state]
+        zero = tf.zeros((), dtype)
         variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
-            sample_sqr_norm_sum,
-            mean_sqr_norm,
-            tf.constant(float(self.scale)),
-            tf.constant(self.smoothing, tf.float32),
-            tf.convert_to_tensor(self._variance_average.value),
-            tf.convert_to_tensor(self._sqr_norm_average.value),
-            tf.convert_to_tensor(self._average_weight.value),
+            tf.where(finite, sample_sqr_norm_sum, zero),
+            tf.where(finite, mean_sqr_norm, zero),
+            tf.constant(float(self.scale), dtype),
+            tf.constant(self.smoothing, dtype),
+            *current[:3],
         )
+        gain = tf.cast(gain, tf.float32)
         effective_learning_rate = gain * tf.cast(learning_rate, tf.float32)
-        fraction = tf.convert_to_tensor(self._tau_fraction.value) + gain
+        fraction = current[5] + gain
         carry = tf.floor(fraction)
-        state_values = [
+        new = [
             variance_average,
             sqr_norm_average,
             average_weight,
             gain,
-            tf.convert_to_tensor(self._tau_whole.value) + tf.cast(carry, tf.int64),
+            current[4] + tf.cast(carry, tf.int64),
             fraction - carry,
             effective_learning_rate,
+            current[7],
         ]
-        return super()._clip_gradients(grads), effective_learning_rate, state_values
+        state_values = [tf.where(finite, value, old) for value, old in zip(new, current)]
+        state_values[-1] = current[7] + tf.cast(tf.logical_not(finite), tf.int64)
+        return super()._clip_gradients(grads), effective_learning_rate, state_values, finite
 
     def _distributed_adascale_update(
-        self, distribution, grads_and_vars, learning_rate, state_values
+        self, distribution, grads_and_vars, learning_rate, state_values, finite
     ):
         grads_and_vars = [
             (g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars
         ]
-        self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+        if isinstance(finite, tf.distribute.DistributedValues):  # identical on every replica
+            finite = distribution.experimental_local_results(finite)[0]
+
+        def apply():
+            self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+            return tf.no_op()
+
+        tf.cond(finite, apply, tf.no_op)
+        assignments = []
         for variable, value in zip(self._adascale_state, state_values):
-            distribution.extended.update(
+            assignments += distribution.extended.update(
                 variable.value, lambda var, x: var.assign(x), args=(value,), group=False
             )
+        if self.non_finite == "raise":
+            # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.
+            with tf.control_dependencies(assignments):
+                tf.debugging.Assert(finite, ["AdaScaleSGD: NaN or Inf in the gradients (non_finite='raise')"])
 
     def update_step(self, gradient, variable, learning_rate):
         if self.weight_decay is not None and self._use_weight_decay(variable):
@@ -403,7 +460,13 @@ class AdaScaleSGD(keras.optimizers.SGD):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"scale": self._requested_scale, "smoothing": self._requested_smoothing})
+        config.update(
+            {
+                "scale": self._requested_scale,
+                "smoothing": self._requested_smoothing,
+                "non_finite": self.non_finite,
+            }
+        )
         return config
 
 

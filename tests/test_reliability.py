@@ -1,0 +1,190 @@
+"""Non-finite gradients are skipped (or raise), and the gain survives extreme gradient scales."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import keras_adascale
+from conftest import mirrored
+from keras_adascale import distribute, gain
+from reference import AdaScaleReference, gain_statistics
+
+SCALE = 2
+
+
+def samples(update):
+    rng = np.random.RandomState(update)
+    return [rng.randn(4) for _ in range(SCALE)]
+
+
+def state(optimizer, variable):
+    """Everything an update may change, as plain numbers."""
+    values = {name: float(getattr(optimizer, name)) for name in
+              ("gain", "scale_invariant_iterations", "gradient_variance", "gradient_sqr_norm",
+               "effective_learning_rate")}
+    values["weights"] = variable.numpy().tolist()
+    values["momentum"] = [v.numpy().tolist() for v in optimizer.variables if "momentum" in v.path]
+    return values
+
+
+def accumulating_optimizer(**kwargs):
+    variable = keras.Variable(np.zeros(4, np.float32))
+    optimizer = keras_adascale.AdaScaleSGD(0.1, momentum=0.9, gradient_accumulation_steps=SCALE, **kwargs)
+    optimizer.build([variable])
+
+    @tf.function
+    def apply(gradient):
+        optimizer.apply_gradients([(gradient, variable)])
+
+    def update(sample_list):
+        for sample in sample_list:
+            apply(tf.constant(sample, tf.float32))
+
+    return optimizer, variable, update
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_an_update_with_a_non_finite_gradient_is_skipped_and_training_goes_on(bad):
+    optimizer, variable, update = accumulating_optimizer()
+    reference = AdaScaleReference(np.zeros(4), 0.1, scale=SCALE, momentum=0.9)
+    update(samples(0))
+    reference.step(samples(0))
+    before = state(optimizer, variable)
+    poisoned = samples(1)
+    poisoned[1][2] = bad
+    update(poisoned)
+    assert state(optimizer, variable) == before
+    assert int(optimizer.skipped_updates) == 1
+    update(samples(2))  # the next finite update continues as if the bad one never came
+    reference.step(samples(2))
+    np.testing.assert_allclose(variable.numpy(), reference.params, rtol=1e-5, atol=1e-7)
+    assert float(optimizer.scale_invariant_iterations) == pytest.approx(reference.tau, rel=1e-6)
+    assert float(optimizer.gain) == pytest.approx(reference.gain, rel=1e-5)
+    assert np.isfinite(float(optimizer.gradient_variance)) and np.isfinite(float(optimizer.gradient_sqr_norm))
+
+
+def test_non_finite_raise_fails_the_step_and_changes_nothing():
+    optimizer, variable, update = accumulating_optimizer(non_finite="raise")
+    update(samples(0))
+    before = state(optimizer, variable)
+    poisoned = samples(1)
+    poisoned[0][0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf in the gradients"):
+        update(poisoned)
+    assert state(optimizer, variable) == before
+
+
+def test_non_finite_must_be_skip_or_raise():
+    with pytest.raises(ValueError, match="`non_finite` must be 'skip' or 'raise'"):
+        keras_adascale.AdaScaleSGD(0.1, non_finite="ignore")
+    config = keras_adascale.AdaScaleSGD(0.1, non_finite="raise").get_config()
+    assert keras_adascale.AdaScaleSGD.from_config(config).non_finite == "raise"
+
+
+def test_a_nan_on_one_replica_makes_every_replica_skip(least_squares):
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = least_squares.model()
+        optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x_local, y_local):
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=16)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        strategy.run(replica_fn, args=next(iter(strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors((x, y))))))
+
+    x, y = least_squares.x[:16].copy(), least_squares.y[:16]
+    step(x, y)
+    weights = model.get_weights()
+    tau = float(optimizer.scale_invariant_iterations)
+    x[12, 0] = np.nan  # in the second replica's half of the batch
+    step(x, y)
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert float(optimizer.scale_invariant_iterations) == tau and int(optimizer.skipped_updates) == 1
+    for variable in model.trainable_variables:  # the replicas did not drift apart
+        components = [c.numpy() for c in strategy.experimental_local_results(variable.value)]
+        np.testing.assert_array_equal(components[0], components[1])
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1e20, 1e30])
+def test_the_gain_is_the_same_at_extreme_gradient_scales(magnitude):
+    gains = {}
+    for scale_factor in (1.0, magnitude):
+        optimizer, variable, update = accumulating_optimizer()
+        for step in range(3):
+            update([scale_factor * sample for sample in samples(step)])
+        gains[scale_factor] = float(optimizer.gain)
+        assert np.isfinite(float(optimizer.gradient_variance))
+    assert 1.0 < gains[1.0] < SCALE
+    assert gains[magnitude] == pytest.approx(gains[1.0], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32])
+def test_sums_of_squares_are_exact_in_float64_whatever_the_gradient_dtype(dtype):
+    values = tf.cast(tf.constant(np.random.RandomState(0).randn(1000) * 1000.0 if dtype != tf.bfloat16
+                                 else np.random.RandomState(0).randn(1000) * 1e30), dtype)
+    expected = float(np.sum(values.numpy().astype(np.float64) ** 2))
+    result = distribute.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
+    assert result.dtype == tf.float64
+    dense = np.zeros(1000)
+    np.add.at(dense, [0, 0, 5], values.numpy()[:3].astype(np.float64))
+    assert float(result) == pytest.approx(expected + float(dense @ dense), rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.integers(min_value=2, max_value=32),
+    dim=st.integers(min_value=1, max_value=50),
+    exponent=st.integers(min_value=-30, max_value=30),
+    noise=st.floats(min_value=0.0, max_value=10.0),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_float64_statistics_match_numpy_from_1e_minus_30_to_1e30(scale, dim, exponent, noise, seed):
+    rng = np.random.RandomState(seed)
+    sample_list = (10.0**exponent * (rng.randn(dim) + noise * rng.randn(scale, dim))).astype(np.float32)
+    mean = sample_list.astype(np.float64).mean(axis=0)
+    variance, sqr_norm = gain.gradient_moments(
+        distribute.sqr_norm_sum([tf.constant(sample_list)]),
+        distribute.sqr_norm_sum([tf.constant(mean)]),
+        tf.constant(float(scale), tf.float64),
+    )
+    expected_variance, expected_sqr_norm = gain_statistics(sample_list)
+    total = expected_variance + expected_sqr_norm
+    assert np.isfinite(float(variance)) and np.isfinite(float(sqr_norm))
+    assert float(variance) == pytest.approx(expected_variance, rel=1e-6, abs=1e-9 * total)
+    assert float(sqr_norm) == pytest.approx(expected_sqr_norm, rel=1e-6, abs=1e-9 * total)
+    ratio = gain.gain_ratio(variance, sqr_norm, tf.constant(float(scale), tf.float64))
+    assert 1.0 <= float(ratio) <= scale
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_a_nan_batch_skips_it_and_the_callback_counts_or_raises(jit_compile):
+    rng = np.random.RandomState(0)
+    x, y = rng.randn(32, 3).astype(np.float32), rng.randn(32, 1).astype(np.float32)
+    x[20, 0] = np.nan  # in the third micro-batch: the second update
+    for mode in ("skip", "raise"):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2, non_finite=mode)
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        history = keras.callbacks.History()
+        if mode == "skip":
+            model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+                      callbacks=[keras_adascale.AdaScaleCallback(), history])
+            assert history.history["skipped_updates"] == [1]
+            assert all(np.isfinite(w).all() for w in model.get_weights())
+        else:
+            error = tf.errors.InvalidArgumentError if not jit_compile else FloatingPointError
+            with pytest.raises(error, match="NaN or Inf"):
+                model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[keras_adascale.AdaScaleCallback()])
+        assert int(optimizer.skipped_updates) == 1
