@@ -188,3 +188,71 @@ def test_fit_with_a_nan_batch_skips_it_and_the_callback_counts_or_raises(jit_com
             with pytest.raises(error, match="NaN or Inf"):
                 model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[keras_adascale.AdaScaleCallback()])
         assert int(optimizer.skipped_updates) == 1
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stands for a preemption: fails in the middle of an epoch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.current, batch) == (self.epoch, self.batch):
+            raise KeyboardInterrupt("preempted")
+
+
+def test_backup_and_restore_resumes_to_the_same_end_as_an_uninterrupted_run(least_squares, tmp_path):
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([5, 10], [0.05, 0.02, 0.01])
+
+    def train(backup_dir, interrupt=None):
+        model = least_squares.model()
+        optimizer = keras_adascale.AdaScaleSGD(
+            keras_adascale.ScaleInvariantSchedule(schedule), momentum=0.9, gradient_accumulation_steps=2)
+        model.compile(optimizer=optimizer, loss="mse")
+        callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir))] + ([interrupt] if interrupt else [])
+        model.fit(least_squares.x[:64], least_squares.y[:64], batch_size=8, epochs=4, shuffle=False,
+                  callbacks=callbacks, verbose=0)
+        return model, optimizer
+
+    expected_model, expected = train(tmp_path / "uninterrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "preempted", Interrupt(epoch=2, batch=5))
+    model, optimizer = train(tmp_path / "preempted")  # the restarted job
+    for a, b in zip(model.get_weights(), expected_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(optimizer.variables, expected.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    assert float(optimizer.scale_invariant_iterations) > 16  # 16 updates, each with gain >= 1
+
+
+def test_soak_2000_updates_on_4_replicas_no_drift_no_memory_growth(least_squares):
+    import resource
+
+    strategy = mirrored(4)
+    with strategy.scope():
+        model = least_squares.model()
+        optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9)
+        model.compile(optimizer=optimizer, loss="mse")
+    dataset = tf.data.Dataset.from_tensor_slices((least_squares.x, least_squares.y)).repeat().batch(32)
+    model.fit(dataset, steps_per_epoch=100, epochs=1, verbose=0)  # warm-up: tracing, allocator pools
+
+    def rss_mb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    start = rss_mb()
+    model.fit(dataset, steps_per_epoch=1900, epochs=1, verbose=0)
+    end = rss_mb()
+    print(f"soak: RSS {start:.1f} MB after 100 updates, {end:.1f} MB after 2000 "
+          f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB)")
+    assert int(optimizer.iterations.numpy()) == 2000
+    for variable in model.trainable_variables + [v for v in optimizer.variables]:
+        components = [np.asarray(c) for c in strategy.experimental_local_results(variable.value)]
+        for component in components[1:]:
+            np.testing.assert_array_equal(component, components[0], err_msg=variable.path)
+    assert np.isfinite(float(optimizer.gain)) and 1.0 <= float(optimizer.gain) <= 4.0
+    assert end - start < 50, f"RSS grew by {end - start:.1f} MB over 1900 updates"
