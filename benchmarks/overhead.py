@@ -1,0 +1,244 @@
+"""AdaScaleSGD's cost against keras.optimizers.SGD (same momentum), measured side by side in one run.
+
+For each model and setting, two identical models (one per optimizer) train on the same
+batches; timed windows alternate A/B/B/A... after a warm-up, and the report gives the
+median ratio of AdaScale's step time to SGD's over the windows, with its spread. Also the
+cost of `apply_gradients` alone on the 5.8M-parameter MLP, and the optimizers' state size.
+
+    python benchmarks/overhead.py            # full: 3 models x 3 settings, 20 windows each
+    python benchmarks/overhead.py --quick    # a few minutes on 2 CPU cores
+
+The last line printed is a JSON summary.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPLICAS = 4
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small models, few windows (smoke test)")
+    parser.add_argument("--windows", type=int, default=None, help="timed windows per optimizer (default 20; quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per window (default 10; quick 3)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of small_cnn,mlp_5m,resnet20")
+    parser.add_argument("--settings", default=None, help="comma-separated subset of default,mirrored4,accumulation4")
+    args = parser.parse_args(argv)
+    args.windows = args.windows or (4 if args.quick else 20)
+    args.steps = args.steps or (3 if args.quick else 10)
+    return args
+
+
+def configure_devices():
+    """Four logical CPU devices for the mirrored setting, when there is no GPU (before TF starts)."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * REPLICAS
+        )
+
+
+def model_specs(quick):
+    """name -> (builder, input shape, per-replica batch)."""
+    from keras_adascale.experiments import models
+
+    def mlp_5m(input_shape, classes):
+        # 784*2048 + 2048*2048 + 2048*10 + biases = 5.8M parameters
+        return models.mlp(input_shape, classes, hidden_units=(2048, 2048))
+
+    specs = {
+        "small_cnn": (models.small_cnn, (28, 28, 1), 32 if quick else 128),
+        "mlp_5m": (mlp_5m, (28, 28, 1), 32 if quick else 128),
+        "resnet20": (models.resnet20, (32, 32, 3), 8 if quick else 32),
+    }
+    return specs
+
+
+def make_pair(spec, setting, strategy):
+    """Two models with the same initial weights, compiled with AdaScaleSGD and with SGD."""
+    import keras
+
+    import keras_adascale
+
+    build, input_shape, _ = spec
+    accumulation = 4 if setting == "accumulation4" else None
+    pair = {}
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        reference = build(input_shape, 10)
+        for name in ("adascale", "sgd"):
+            model = keras.models.clone_model(reference)
+            model.set_weights(reference.get_weights())
+            if name == "adascale":
+                optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=accumulation)
+            else:
+                optimizer = keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=accumulation)
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            pair[name] = model
+    return pair
+
+
+def dataset(spec, global_batch):
+    import numpy as np
+    import tensorflow as tf
+
+    _, input_shape, _ = spec
+    rng = np.random.RandomState(0)
+    x = rng.rand(global_batch * 8, *input_shape).astype("float32")
+    y = rng.randint(0, 10, size=(global_batch * 8,))
+    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True).prefetch(4)
+
+
+def time_windows(runners, windows, steps):
+    """Alternating timed windows: A B, B A, A B... -> per-window seconds per step of each runner."""
+    times = {name: [] for name in runners}
+    names = list(runners)
+    for window in range(windows):
+        for name in names if window % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            runners[name](steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def summarize(times):
+    ratios = [a / b for a, b in zip(times["adascale"], times["sgd"])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "adascale_ms": 1000 * statistics.median(times["adascale"]),
+        "sgd_ms": 1000 * statistics.median(times["sgd"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1": quartiles[0],
+        "ratio_q3": quartiles[2],
+        "windows": len(ratios),
+    }
+
+
+_MIRRORED = []
+
+
+def mirrored():
+    """One 4-replica MirroredStrategy for the whole run (two of the same size clash on collective keys)."""
+    import tensorflow as tf
+
+    if not _MIRRORED:
+        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        devices = [device.name for device in tf.config.list_logical_devices(kind)][:REPLICAS]
+        _MIRRORED.append(tf.distribute.MirroredStrategy(devices))
+    return _MIRRORED[0]
+
+
+def train_step_benchmark(spec, setting, windows, steps):
+    import tensorflow as tf
+
+    strategy = mirrored() if setting == "mirrored4" else tf.distribute.get_strategy()
+    pair = make_pair(spec, setting, strategy)
+    global_batch = spec[2] * strategy.num_replicas_in_sync
+    data = dataset(spec, global_batch)
+    runners = {}
+    for name, model in pair.items():
+        model.fit(data, steps_per_epoch=8, epochs=1, verbose=0)  # trace and warm up
+        iterator = iter(strategy.experimental_distribute_dataset(data))
+
+        def run(count, model=model, iterator=iterator):
+            for _ in range(count):
+                model.train_function(iterator)
+            model.optimizer.iterations.numpy()  # wait for the last step
+
+        runners[name] = run
+    result = summarize(time_windows(runners, windows, steps))
+    result["params"] = pair["adascale"].count_params()
+    result["state_bytes"] = {
+        name: int(sum(v.numpy().nbytes for v in model.optimizer.variables)) for name, model in pair.items()
+    }
+    return result
+
+
+def make_apply(strategy, optimizer, variables):
+    """A tf.function applying fixed gradients in every replica (a closure: tf.function args would be traced)."""
+    import tensorflow as tf
+
+    gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
+
+    @tf.function
+    def apply():
+        strategy.run(lambda: optimizer.apply_gradients(zip(gradients, variables)))
+
+    return apply
+
+
+def apply_only_benchmark(spec, windows, steps):
+    """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both)."""
+    import tensorflow as tf
+
+    strategy = mirrored()
+    pair = make_pair(spec, "mirrored4", strategy)
+    runners = {}
+    for name, model in pair.items():
+        variables = model.trainable_variables
+        with strategy.scope():
+            model.optimizer.build(variables)
+        apply = make_apply(strategy, model.optimizer, variables)
+        apply()
+
+        def run(count, apply=apply, model=model):
+            for _ in range(count):
+                apply()
+            model.optimizer.iterations.numpy()
+
+        runners[name] = run
+    return summarize(time_windows(runners, windows, steps))
+
+
+def machine():
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "gpus": [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_devices()
+    specs = model_specs(args.quick)
+    model_names = args.models.split(",") if args.models else list(specs)
+    settings = args.settings.split(",") if args.settings else ["default", "mirrored4", "accumulation4"]
+    results = {"machine": machine(), "command": " ".join(["python", "benchmarks/overhead.py"] + sys.argv[1:]),
+               "windows": args.windows, "steps_per_window": args.steps, "train_step": [], "apply_only": None}
+    print(f"{'model':>10} {'setting':>14} {'params':>9} {'SGD ms':>8} {'AdaScale ms':>11} "
+          f"{'ratio':>6} {'(q1 - q3)':>15}", flush=True)
+    for model_name in model_names:
+        for setting in settings:
+            row = train_step_benchmark(specs[model_name], setting, args.windows, args.steps)
+            row.update(model=model_name, setting=setting)
+            results["train_step"].append(row)
+            print(f"{model_name:>10} {setting:>14} {row['params']:>9,} {row['sgd_ms']:>8.2f} "
+                  f"{row['adascale_ms']:>11.2f} {row['ratio_median']:>6.3f} "
+                  f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f})", flush=True)
+    if "mlp_5m" in model_names:
+        row = apply_only_benchmark(specs["mlp_5m"], args.windows, args.steps)
+        results["apply_only"] = row
+        print(f"apply_gradients alone, mlp_5m, 4 replicas: SGD {row['sgd_ms']:.2f} ms, AdaScale "
+              f"{row['adascale_ms']:.2f} ms, ratio {row['ratio_median']:.3f} "
+              f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f})", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
