@@ -280,6 +280,18 @@ def load(path, overrides=()):
     Raises:
         ConfigError: for a missing or unparsable file, or a bad key or value.
     """
+    return resolve(apply_overrides(load_raw(path), overrides), name=pathlib.Path(path).stem)
+
+
+def load_raw(path):
+    """Reads a YAML or JSON config file without validating it.
+
+    Returns:
+        The parsed mapping.
+
+    Raises:
+        ConfigError: for a missing or unparsable file, or a top level that is not a mapping.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -292,4 +304,4 @@ def load(path, overrides=()):
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-    return resolve(apply_overrides(raw, overrides), name=path.stem)
+    return raw

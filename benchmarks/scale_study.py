@@ -1,0 +1,185 @@
+"""The paper's scale study in small: AdaScale vs the linear scaling rule (with and without warm-up).
+
+One single-batch recipe (saved_configs/demo.yaml: real MNIST, small CNN, B = 32, step decay,
+T_SI = 2,400) trained at S = 1 with plain SGD (the baseline), then at each S with AdaScale
+(schedule keyed on tau, stopping at tau = T), LSR (lr x S, schedule compressed to T / S)
+and LSR with gradual warm-up, over several seeds. The S gradient samples are micro-batches
+(gradient accumulation) on one device; the tests show this equals S replicas.
+
+    python benchmarks/scale_study.py                 # S = 2..32, 3 seeds (about an hour on 2 CPU cores)
+    python benchmarks/scale_study.py --quick         # a few minutes: small MLP, short schedule, 1 seed
+
+Writes its runs and plots under --output-dir (default runs/scale_study) and prints a table;
+the last line printed is a JSON summary.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+METHODS = ("adascale", "lsr", "lsr_warmup")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model, short schedule, one seed")
+    parser.add_argument("--scales", default=None, help="comma-separated S values (default 2,4,8,16,32; quick 2,8)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
+    parser.add_argument("--total-steps", type=int, default=None, help="T_SI (default: the config's; quick 300)")
+    parser.add_argument("--config", default=str(REPO / "saved_configs" / "demo.yaml"),
+                        help="the single-batch recipe (default saved_configs/demo.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the recipe, as in keras-adascale train")
+    parser.add_argument("--output-dir", default="runs", help="run folders go to OUTPUT_DIR/scale_study")
+    args = parser.parse_args(argv)
+    args.scales = [int(s) for s in (args.scales or ("2,8" if args.quick else "2,4,8,16,32")).split(",")]
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    return args
+
+
+def study_runs(args):
+    """The resolved runs: the S = 1 baseline and every (method, S), for every seed."""
+    from keras_adascale.experiments import config
+
+    overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", "name=scale_study"]
+    if args.quick:
+        overrides += ["total_steps=300", "model.name=mlp", "model.hidden_units=[128]",
+                      "dataset.train_split=train[:20%]", "dataset.test_split=test[:30%]", "evaluations=3"]
+    if args.total_steps:
+        overrides.append(f"total_steps={args.total_steps}")
+    raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
+    variants = []
+    for seed in range(args.seeds):
+        variants.append({"name": f"baseline_s1_seed{seed}", "seed": seed, "optimizer": {"name": "sgd", "scale": 1}})
+        for scale in args.scales:
+            for method in METHODS:
+                variants.append({"name": f"{method}_s{scale}_seed{seed}", "seed": seed,
+                                 "optimizer": {"name": method, "scale": scale}})
+    raw["runs"] = variants
+    return config.resolve(raw, name="scale_study")
+
+
+def aggregate(finals):
+    """(method, S) -> mean and spread over seeds."""
+    groups = {}
+    for final in finals:
+        groups.setdefault((final["optimizer"], final["scale"]), []).append(final)
+    rows = []
+    for (method, scale), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        accuracies = [final["test_accuracy"] for final in group]
+        rows.append({
+            "method": "baseline" if method == "sgd" else method,
+            "scale": scale,
+            "seeds": len(group),
+            "test_accuracy_mean": statistics.mean(accuracies),
+            "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "train_loss_mean": statistics.mean(final["final_train_loss"] for final in group),
+            "updates_mean": statistics.mean(final["updates"] for final in group),
+            "wall_time_mean": statistics.mean(final["wall_time"] for final in group),
+            "mean_gain": statistics.mean(final["mean_gain"] for final in group),
+        })
+    return rows
+
+
+def print_table(rows):
+    print(f"{'method':>10} {'S':>3} {'seeds':>5} {'test acc (mean +- std)':>22} {'train loss':>10} "
+          f"{'updates':>8} {'wall s':>7} {'mean gain':>9}")
+    for row in rows:
+        print(f"{row['method']:>10} {row['scale']:>3} {row['seeds']:>5} "
+              f"{row['test_accuracy_mean']:>14.4f} +- {row['test_accuracy_std']:.4f} "
+              f"{row['train_loss_mean']:>10.4f} {row['updates_mean']:>8.0f} {row['wall_time_mean']:>7.1f} "
+              f"{row['mean_gain']:>9.3f}")
+
+
+def plot(experiment_dir, scales, rows):
+    """scale_study.png: test accuracy vs updates per S (seed 0), final accuracy vs S, and AdaScale's gain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_adascale.experiments.recording import read_jsonl
+
+    columns = len(scales)
+    figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns, 9.5), constrained_layout=True, squeeze=False)
+    baseline = read_jsonl(experiment_dir / "baseline_s1_seed0" / "evaluations.jsonl")
+    for column, scale in enumerate(scales):
+        axis = axes[0, column]
+        axis.plot([row["update"] for row in baseline], [row["test_accuracy"] for row in baseline], "k.-",
+                  label="baseline S=1")
+        for method in METHODS:
+            evaluations = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "evaluations.jsonl")
+            axis.plot([row["update"] for row in evaluations], [row["test_accuracy"] for row in evaluations],
+                      "o-", label=method)
+        axis.set(title=f"S = {scale}", xlabel="updates", ylabel="test accuracy", xscale="log")
+        axis.legend(fontsize="small")
+        metrics = read_jsonl(experiment_dir / f"adascale_s{scale}_seed0" / "metrics.jsonl")
+        axes[1, column].plot([row["update"] for row in metrics], [row["gain"] for row in metrics], label="gain")
+        axes[1, column].set(xlabel="updates", ylabel="AdaScale gain r_t", ylim=(1, scale))
+        for method in METHODS:
+            metrics = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "metrics.jsonl")
+            axes[2, column].plot([row["update"] for row in metrics], [row["learning_rate"] for row in metrics],
+                                 label=method)
+        axes[2, column].set(xlabel="updates", ylabel="learning rate", yscale="log")
+        axes[2, column].legend(fontsize="small")
+    for axis in axes.flat:
+        axis.grid(alpha=0.3)
+    figure.savefig(experiment_dir / "scale_study.png", dpi=80)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    base = next(row for row in rows if row["method"] == "baseline")
+    axis.axhspan(base["test_accuracy_mean"] - base["test_accuracy_std"],
+                 base["test_accuracy_mean"] + base["test_accuracy_std"], color="k", alpha=0.15)
+    axis.axhline(base["test_accuracy_mean"], color="k", label="baseline S=1 (mean +- std)")
+    for method in METHODS:
+        mine = [row for row in rows if row["method"] == method]
+        axis.errorbar([row["scale"] for row in mine], [row["test_accuracy_mean"] for row in mine],
+                      yerr=[row["test_accuracy_std"] for row in mine], fmt="o-", capsize=3, label=method)
+    axis.set(xscale="log", xlabel="scale S", ylabel="final test accuracy", xticks=scales)
+    axis.set_xticklabels([str(scale) for scale in scales])
+    axis.legend(fontsize="small")
+    axis.grid(alpha=0.3)
+    figure.savefig(experiment_dir / "accuracy_vs_scale.png", dpi=80)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import tensorflow_datasets as tfds
+
+    from keras_adascale.experiments import training
+
+    tfds.disable_progress_bar()
+    runs = study_runs(args)
+    output_root = pathlib.Path(args.output_dir)
+    start = time.perf_counter()
+    finals = []
+    for index, run in enumerate(runs):
+        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
+        run_dir = training.train(run, output_root, overwrite=True)
+        finals.append(json.loads((run_dir / "final.json").read_text()))
+    rows = aggregate(finals)
+    print()
+    print_table(rows)
+    experiment_dir = output_root / "scale_study"
+    plot(experiment_dir, args.scales, rows)
+    print(f"\nplots: {experiment_dir / 'scale_study.png'}, {experiment_dir / 'accuracy_vs_scale.png'}")
+    summary = {
+        "command": " ".join(["python", "benchmarks/scale_study.py"] + (sys.argv[1:] if argv is None else argv)),
+        "total_steps": runs[0]["total_steps"],
+        "batch_size": runs[0]["dataset"]["batch_size"],
+        "model": runs[0]["model"]["name"],
+        "dataset": runs[0]["dataset"]["name"],
+        "seconds": time.perf_counter() - start,
+        "results": rows,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Smoke tests of the benchmarks' --quick modes on tiny settings: they run and end with a JSON line.
+
+No timing is asserted here: benchmarks/ measures, the tests only check the output's form.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(arguments, cwd):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / arguments[0]), *arguments[1:]],
+                            capture_output=True, text=True, timeout=600, cwd=cwd,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_overhead_quick_prints_ratios(tmp_path):
+    summary = run_benchmark(["overhead.py", "--quick", "--models", "small_cnn", "--settings",
+                             "default,mirrored4,accumulation4", "--windows", "2", "--steps", "2"], tmp_path)
+    assert summary["machine"]["tensorflow"] and summary["windows"] == 2
+    assert [row["setting"] for row in summary["train_step"]] == ["default", "mirrored4", "accumulation4"]
+    for row in summary["train_step"]:
+        assert row["adascale_ms"] > 0 and row["sgd_ms"] > 0
+        assert math.isclose(row["ratio_median"], row["ratio_median"]) and row["ratio_q1"] <= row["ratio_q3"]
+        assert row["state_bytes"]["adascale"] - row["state_bytes"]["sgd"] < 200  # O(1) extra state
+    assert summary["apply_only"] is None  # only measured on mlp_5m
+
+
+def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path):
+    summary = run_benchmark(["scale_study.py", "--quick", "--scales", "2", "--total-steps", "30",
+                             "--set", f"dataset.data_dir={tfds_data_dir}", "--set", "dataset.train_split=train[:2%]",
+                             "--set", "dataset.test_split=test[:5%]", "--output-dir", str(tmp_path)], tmp_path)
+    assert {(row["method"], row["scale"]) for row in summary["results"]} == {
+        ("baseline", 1), ("adascale", 2), ("lsr", 2), ("lsr_warmup", 2)}
+    for row in summary["results"]:
+        assert 0.0 <= row["test_accuracy_mean"] <= 1.0 and row["seeds"] == 1
+    rows = {row["method"]: row for row in summary["results"]}
+    assert rows["baseline"]["updates_mean"] == 30 and rows["lsr"]["updates_mean"] == 15
+    assert 15 <= rows["adascale"]["updates_mean"] <= 30
+    assert (tmp_path / "scale_study" / "scale_study.png").stat().st_size > 0
+    assert (tmp_path / "scale_study" / "accuracy_vs_scale.png").stat().st_size > 0
