@@ -44,6 +44,19 @@ class LeastSquares:
         return model
 
 
+def mse_replica_step(model, optimizer, global_batch_size):
+    """The documented custom-loop step for `strategy.run`: replica-scaled MSE, then apply_gradients."""
+
+    def replica_fn(x_local, y_local):
+        with tf.GradientTape() as tape:
+            per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    return replica_fn
+
+
 def flat_weights(model):
     kernel, bias = model.get_weights()
     return np.concatenate([kernel.ravel(), bias.ravel()]).astype(np.float64)

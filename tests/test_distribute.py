@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import flat_weights, mirrored
+from conftest import flat_weights, mirrored, mse_replica_step
 from reference import AdaScaleReference
 
 BATCH = 8  # examples per sample (per replica, per micro-batch)
@@ -81,12 +81,7 @@ def test_mirrored_custom_loop_matches_reference(least_squares):
 
     @tf.function
     def train_step(update):
-        def replica_fn(x_local, y_local):
-            with tf.GradientTape() as tape:
-                per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=replicas * BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        replica_fn = mse_replica_step(model, optimizer, replicas * BATCH)
 
         def slice_for(context):  # replica i gets the i-th BATCH rows of this update's block
             start = (update * replicas + context.replica_id_in_sync_group) * BATCH

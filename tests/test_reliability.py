@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_adascale
-from conftest import mirrored
+from conftest import mirrored, mse_replica_step
 from keras_adascale import distribute, gain
 from reference import AdaScaleReference, gain_statistics
 
@@ -93,14 +93,7 @@ def test_a_nan_on_one_replica_makes_every_replica_skip(least_squares):
 
     @tf.function
     def step(x, y):
-        def replica_fn(x_local, y_local):
-            with tf.GradientTape() as tape:
-                per_example = tf.reduce_mean(tf.square(model(x_local) - y_local), axis=-1)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=16)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-        strategy.run(replica_fn, args=next(iter(strategy.experimental_distribute_dataset(
+        strategy.run(mse_replica_step(model, optimizer, 16), args=next(iter(strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensors((x, y))))))
 
     x, y = least_squares.x[:16].copy(), least_squares.y[:16]
