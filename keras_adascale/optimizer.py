@@ -458,6 +458,27 @@ class AdaScaleSGD(keras.optimizers.SGD):
             self.assign_sub(variable, variable * decay)
         super().update_step(gradient, variable, learning_rate)
 
+    def load_own_variables(self, store):
+        # Keras warns and skips a mismatched optimizer: that would silently restart
+        # tau, the gain statistics and the momentum. Refuse instead.
+        saved = len(store.keys())
+        if saved != len(self.variables):
+            raise ValueError(
+                f"Cannot restore AdaScaleSGD '{self.name}': the checkpoint holds {saved} optimizer "
+                f"variables and this optimizer has {len(self.variables)}. Build it first "
+                "(`optimizer.build(model.trainable_variables)`) with the same `momentum` and "
+                "`gradient_accumulation_steps` as the saved one, or load the model with "
+                "`compile=False` to restore only the weights."
+            )
+        for index, variable in enumerate(self.variables):
+            shape = tuple(store[str(index)].shape)
+            if shape != tuple(variable.shape):
+                raise ValueError(
+                    f"Cannot restore AdaScaleSGD '{self.name}': variable {variable.path} has shape "
+                    f"{tuple(variable.shape)} but the checkpoint's has {shape}."
+                )
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -252,3 +252,26 @@ def test_soak_2000_updates_on_4_replicas_no_drift_no_memory_growth(least_squares
             np.testing.assert_array_equal(component, components[0], err_msg=variable.path)
     assert np.isfinite(float(optimizer.gain)) and 1.0 <= float(optimizer.gain) <= 4.0
     assert end - start < 50, f"RSS grew by {end - start:.1f} MB over 1900 updates"
+
+
+def test_a_mismatched_or_corrupt_checkpoint_fails_loudly(least_squares, tmp_path):
+    def compiled(**kwargs):
+        model = least_squares.model()
+        model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, **kwargs),
+                      loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    saved = compiled(momentum=0.9)
+    saved.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, verbose=0)
+    path = tmp_path / "saved.weights.h5"
+    saved.save_weights(path)
+    with pytest.raises(ValueError, match="checkpoint holds .* optimizer variables and this optimizer has"):
+        compiled(momentum=0.0).load_weights(path)  # no momentum slots: tau would silently restart
+    restored = compiled(momentum=0.9)
+    restored.load_weights(path)
+    assert float(restored.optimizer.scale_invariant_iterations) == float(saved.optimizer.scale_invariant_iterations)
+    corrupt = tmp_path / "corrupt.weights.h5"
+    corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception, match="(?i)truncated|unable|signature|file"):
+        compiled(momentum=0.9).load_weights(corrupt)
