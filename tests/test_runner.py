@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -107,3 +108,54 @@ def test_cli_errors_name_the_problem_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "compare", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a finished run folder" in result.stderr
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data_dir, tmp_path):
+    import signal
+    import time
+
+    import keras
+
+    config = {
+        "total_steps": 240, "evaluations": 8,
+        "dataset": {"train_split": "train[:5%]", "test_split": "test[:5%]", "batch_size": 16},
+        "model": {"name": "mlp", "hidden_units": [32]},
+        "schedule": {"name": "piecewise_constant", "learning_rate": 0.1, "decay_at": [0.5]},
+        "optimizer": {"scale": 2},
+    }
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(config))
+
+    def command(output):
+        return [sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "resume.yaml"),
+                "--output-dir", str(output), "--set", f"dataset.data_dir={tfds_data_dir}"]
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, timeout=300, env=env)
+
+    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    incomplete = tmp_path / "killed" / "resume" / "adascale.incomplete"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
+            metadata = incomplete / "backup" / "training_metadata.json"
+            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached its third epoch")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert incomplete.exists() and not (tmp_path / "killed" / "resume" / "adascale").exists()
+    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, timeout=300, env=env)
+
+    straight, resumed = (keras.models.load_model(tmp_path / name / "resume" / "adascale" / "model.keras")
+                         for name in ("straight", "killed"))
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    rows = [read_jsonl(tmp_path / name / "resume" / "adascale" / "metrics.jsonl") for name in ("straight", "killed")]
+    assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]  # no update logged twice
+    assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)

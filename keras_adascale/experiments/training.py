@@ -167,6 +167,12 @@ def _worker_suffix(strategy):
     return f".{resolver.task_type}{resolver.task_id}"
 
 
+def _epochs_done(backup_dir):
+    """Epochs that `keras.callbacks.BackupAndRestore` saved in `backup_dir` (0 if none)."""
+    path = backup_dir / "training_metadata.json"
+    return json.loads(path.read_text())["epoch"] if path.exists() else 0
+
+
 def _same_config(run_dir, run):
     path = run_dir / "config.json"
     return path.exists() and json.loads(path.read_text()) == run
@@ -178,7 +184,8 @@ def train(run, output_root, overwrite=False):
     The run is written into `<run>.incomplete` and renamed when it has
     finished, so a folder without the suffix is always complete. An
     interrupted run with the same config resumes from its last epoch
-    (`keras.callbacks.BackupAndRestore`).
+    (`keras.callbacks.BackupAndRestore`), with the data stream at the same
+    batch as in an uninterrupted run.
 
     Under a multi-worker strategy the chief writes the run folder and every
     other worker writes `<run>.<task_type><task_id>` beside it.
@@ -222,9 +229,15 @@ def train(run, output_root, overwrite=False):
             metrics=["accuracy"],
             jit_compile=run["jit_compile"],
         )
-    train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"])
     test_data = data.test_dataset(run["dataset"], max(steps["batch_size"], 256))
     updates_per_epoch = max(1, math.ceil(steps["min_updates"] / run["evaluations"]))
+    steps_per_epoch = updates_per_epoch * steps["accumulation"]
+    # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
+    # of batches is the same in every process, so skipping the batches of the finished
+    # epochs puts the data where the uninterrupted run had it.
+    train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"]).skip(
+        _epochs_done(work_dir / "backup") * steps_per_epoch
+    )
     recorder = RunRecorder(
         work_dir, run["total_steps"], steps["tau_per_update"], steps["schedule"],
         steps["batch_size"], test_data, run["evaluations"], label=run["run"],
@@ -234,7 +247,7 @@ def train(run, output_root, overwrite=False):
     model.fit(
         train_data,
         epochs=math.ceil(steps["max_updates"] / updates_per_epoch) + 1,
-        steps_per_epoch=updates_per_epoch * steps["accumulation"],
+        steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
         shuffle=False,  # the dataset shuffles itself
         verbose=0,
