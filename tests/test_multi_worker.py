@@ -80,26 +80,34 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_workers(script, args=(), timeout=150, command=None):
+def start_workers(command, procs):
+    """Starts WORKERS processes of `command` on 127.0.0.1, appending them to `procs` as they start."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(WORKERS)]}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for index in range(WORKERS):
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            PYTHONPATH=repo,
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+
+def kill_all(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def run_workers(script, args=(), timeout=150, command=None):
     procs = []
     try:
-        for index in range(WORKERS):
-            env = dict(
-                os.environ,
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                PYTHONPATH=repo,
-                TF_CPP_MIN_LOG_LEVEL="2",
-            )
-            procs.append(subprocess.Popen(command or [sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+        start_workers(command or [sys.executable, "-c", script, *args], procs)
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all(procs)
     if command:
         return outputs
     results = []
@@ -144,9 +152,9 @@ def test_two_workers_agree_with_each_other_and_the_reference(script, args, scale
     assert 1.0 < expected.gain < scale
 
 
-def test_the_runner_trains_one_run_on_two_workers(tfds_data_dir, tmp_path):
-    config = {
-        "total_steps": 24, "evaluations": 1,
+def runner_config(tfds_data_dir, total_steps, evaluations):
+    return {
+        "total_steps": total_steps, "evaluations": evaluations,
         "dataset": {"train_split": "train[:2%]", "test_split": "test[:5%]", "batch_size": 16,
                     "data_dir": str(tfds_data_dir)},
         "model": {"name": "mlp", "hidden_units": [16]},
@@ -154,9 +162,15 @@ def test_the_runner_trains_one_run_on_two_workers(tfds_data_dir, tmp_path):
         "optimizer": {"scale": 2},
         "strategy": {"name": "multi_worker"},
     }
-    (tmp_path / "mw.json").write_text(json.dumps(config))
-    outputs = run_workers(None, timeout=200, command=[
-        sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "mw.json"), "--output-dir", str(tmp_path)])
+
+
+def runner_command(config_path, output):
+    return [sys.executable, "-m", "keras_adascale", "train", str(config_path), "--output-dir", str(output)]
+
+
+def test_the_runner_trains_one_run_on_two_workers(tfds_data_dir, tmp_path):
+    (tmp_path / "mw.json").write_text(json.dumps(runner_config(tfds_data_dir, total_steps=24, evaluations=1)))
+    outputs = run_workers(None, timeout=200, command=runner_command(tmp_path / "mw.json", tmp_path))
     chief, other = tmp_path / "mw" / "adascale", tmp_path / "mw" / "adascale.worker1"
     assert (chief / "final.json").exists() and (other / "final.json").exists(), outputs[0][-3000:]
     finals = [json.loads((path / "final.json").read_text()) for path in (chief, other)]
@@ -164,3 +178,38 @@ def test_the_runner_trains_one_run_on_two_workers(tfds_data_dir, tmp_path):
     for key in ("updates", "tau", "test_accuracy"):  # the workers trained one model together
         assert finals[0][key] == finals[1][key]
     assert "run  optimizer" in outputs[0] and "run  optimizer" not in outputs[1]
+
+
+def test_a_job_with_a_killed_worker_restarts_and_ends_where_an_uninterrupted_job_ends(tfds_data_dir, tmp_path):
+    import time
+
+    import keras
+
+    (tmp_path / "job.json").write_text(json.dumps(runner_config(tfds_data_dir, total_steps=160, evaluations=8)))
+    outputs = run_workers(None, timeout=200, command=runner_command(tmp_path / "job.json", tmp_path / "straight"))
+    assert (tmp_path / "straight" / "job" / "adascale" / "model.keras").exists(), outputs[0][-3000:]
+
+    backup = tmp_path / "killed" / "job" / "adascale.incomplete" / "backup" / "training_metadata.json"
+    procs = []
+    try:
+        start_workers(runner_command(tmp_path / "job.json", tmp_path / "killed"), procs)
+        deadline = time.monotonic() + 200
+        while not (backup.exists() and json.loads(backup.read_text())["epoch"] >= 2):
+            assert time.monotonic() < deadline, "the job never reached its second epoch"
+            time.sleep(0.05)
+        procs[1].kill()  # a worker dies mid-epoch; the chief cannot go on without it
+        procs[1].wait()
+        time.sleep(1)
+    finally:
+        kill_all(procs)  # the job is restarted as a whole
+    outputs = run_workers(None, timeout=200, command=runner_command(tmp_path / "job.json", tmp_path / "killed"))
+    assert (tmp_path / "killed" / "job" / "adascale" / "model.keras").exists(), outputs[0][-3000:]
+
+    finished = [tmp_path / name / "job" / "adascale" for name in ("straight", "killed")]
+    straight, restarted = (keras.models.load_model(path / "model.keras") for path in finished)
+    for a, b in zip(straight.get_weights() + straight.optimizer.variables,
+                    restarted.get_weights() + restarted.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    rows = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in finished]
+    assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
+    assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)

@@ -129,9 +129,10 @@ def plan(run, replicas):
         if scale % replicas:
             raise ConfigError(f"optimizer.scale={scale} must be a multiple of the {replicas} replicas")
         accumulation = scale // replicas
+        # scale is left to default (replicas x accumulation, checked above), so that the
+        # saved model loads at any other scale (elastic resume).
         optimizer = AdaScaleSGD(
             ScaleInvariantSchedule(single_batch, total_steps=total_steps),
-            scale=scale,
             smoothing=config["smoothing"],
             gradient_accumulation_steps=accumulation if accumulation > 1 else None,
             **common,
@@ -165,6 +166,32 @@ def _worker_suffix(strategy):
                                                  and "chief" not in resolver.cluster_spec().jobs):
         return ""
     return f".{resolver.task_type}{resolver.task_id}"
+
+
+class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Every worker restores from the chief's backup and only the chief writes it.
+
+    Keras 3's callback would let every worker of a multi-worker job write and
+    delete the same files, and workers killed at different moments would
+    restore different epochs and deadlock; the weights are the same on every
+    worker.
+    """
+
+    def __init__(self, backup_dir, is_chief):
+        super().__init__(backup_dir)
+        self.is_chief = is_chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.is_chief:
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.is_chief:
+            super().on_train_batch_end(batch, logs)
+
+    def on_train_end(self, logs=None):
+        if self.is_chief:  # the chief deletes its backup once the run is complete
+            super().on_train_end(logs)
 
 
 def _epochs_done(backup_dir):
@@ -203,8 +230,10 @@ def train(run, output_root, overwrite=False):
             or an interrupted run with a different config is in the way.
     """
     strategy = make_strategy(run["strategy"])
-    final_dir = output_root / run["name"] / (run["run"] + _worker_suffix(strategy))
+    suffix = _worker_suffix(strategy)
+    final_dir = output_root / run["name"] / (run["run"] + suffix)
     work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+    backup_dir = output_root / run["name"] / (run["run"] + ".incomplete") / "backup"  # the chief's
     if final_dir.exists() and not overwrite:
         raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
     if work_dir.exists() and not _same_config(work_dir, run):
@@ -236,13 +265,13 @@ def train(run, output_root, overwrite=False):
     # of batches is the same in every process, so skipping the batches of the finished
     # epochs puts the data where the uninterrupted run had it.
     train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"]).skip(
-        _epochs_done(work_dir / "backup") * steps_per_epoch
+        _epochs_done(backup_dir) * steps_per_epoch
     )
     recorder = RunRecorder(
         work_dir, run["total_steps"], steps["tau_per_update"], steps["schedule"],
         steps["batch_size"], test_data, run["evaluations"], label=run["run"],
     )
-    callbacks = [keras.callbacks.BackupAndRestore(str(work_dir / "backup")), recorder]
+    callbacks = [_ChiefBackupAndRestore(str(backup_dir), is_chief=not suffix), recorder]
     start = time.perf_counter()
     model.fit(
         train_data,
@@ -274,7 +303,6 @@ def train(run, output_root, overwrite=False):
     model.save(work_dir / "model.keras")
     (work_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     plots.plot_run(work_dir)
-    shutil.rmtree(work_dir / "backup", ignore_errors=True)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     work_dir.rename(final_dir)
