@@ -2,13 +2,10 @@
 
 import json
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: no backend is chosen or changed for the caller
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
-
-from keras_adascale.experiments.recording import read_jsonl  # noqa: E402
+from keras_adascale.experiments.recording import read_jsonl
 
 
 def _smooth(values, points=50):
@@ -35,7 +32,8 @@ def plot_run(run_dir):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     evaluations = read_jsonl(run_dir / "evaluations.jsonl")
     title = f"{run_dir.parent.name} / {run_dir.name.removesuffix('.incomplete')}"
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    figure = Figure(figsize=(11, 7), layout="constrained")
+    axes = figure.subplots(2, 2)
     for column, x_name, x_label in ((0, "update", "updates"), (1, "tau", "scale-invariant steps (tau)")):
         x = _column(rows, x_name)
         axes[0, column].plot(x, _smooth(_column(rows, "loss")), label="train (smoothed)")
@@ -53,9 +51,9 @@ def plot_run(run_dir):
             axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.savefig(run_dir / "curves.png", dpi=80)
-    plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.5), constrained_layout=True)
+    figure = Figure(figsize=(11, 3.5), layout="constrained")
+    axes = figure.subplots(1, 2)
     updates = _column(rows, "update")
     axes[0].plot(updates, _column(rows, "gain"))
     axes[0].set(xlabel="updates", ylabel="gain r_t")
@@ -65,7 +63,6 @@ def plot_run(run_dir):
         axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.savefig(run_dir / "gain_lr.png", dpi=80)
-    plt.close(figure)
 
 
 def plot_comparison(run_dirs, path):
@@ -75,7 +72,8 @@ def plot_comparison(run_dirs, path):
         run_dirs: finished run folders.
         path: the PNG file to write.
     """
-    figure, axes = plt.subplots(2, 2, figsize=(12, 7.5), constrained_layout=True)
+    figure = Figure(figsize=(12, 7.5), layout="constrained")
+    axes = figure.subplots(2, 2)
     for run_dir in run_dirs:
         final = json.loads((run_dir / "final.json").read_text())
         label = f"{final['run']} (S={final['scale']}, {final['updates']} updates)"
@@ -98,4 +96,3 @@ def plot_comparison(run_dirs, path):
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.savefig(path, dpi=80)
-    plt.close(figure)
