@@ -58,9 +58,11 @@ class AdaScaleSGD(keras.optimizers.SGD):
         non_finite: `"skip"` or `"raise"`, what an update whose gradients hold
             a NaN or an Inf does. `"skip"` (the default) leaves the weights,
             momentum, tau and the averages as they were and adds one to
-            `skipped_updates`; `"raise"` fails the step with
-            `tf.errors.InvalidArgumentError` (also skipping it). Either way
-            no NaN reaches the averages.
+            `skipped_updates`; `"raise"` also skips and counts it, then fails
+            the step with `tf.errors.InvalidArgumentError` (XLA drops that
+            assertion: under `jit_compile=True`, `AdaScaleCallback` raises
+            `FloatingPointError` after the batch). Either way no NaN reaches
+            the averages.
         name: string. Defaults to `"adascale_sgd"`.
         **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
             (`weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`,
