@@ -101,6 +101,7 @@ def plot(experiment_dir, scales, rows):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from keras_adascale.experiments.recording import read_jsonl
 
@@ -116,6 +117,7 @@ def plot(experiment_dir, scales, rows):
             axis.plot([row["update"] for row in evaluations], [row["test_accuracy"] for row in evaluations],
                       "o-", label=method)
         axis.set(title=f"S = {scale}", xlabel="updates", ylabel="test accuracy", xscale="log")
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.legend(fontsize="small")
         metrics = read_jsonl(experiment_dir / f"adascale_s{scale}_seed0" / "metrics.jsonl")
         axes[1, column].plot([row["update"] for row in metrics], [row["gain"] for row in metrics], label="gain")
@@ -142,6 +144,7 @@ def plot(experiment_dir, scales, rows):
                       yerr=[row["test_accuracy_std"] for row in mine], fmt="o-", capsize=3, label=method)
     axis.set(xscale="log", xlabel="scale S", ylabel="final test accuracy", xticks=scales)
     axis.set_xticklabels([str(scale) for scale in scales])
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.legend(fontsize="small")
     axis.grid(alpha=0.3)
     figure.savefig(experiment_dir / "accuracy_vs_scale.png", dpi=80)
