@@ -1,4 +1,5 @@
-# `make demo` and `make test` each create .venv and install the project into it first.
+# `make demo` and `make test` each create .venv and install the project into it first
+# (demo: with the examples extra; test: with the examples and test extras).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,16 +7,23 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	touch $@
+
+$(VENV)/.examples: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e '.[examples]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e '.[examples,test]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.examples
 	$(VENV)/bin/keras-adascale train saved_configs/demo.yaml --overwrite
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 clean:
