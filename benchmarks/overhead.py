@@ -35,14 +35,14 @@ def parse_args(argv=None):
     return args
 
 
+MIRRORED = {"name": "mirrored", "devices": REPLICAS, "tpu": ""}
+
+
 def configure_devices():
     """Four logical CPU devices for the mirrored setting, when there is no GPU (before TF starts)."""
-    import tensorflow as tf
+    from keras_adascale.experiments import training
 
-    if not tf.config.list_physical_devices("GPU"):
-        tf.config.set_logical_device_configuration(
-            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * REPLICAS
-        )
+    training.configure_devices([{"strategy": MIRRORED}])
 
 
 def model_specs(quick):
@@ -121,24 +121,12 @@ def summarize(times):
     }
 
 
-_MIRRORED = []
-
-
-def mirrored():
-    """One 4-replica MirroredStrategy for the whole run (two of the same size clash on collective keys)."""
-    import tensorflow as tf
-
-    if not _MIRRORED:
-        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        devices = [device.name for device in tf.config.list_logical_devices(kind)][:REPLICAS]
-        _MIRRORED.append(tf.distribute.MirroredStrategy(devices))
-    return _MIRRORED[0]
-
-
 def train_step_benchmark(spec, setting, windows, steps):
     import tensorflow as tf
 
-    strategy = mirrored() if setting == "mirrored4" else tf.distribute.get_strategy()
+    from keras_adascale.experiments import training
+
+    strategy = training.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
     pair = make_pair(spec, setting, strategy)
     global_batch = spec[2] * strategy.num_replicas_in_sync
     data = dataset(spec, global_batch)
@@ -178,7 +166,9 @@ def apply_only_benchmark(spec, windows, steps):
     """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both)."""
     import tensorflow as tf
 
-    strategy = mirrored()
+    from keras_adascale.experiments import training
+
+    strategy = training.make_strategy(MIRRORED)  # one instance per kind, reused
     pair = make_pair(spec, "mirrored4", strategy)
     runners = {}
     for name, model in pair.items():

@@ -16,8 +16,7 @@ def _dense(tensor, dtype):
 
 def _sum_of_squares(tensors, dtype):
     # l2_loss is one fused kernel (sum(t^2) / 2), faster than square + reduce_sum.
-    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), tf.float64) for t in tensors]) if dtype == tf.float64 \
-        else tf.add_n([2.0 * tf.nn.l2_loss(t) for t in tensors])
+    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), dtype) for t in tensors])
 
 
 def sqr_norm_sum(tensors, dtype=tf.float64):
