@@ -3,17 +3,23 @@
 import tensorflow as tf
 
 
-def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale):
-    """Unbiased estimates of the gradient variance and squared norm.
+def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
+    """Unbiased estimates of the gradient variance and squared norm, in baseline batches.
 
-    With S samples g_1..g_S and their mean g:
-    `sigma2 = (sum_i ||g_i||^2 - S ||g||^2) / (S - 1)` (the trace of the
-    gradient covariance) and `mu2 = ||g||^2 - sigma2 / S`, both clipped at 0.
-    With S = 1 there is no variance to see: `sigma2 = 0`, `mu2 = ||g||^2`.
+    With N gradient samples g_1..g_N and their mean g (the applied gradient),
+    the sample variance is
+    `sample_var = (sum_i ||g_i||^2 - N ||g||^2) / (N - 1)`. One sample covers
+    S / N baseline batches (S examples per update over the baseline batch
+    B0), so the variance of one baseline-batch gradient is
+    `sigma2 = sample_var * S / N` and the squared norm of the true gradient
+    `mu2 = ||g||^2 - sample_var / N`, both clipped at 0. With N = S these are
+    the paper's estimates. With N = 1 there is no variance to see:
+    `sigma2 = 0`, `mu2 = ||g||^2`.
 
     Args:
         sample_sqr_norm_sum: float scalar, `sum_i ||g_i||^2`.
         mean_sqr_norm: float scalar of the same dtype, `||g||^2`.
+        samples: float scalar of the same dtype, N >= 1.
         scale: float scalar of the same dtype, S >= 1.
 
     Returns:
@@ -22,11 +28,10 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale):
     References:
         Johnson et al., 2020, Section 3.3 and Algorithm 1.
     """
-    variance = (sample_sqr_norm_sum - scale * mean_sqr_norm) / tf.maximum(
-        scale - 1.0, 1.0
-    )
-    variance = tf.where(scale > 1.0, variance, tf.zeros_like(variance))
-    sqr_norm = mean_sqr_norm - variance / scale
+    sample_variance = (sample_sqr_norm_sum - samples * mean_sqr_norm) / tf.maximum(samples - 1.0, 1.0)
+    sample_variance = tf.where(samples > 1.0, sample_variance, tf.zeros_like(sample_variance))
+    sqr_norm = mean_sqr_norm - sample_variance / samples
+    variance = sample_variance * (scale / samples)
     return tf.maximum(variance, 0.0), tf.maximum(sqr_norm, 0.0)
 
 
@@ -72,6 +77,7 @@ def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
 def update_gain(
     sample_sqr_norm_sum,
     mean_sqr_norm,
+    samples,
     scale,
     smoothing,
     variance_average,
@@ -84,9 +90,10 @@ def update_gain(
     float32 on TPU; see `AdaScaleSGD`), which the results keep.
 
     Args:
-        sample_sqr_norm_sum: `sum_i ||g_i||^2` over the S samples.
+        sample_sqr_norm_sum: `sum_i ||g_i||^2` over the N samples.
         mean_sqr_norm: `||mean_i g_i||^2`.
-        scale: S.
+        samples: N, the gradient samples per update.
+        scale: S, examples per update over the baseline batch.
         smoothing: theta in [0, 1).
         variance_average: running average of sigma2 (uncorrected).
         sqr_norm_average: running average of mu2 (uncorrected).
@@ -95,7 +102,7 @@ def update_gain(
     Returns:
         `(variance_average, sqr_norm_average, average_weight, gain)` after this step.
     """
-    variance, sqr_norm = gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, scale)
+    variance, sqr_norm = gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale)
     variance_average = moving_average(variance_average, variance, smoothing)
     sqr_norm_average = moving_average(sqr_norm_average, sqr_norm, smoothing)
     average_weight = moving_average(average_weight, 1.0, smoothing)

@@ -16,13 +16,20 @@ _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 class AdaScaleSGD(keras.optimizers.SGD):
     """SGD (with momentum) that adapts its learning rate to the batch scale S.
 
-    Each update sees S gradient samples g_1..g_S: the replicas' local gradients
-    under `tf.distribute`, times the micro-batches of
-    `gradient_accumulation_steps`. With g their mean (the gradient applied):
+    Two numbers describe an update. S (`scale`) is how many baseline batches
+    it holds: the examples per update over the batch B0 that the single-batch
+    recipe was tuned for. N (`samples_per_update`) is how many gradient
+    samples g_1..g_N it sees: the replicas' local gradients under
+    `tf.distribute`, times the micro-batches of `gradient_accumulation_steps`.
+    By default S = N (each sample is one baseline batch); with the largest
+    per-replica batch that fits, S differs: a recipe tuned at batch 256 moved
+    to 8 GPUs of 1,024 examples each has N = 8 and S = 8 x 1,024 / 256 = 32.
+    With g the mean of the samples (the gradient applied):
 
     ```python
-    sigma2 = (sum_i ||g_i||^2 - S * ||g||^2) / (S - 1)     # clipped at >= 0
-    mu2 = ||g||^2 - sigma2 / S                             # clipped at >= 0
+    sample_var = (sum_i ||g_i||^2 - N * ||g||^2) / (N - 1)
+    sigma2 = sample_var * S / N        # variance of one baseline-batch gradient, >= 0
+    mu2 = ||g||^2 - sample_var / N     # squared norm of the true gradient, >= 0
     v, m = bias_corrected_ema(sigma2), bias_corrected_ema(mu2)   # smoothing theta
     gain = (v + m) / (v / S + m)                           # in [1, S]
     lr_t = gain * lr(floor(tau))
@@ -48,10 +55,13 @@ class AdaScaleSGD(keras.optimizers.SGD):
             single-batch (S = 1) learning rate. Defaults to `0.01`.
         momentum: float in [0, 1]. Defaults to `0.0`.
         nesterov: bool, whether to use Nesterov momentum. Defaults to `False`.
-        scale: optional int >= 1, S. Defaults to
-            `num_replicas_in_sync * (gradient_accumulation_steps or 1)`, the
-            only value for which the statistics are right: a different value
-            raises at build time.
+        scale: optional number >= 1 (int or float), S: the examples per
+            update over the baseline batch B0 of the single-batch recipe.
+            Defaults to N = `num_replicas_in_sync *
+            (gradient_accumulation_steps or 1)`, i.e. each gradient sample is
+            one baseline batch. Any S >= 1 works with N >= 2 samples (S < N
+            too: each sample is then a fraction of a baseline batch); with
+            N = 1 the variance cannot be seen and S > 1 raises at build time.
         smoothing: optional float in [0, 1), theta, the moving-average factor
             of the variance and squared-norm estimates. Defaults to
             `max(1 - S / 1000, 0)`.
@@ -90,9 +100,14 @@ class AdaScaleSGD(keras.optimizers.SGD):
         if not isinstance(nesterov, bool):
             raise ValueError(f"Argument `nesterov` must be a bool. Received: nesterov={nesterov!r}")
         if scale is not None and (
-            isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1
+            isinstance(scale, bool)
+            or not isinstance(scale, numbers.Real)
+            or not 1.0 <= scale < float("inf")
         ):
-            raise ValueError(f"Argument `scale` must be an integer >= 1 or None. Received: scale={scale!r}")
+            raise ValueError(
+                "Argument `scale` must be a finite number >= 1 or None. "
+                f"Received: scale={scale!r}"
+            )
         if smoothing is not None and (
             isinstance(smoothing, bool)
             or not isinstance(smoothing, numbers.Real)
@@ -113,7 +128,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
             name=name,
             **kwargs,
         )
-        self._requested_scale = None if scale is None else int(scale)
+        self._requested_scale = None if scale is None else _plain_number(scale)
         self._requested_smoothing = None if smoothing is None else float(smoothing)
         self.non_finite = non_finite
         # float64 statistics square any float32 gradient without overflow or
@@ -191,12 +206,14 @@ class AdaScaleSGD(keras.optimizers.SGD):
 
     @property
     def scale(self):
-        """S, the number of gradient samples per update (int)."""
+        """S, the examples per update over the baseline batch (defaults to N)."""
         if self._requested_scale is not None:
             return self._requested_scale
-        return self._default_scale()
+        return self.samples_per_update
 
-    def _default_scale(self):
+    @property
+    def samples_per_update(self):
+        """N, the gradient samples per update: replicas x accumulation steps (int)."""
         replicas = self._distribution_strategy.num_replicas_in_sync
         return replicas * (self.gradient_accumulation_steps or 1)
 
@@ -252,20 +269,18 @@ class AdaScaleSGD(keras.optimizers.SGD):
                 "it cannot see the replicas. Create the optimizer (and compile the model) "
                 "inside `with strategy.scope():`."
             )
-        expected = self._default_scale()
-        if self._requested_scale is not None and self._requested_scale != expected:
+        if self.samples_per_update == 1 and self.scale > 1:
             raise ValueError(
-                f"Argument `scale` is {self._requested_scale}, but each update "
-                f"sees {expected} gradient samples (num_replicas_in_sync="
-                f"{self._distribution_strategy.num_replicas_in_sync} x "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps or 1}). "
-                "Leave `scale=None` or make them agree."
+                f"Argument `scale` is {self.scale}, but each update sees one gradient "
+                "sample (num_replicas_in_sync=1, no gradient accumulation), and the "
+                "gain needs at least two samples to see the gradient variance. Use "
+                ">= 2 replicas or `gradient_accumulation_steps >= 2`."
             )
         if self.scale == 1:
             warnings.warn(
-                "AdaScaleSGD has scale S = 1 (one replica, no gradient "
-                "accumulation): the gain is always 1 and it behaves as plain "
-                "SGD. Use several replicas or `gradient_accumulation_steps`.",
+                "AdaScaleSGD has scale S = 1 (each update holds one baseline batch): "
+                "the gain is always 1 and it behaves as plain SGD. Use several "
+                "replicas or `gradient_accumulation_steps`, or set `scale`.",
                 stacklevel=2,
             )
         super().build(variables)
@@ -406,6 +421,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
         variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
             tf.where(finite, sample_sqr_norm_sum, zero),
             tf.where(finite, mean_sqr_norm, zero),
+            tf.constant(float(self.samples_per_update), dtype),
             tf.constant(float(self.scale), dtype),
             tf.constant(self.smoothing, dtype),
             *current[:3],
@@ -517,3 +533,8 @@ def _checked_momentum(momentum):
     ):
         raise ValueError(f"Argument `momentum` must be a float in [0, 1]. Received: momentum={momentum!r}")
     return float(momentum)
+
+
+def _plain_number(value):
+    """An int stays an int (S = 8 reads as 8), any other real becomes a float."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -16,6 +16,10 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS,
 )
 
+import keras  # noqa: E402  (after the devices are set)
+
+from reference import AdaScaleReference  # noqa: E402
+
 
 class LeastSquares:
     """y = X w* + c* + noise; loss = mean((X w + c - y)^2) per batch, as keras 'mse'."""
@@ -37,8 +41,6 @@ class LeastSquares:
         return np.concatenate([scale * x.T @ residual, [scale * residual.sum()]])
 
     def model(self):
-        import keras
-
         model = keras.Sequential([keras.Input((self.dim,)), keras.layers.Dense(1)])
         model.set_weights([self.initial[:-1].reshape(-1, 1), self.initial[-1:]])
         return model
@@ -55,6 +57,56 @@ def mse_replica_step(model, optimizer, global_batch_size):
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     return replica_fn
+
+
+BATCH = 8  # examples per gradient sample (per replica, per micro-batch) in the reference drivers
+
+
+def reference_history(problem, samples, updates, reference=None, first=0, scale=None, **kwargs):
+    """The reference over `updates` updates of `samples` gradient samples each.
+
+    Sample i of update u is the i-th batch of BATCH rows from row (first + u) * samples * BATCH.
+    `scale` (S) defaults to `samples` (N).
+
+    Returns:
+        `(reference, [(params, gain, tau) after each update])`.
+    """
+    reference = reference or AdaScaleReference(
+        problem.initial, scale=samples if scale is None else scale, **kwargs
+    )
+    history = []
+    for update in range(first, first + updates):
+        base = update * samples * BATCH
+        reference.step(
+            [problem.gradient(reference.params, base + i * BATCH, base + (i + 1) * BATCH) for i in range(samples)]
+        )
+        history.append((reference.params.copy(), reference.gain, reference.tau))
+    return reference, history
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records (weights, gain, tau) after every `every`-th batch: after each update."""
+
+    def __init__(self, every=1):
+        super().__init__()
+        self.every = every
+        self.history = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every:
+            return
+        optimizer = self.model.optimizer
+        self.history.append(
+            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
+        )
+
+
+def assert_same_history(actual, expected):
+    assert len(actual) == len(expected)
+    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
+        np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
+        assert gain == pytest.approx(ref_gain, rel=1e-5)
+        assert tau == pytest.approx(ref_tau, rel=1e-5)
 
 
 def flat_weights(model):

@@ -20,17 +20,23 @@ def piecewise_constant(boundaries, values):
     return learning_rate
 
 
-def gain_statistics(samples):
-    """Returns (sigma2, mu2) of a list of S flat gradient samples, clipped at 0."""
+def gain_statistics(samples, scale=None):
+    """Returns (sigma2, mu2) of a list of N flat gradient samples, clipped at 0.
+
+    sigma2 is the variance of one baseline-batch gradient: each of the N
+    samples holds scale / N baseline batches (scale defaults to N).
+    """
     samples = np.asarray(samples, dtype=np.float64)
     count = samples.shape[0]
+    scale = count if scale is None else scale
     mean = samples.mean(axis=0)
     mean_sqr = float(mean @ mean)
     if count == 1:
         return 0.0, mean_sqr
-    sample_sqr = float(np.sum(samples * samples))
-    sigma2 = (sample_sqr - count * mean_sqr) / (count - 1)
-    mu2 = mean_sqr - sigma2 / count
+    deviations = samples - mean
+    sample_var = float(np.sum(deviations * deviations)) / (count - 1)
+    sigma2 = sample_var * scale / count
+    mu2 = mean_sqr - sample_var / count
     return max(sigma2, 0.0), max(mu2, 0.0)
 
 
@@ -39,7 +45,8 @@ class AdaScaleReference:
 
     Args:
         learning_rate: float or function of the integer floor(tau).
-        scale: S.
+        scale: S, examples per update over the baseline batch; each step may
+            get any number N of samples (N = S in the paper).
         smoothing: theta; None for max(1 - S/1000, 0).
         momentum, nesterov, weight_decay: as keras.optimizers.SGD.
     """
@@ -63,10 +70,9 @@ class AdaScaleReference:
         self.gain = 1.0
 
     def step(self, samples):
-        """One update from S flat gradient samples; returns the new parameters."""
-        assert len(samples) == self.scale
+        """One update from N flat gradient samples; returns the new parameters."""
         theta = self.smoothing
-        sigma2, mu2 = gain_statistics(samples)
+        sigma2, mu2 = gain_statistics(samples, self.scale)
         self.updates += 1
         self.variance_ema = theta * self.variance_ema + (1 - theta) * sigma2
         self.sqr_norm_ema = theta * self.sqr_norm_ema + (1 - theta) * mu2

@@ -6,44 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import flat_weights, mirrored, mse_replica_step
-from reference import AdaScaleReference
-
-BATCH = 8  # examples per sample (per replica, per micro-batch)
-
-
-def reference_history(problem, scale, updates, reference=None, first=0, **kwargs):
-    """Sample i of update u is the i-th batch of BATCH rows from row (first + u) * scale * BATCH."""
-    reference = reference or AdaScaleReference(problem.initial, scale=scale, **kwargs)
-    history = []
-    for update in range(first, first + updates):
-        base = update * scale * BATCH
-        reference.step(
-            [problem.gradient(reference.params, base + i * BATCH, base + (i + 1) * BATCH) for i in range(scale)]
-        )
-        history.append((reference.params.copy(), reference.gain, reference.tau))
-    return reference, history
-
-
-class Recorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.history = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        optimizer = self.model.optimizer
-        self.history.append(
-            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
-        )
-
-
-def assert_same_history(actual, expected):
-    assert len(actual) == len(expected)
-    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
-        np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
-        assert gain == pytest.approx(ref_gain, rel=1e-5)
-        assert tau == pytest.approx(ref_tau, rel=1e-5)
-
+from conftest import BATCH, Recorder, assert_same_history, flat_weights, mirrored, mse_replica_step, reference_history
 
 def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
     strategy = mirrored(replicas)
@@ -68,16 +31,23 @@ def test_mirrored_fit_matches_reference_update_by_update(least_squares):
     assert 1.0 < expected[-1][1] < 4.0
 
 
-def test_mirrored_custom_loop_matches_reference(least_squares):
-    replicas, updates = 4, 4
-    _, expected = reference_history(least_squares, replicas, updates, learning_rate=0.05, nesterov=True,
-                                    momentum=0.5)
+def test_mirrored_fit_with_scale_above_the_replicas_matches_reference(least_squares):
+    # Each replica's batch holds two baseline batches: N = 4 samples, S = 8.
+    _, expected = reference_history(least_squares, 4, 5, scale=8, learning_rate=0.05, momentum=0.9)
+    model, actual = fit_mirrored(least_squares, 4, 5, learning_rate=0.05, momentum=0.9, scale=8)
+    assert model.optimizer.scale == 8 and model.optimizer.samples_per_update == 4
+    assert_same_history(actual, expected)
+    _, same_scale = reference_history(least_squares, 4, 1, learning_rate=0.05, momentum=0.9)
+    assert expected[0][1] > 1.2 * same_scale[0][1]  # S, not N, sets the gain
+
+
+def mirrored_custom_loop(problem, replicas, updates, **kwargs):
     strategy = mirrored(replicas)
     with strategy.scope():
-        model = least_squares.model()
-        optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.5, nesterov=True)
+        model = problem.model()
+        optimizer = keras_adascale.AdaScaleSGD(**kwargs)
         optimizer.build(model.trainable_variables)
-    x, y = tf.constant(least_squares.x), tf.constant(least_squares.y)
+    x, y = tf.constant(problem.x), tf.constant(problem.y)
 
     @tf.function
     def train_step(update):
@@ -96,7 +66,19 @@ def test_mirrored_custom_loop_matches_reference(least_squares):
     for update in range(updates):
         train_step(tf.constant(update))
         actual.append((flat_weights(model), float(optimizer.gain), float(optimizer.scale_invariant_iterations)))
-    assert_same_history(actual, expected)
+    return actual
+
+
+def test_mirrored_custom_loop_matches_reference(least_squares):
+    options = {"learning_rate": 0.05, "momentum": 0.5, "nesterov": True}
+    _, expected = reference_history(least_squares, 4, 4, **options)
+    assert_same_history(mirrored_custom_loop(least_squares, 4, 4, **options), expected)
+
+
+def test_mirrored_custom_loop_with_scale_above_the_replicas_matches_reference(least_squares):
+    options = {"learning_rate": 0.05, "momentum": 0.9}
+    _, expected = reference_history(least_squares, 4, 4, scale=8, **options)
+    assert_same_history(mirrored_custom_loop(least_squares, 4, 4, scale=8, **options), expected)
 
 
 def test_four_replicas_match_four_accumulation_steps_on_one_device(least_squares):
@@ -138,16 +120,19 @@ def test_elastic_resume_keeps_tau_and_averages_and_uses_the_new_scale(least_squa
     assert_same_history(actual, expected)
 
 
-def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_squares):
+@pytest.mark.parametrize("scale", [None, 12])
+def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_squares, scale):
     # Keras's own gradient accumulation fails here (merge_call inside a cond,
     # keras-team/keras#20582); AdaScaleSGD accumulates per replica instead.
     replicas, steps, updates = 2, 2, 4
-    _, expected = reference_history(least_squares, replicas * steps, updates, learning_rate=0.05, momentum=0.9)
+    _, expected = reference_history(least_squares, replicas * steps, updates, scale=scale, learning_rate=0.05,
+                                    momentum=0.9)
     strategy = mirrored(replicas)
     with strategy.scope():
         model = least_squares.model()
         model.compile(
-            optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps),
+            optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps,
+                                                 scale=scale),
             loss="mse",
         )
     count = updates * replicas * steps * BATCH
@@ -158,7 +143,7 @@ def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_square
     )
     recorder = Recorder()
     model.fit(dataset, callbacks=[recorder], verbose=0)
-    assert model.optimizer.scale == 4
+    assert model.optimizer.scale == (scale or 4) and model.optimizer.samples_per_update == 4
     assert_same_history(recorder.history[steps - 1 :: steps], expected)
 
 

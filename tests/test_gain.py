@@ -19,6 +19,7 @@ def run_update_gain(samples_sequence, scale, smoothing):
         *state, value = gain.update_gain(
             tf.constant(np.sum(samples**2), tf.float32),
             tf.constant(mean @ mean, tf.float32),
+            tf.constant(float(len(samples))),
             tf.constant(float(scale)),
             tf.constant(smoothing, tf.float32),
             *state,
@@ -31,7 +32,7 @@ def numpy_gains(samples_sequence, scale, smoothing):
     variance_ema = sqr_norm_ema = 0.0
     gains = []
     for t, samples in enumerate(samples_sequence, start=1):
-        sigma2, mu2 = gain_statistics(samples)
+        sigma2, mu2 = gain_statistics(samples, scale)
         variance_ema = smoothing * variance_ema + (1 - smoothing) * sigma2
         sqr_norm_ema = smoothing * sqr_norm_ema + (1 - smoothing) * mu2
         v, m = variance_ema / (1 - smoothing**t), sqr_norm_ema / (1 - smoothing**t)
@@ -69,10 +70,29 @@ def test_gain_is_one_for_zero_gradients_and_for_scale_one():
 
 
 def test_gradient_moments_are_clipped_at_zero():
-    variance, sqr_norm = gain.gradient_moments(tf.constant(1.0), tf.constant(2.0), tf.constant(4.0))
+    four = tf.constant(4.0)
+    variance, sqr_norm = gain.gradient_moments(tf.constant(1.0), tf.constant(2.0), four, four)
     assert float(variance) == 0.0 and float(sqr_norm) > 0.0
-    variance, sqr_norm = gain.gradient_moments(tf.constant(100.0), tf.constant(0.0), tf.constant(4.0))
+    variance, sqr_norm = gain.gradient_moments(tf.constant(100.0), tf.constant(0.0), four, four)
     assert float(variance) == pytest.approx(100.0 / 3) and float(sqr_norm) == 0.0
+
+
+@pytest.mark.parametrize("samples, scale", [(4, 8), (4, 6.5), (8, 2), (2, 16), (3, 1.5)])
+def test_update_gain_matches_numpy_when_scale_differs_from_samples(samples, scale):
+    rng = np.random.RandomState(samples)
+    sequence = [rng.randn(samples, 7) * rng.uniform(0.1, 3) + rng.randn(7) for _ in range(12)]
+    gains = run_update_gain(sequence, scale, 0.5)
+    np.testing.assert_allclose(gains, numpy_gains(sequence, scale, 0.5), rtol=1e-5)
+    assert all(1.0 <= g <= scale * (1 + 1e-6) for g in gains)
+
+
+def test_baseline_batch_variance_is_the_sample_variance_times_batches_per_sample():
+    # Two samples, each two baseline batches (S = 4, N = 2): sample variance 2 -> sigma2 4.
+    variance, sqr_norm = gain.gradient_moments(
+        tf.constant(1.0**2 + 3.0**2, tf.float64), tf.constant(2.0**2, tf.float64),
+        tf.constant(2.0, tf.float64), tf.constant(4.0, tf.float64),
+    )
+    assert float(variance) == pytest.approx(4.0) and float(sqr_norm) == pytest.approx(4.0 - 2.0 / 2)
 
 
 @settings(max_examples=40, deadline=None)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import flat_weights
+from conftest import LeastSquares, Recorder, assert_same_history, flat_weights, reference_history
 from reference import AdaScaleReference, piecewise_constant
 
 SCALE = 4
@@ -146,18 +146,47 @@ def test_scale_one_warns_and_behaves_as_sgd(least_squares):
     assert float(optimizer.scale_invariant_iterations) == 4.0
 
 
-def test_scale_that_disagrees_with_samples_is_rejected(least_squares):
+@pytest.mark.parametrize("samples, scale", [(4, 8), (4, 6.5), (8, 2), (2, 16)])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_accumulation_with_scale_apart_from_samples_matches_reference(samples, scale, momentum):
+    problem, updates = LeastSquares(num_examples=4 * 8 * BATCH, seed=samples), 4
+    _, expected = reference_history(problem, samples, updates, scale=scale, learning_rate=0.02, momentum=momentum)
+    model = problem.model()
+    optimizer = keras_adascale.AdaScaleSGD(
+        0.02, momentum=momentum, scale=scale, gradient_accumulation_steps=samples
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    recorder = Recorder(every=samples)
+    count = updates * samples * BATCH
+    model.fit(problem.x[:count], problem.y[:count], batch_size=BATCH, shuffle=False, callbacks=[recorder],
+              verbose=0)
+    assert optimizer.scale == scale and optimizer.samples_per_update == samples
+    assert_same_history(recorder.history, expected)
+    assert all(1.0 <= gain <= scale for _, gain, _ in expected)
+
+
+def test_scale_above_one_with_a_single_sample_is_refused(least_squares):
     model = least_squares.model()
-    model.compile(optimizer=keras_adascale.AdaScaleSGD(scale=8, gradient_accumulation_steps=4), loss="mse")
-    with pytest.raises(ValueError, match="`scale` is 8"):
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(scale=4), loss="mse")
+    with pytest.raises(ValueError, match="`scale` is 4.*gradient_accumulation_steps >= 2"):
         model.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, verbose=0)
+
+
+def test_scale_may_be_a_float_and_keeps_its_type():
+    assert keras_adascale.AdaScaleSGD(scale=6.5, gradient_accumulation_steps=4).scale == 6.5
+    assert isinstance(keras_adascale.AdaScaleSGD(scale=8).scale, int)
+    assert keras_adascale.AdaScaleSGD(gradient_accumulation_steps=4).samples_per_update == 4
 
 
 @pytest.mark.parametrize(
     "kwargs, name",
     [
         ({"scale": 0}, "scale"),
-        ({"scale": 2.5}, "scale"),
+        ({"scale": 0.5}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"scale": float("inf")}, "scale"),
+        ({"scale": "8"}, "scale"),
+        ({"scale": True}, "scale"),
         ({"smoothing": 1.0}, "smoothing"),
         ({"smoothing": -0.1}, "smoothing"),
         ({"momentum": 1.5}, "momentum"),

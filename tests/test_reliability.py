@@ -152,6 +152,7 @@ def test_statistics_match_numpy_from_1e_minus_30_to_1e30(scale, dim, exponent, n
         distribute.sqr_norm_sum([tf.constant(sample_list)]),
         distribute.sqr_norm_sum([tf.constant(mean)]),
         tf.constant(float(scale), tf.float64),
+        tf.constant(float(scale), tf.float64),
     )
     expected_variance, expected_sqr_norm = gain_statistics(sample_list)
     # Sums of squares carry float32 rounding (~1e-7 of the samples' total), which the

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import flat_weights
+from conftest import BATCH, Recorder, assert_same_history, flat_weights, reference_history
 
-BATCH, SCALE = 8, 4
+SCALE = 4
 
 
 def new_optimizer():
@@ -88,3 +88,59 @@ def test_checkpoint_resume_continues_exact_trajectory(least_squares, uninterrupt
     weights, final_state = uninterrupted
     np.testing.assert_array_equal(flat_weights(resumed), weights)
     assert state(resumed.optimizer) == final_state
+
+
+def test_get_config_round_trip_keeps_a_float_scale():
+    optimizer = keras_adascale.AdaScaleSGD(0.1, scale=6.5, gradient_accumulation_steps=4)
+    config = optimizer.get_config()
+    restored = keras_adascale.AdaScaleSGD.from_config(config)
+    assert config["scale"] == 6.5 and restored.scale == 6.5 and restored.get_config() == config
+
+
+def fit_accumulated(model, problem, samples, first_row, updates):
+    stop = first_row + updates * samples * BATCH
+    recorder = Recorder(every=samples)
+    model.fit(problem.x[first_row:stop], problem.y[first_row:stop], batch_size=BATCH, shuffle=False,
+              callbacks=[recorder], verbose=0)
+    return recorder.history
+
+
+def test_keras_file_resume_with_scale_apart_from_samples_is_exact(least_squares, tmp_path):
+    def fresh():
+        model = least_squares.model()
+        model.compile(optimizer=keras_adascale.AdaScaleSGD(
+            0.03, momentum=0.9, scale=6.5, smoothing=0.8, gradient_accumulation_steps=SCALE), loss="mse")
+        return model
+
+    uninterrupted = fresh()
+    fit_accumulated(uninterrupted, least_squares, SCALE, 0, 5)
+    model = fresh()
+    fit_accumulated(model, least_squares, SCALE, 0, 2)
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert restored.optimizer.scale == 6.5
+    fit_accumulated(restored, least_squares, SCALE, 2 * SCALE * BATCH, 3)
+    np.testing.assert_array_equal(flat_weights(restored), flat_weights(uninterrupted))
+    assert state(restored.optimizer) == state(uninterrupted.optimizer)
+
+
+def test_checkpoint_resume_at_another_scale_and_sample_count_matches_reference(least_squares, tmp_path):
+    options = {"learning_rate": 0.03, "momentum": 0.9, "smoothing": 0.8}
+    model = least_squares.model()
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(scale=8, gradient_accumulation_steps=4, **options),
+                  loss="mse")
+    fit_accumulated(model, least_squares, 4, 0, 2)
+    prefix = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(str(tmp_path / "ckpt"))
+
+    # Resumed with N = 2 samples and S = 3: tau and the averages (in baseline batches) carry over.
+    resumed = least_squares.model()
+    resumed.compile(optimizer=keras_adascale.AdaScaleSGD(scale=3, gradient_accumulation_steps=2, **options),
+                    loss="mse")
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(prefix).assert_consumed()
+    actual = fit_accumulated(resumed, least_squares, 2, 2 * 4 * BATCH, 3)
+
+    reference, _ = reference_history(least_squares, 4, 2, scale=8, **options)
+    reference.scale = 3
+    _, expected = reference_history(least_squares, 2, 3, reference=reference, first=2 * 4 // 2)
+    assert_same_history(actual, expected)
