@@ -33,16 +33,18 @@ def test_runs_override_the_top_level_keys_deeply():
         ({"optimizer": {"scal": 2}}, "unknown config key 'optimizer.scal'; did you mean 'scale'"),
         ({"optimizer": {"name": "adam"}}, "'optimizer.name' must be one of adascale, sgd, lsr, lsr_warmup"),
         ({"optimizer": {"scale": 0}}, "'optimizer.scale' must be >= 1"),
-        ({"optimizer": {"scale": 2.5}}, "'optimizer.scale' must be an integer"),
-        ({"optimizer": {"scale": True}}, "'optimizer.scale' must be an integer"),
+        ({"optimizer": {"scale": 2.5}}, "N = 2.5 gradient samples of dataset.batch_size=32; N must be a whole"),
+        ({"optimizer": {"scale": True}}, "'optimizer.scale' must be a number"),
+        ({"optimizer": {"scale": "8"}}, "'optimizer.scale' must be a number"),
+        ({"optimizer": {"baseline_batch_size": 0}}, "'optimizer.baseline_batch_size' must be >= 1"),
         ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum must be in \\[0, 1\\)"),
         ({"optimizer": {"smoothing": 1.0}}, "optimizer.smoothing must be in \\[0, 1\\)"),
         ({"dataset": {"batch_size": None}}, "'dataset.batch_size' must not be null"),
         ({"dataset": 3}, "config section 'dataset' must be a mapping"),
         ({"strategy": {"name": "mirrored", "devices": 4}, "optimizer": {"scale": 6}},
-         "optimizer.scale=6 must be a multiple of strategy.devices=4"),
+         "optimizer.scale=6 .* N = 6 gradient samples .* whole multiple of the 4 replicas"),
         ({"strategy": {"name": "mirrored", "devices": 3}, "optimizer": {"name": "lsr", "scale": 2},
-          "dataset": {"batch_size": 16}}, "global batch .* = 32 must split evenly over strategy.devices=3"),
+          "dataset": {"batch_size": 16}}, "global batch .* = 32 must be a whole number that splits evenly over 3 replicas"),
         ({"schedule": {"decay_at": [0.75, 0.5]}}, "schedule.decay_at must be increasing fractions"),
         ({"schedule": {"decay_at": [1.5]}}, "schedule.decay_at must be increasing fractions"),
         ({"model": {"name": "mlp", "hidden_units": []}}, "model.hidden_units must be a non-empty list"),
@@ -99,3 +101,23 @@ def test_describe_lists_every_key_with_its_default():
     assert "optimizer.scale = 1:" in text
     assert "strategy.name = \"default\"" in text and "one of: default, mirrored, multi_worker, tpu" in text
     assert "dataset.batch_size = 32:" in text
+
+
+def test_a_float_scale_with_a_baseline_batch_round_trips_and_sets_the_samples(tmp_path):
+    # Recipe tuned at B0 = 16; samples of 8 examples; S = 2.5 -> 40 examples = N = 5 samples.
+    raw = {"optimizer": {"scale": 2.5, "baseline_batch_size": 16}, "dataset": {"batch_size": 8}}
+    (run,) = config.resolve(raw, "x")
+    assert run["optimizer"]["scale"] == 2.5
+    assert json.loads(json.dumps(run)) == run  # config.json keeps the float S as it is
+    (tmp_path / "x.yaml").write_text("optimizer: {scale: 2.5, baseline_batch_size: 16}\ndataset: {batch_size: 8}\n")
+    assert config.load(tmp_path / "x.yaml") == [run]
+    assert config.batches_per_update(run, replicas=1) == (8, 5)
+    lsr = config.resolve({**raw, "optimizer": {**raw["optimizer"], "name": "lsr"}}, "x")[0]
+    assert config.batches_per_update(lsr, replicas=1) == (40, 1)  # one global batch of S x B0
+
+
+def test_a_bigger_sample_batch_than_the_baseline_lowers_the_samples_per_update():
+    raw = {"optimizer": {"scale": 8, "baseline_batch_size": 32}, "dataset": {"batch_size": 64},
+           "strategy": {"name": "mirrored", "devices": 4}}
+    (run,) = config.resolve(raw, "x")
+    assert config.batches_per_update(run, replicas=4) == (256, 1)  # N = 4 = 8 x 32 / 64

@@ -23,6 +23,8 @@ TINY = {
         {"name": "baseline", "optimizer": {"name": "sgd", "scale": 1}, "strategy": {"name": "default"}},
         {"name": "adascale"},
         {"name": "lsr", "optimizer": {"name": "lsr"}},
+        # S = 4 baseline batches of 8 from N = 2 samples of 16 (one per replica).
+        {"name": "adascale_b0", "optimizer": {"scale": 4, "baseline_batch_size": 8}},
     ],
 }
 
@@ -47,8 +49,9 @@ def finished(tfds_data_dir, tmp_path_factory):
 
 def test_each_run_leaves_a_complete_folder(finished):
     experiment, _ = finished
-    assert sorted(path.name for path in experiment.iterdir()) == ["adascale", "baseline", "comparison.png", "lsr"]
-    for run in ("adascale", "baseline", "lsr"):
+    assert sorted(path.name for path in experiment.iterdir()) == [
+        "adascale", "adascale_b0", "baseline", "comparison.png", "lsr"]
+    for run in ("adascale", "adascale_b0", "baseline", "lsr"):
         files = {path.name for path in (experiment / run).iterdir()}
         assert files == {"config.json", "metrics.jsonl", "evaluations.jsonl", "final.json", "model.keras",
                          "curves.png", "gain_lr.png"}
@@ -159,3 +162,13 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data
     rows = [read_jsonl(tmp_path / name / "resume" / "adascale" / "metrics.jsonl") for name in ("straight", "killed")]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]  # no update logged twice
     assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)
+
+
+def test_a_baseline_batch_sets_scale_apart_from_samples(finished):
+    experiment, stdout = finished
+    final = json.loads((experiment / "adascale_b0" / "final.json").read_text())
+    assert (final["scale"], final["samples"], final["batch_size"], final["baseline_batch_size"]) == (4, 2, 16, 8)
+    assert "S = 4 baseline batches of 8 per update: N = 2 gradient samples of 16 examples" in stdout
+    gains = [row["gain"] for row in read_jsonl(experiment / "adascale_b0" / "metrics.jsonl")]
+    assert all(1.0 <= gain <= 4.0 for gain in gains) and max(gains) > 2.0  # only S = 4, not N = 2, allows it
+    assert 10 <= final["updates"] <= 40  # T_SI = 40 at a gain in [1, 4]

@@ -28,10 +28,22 @@ def test_every_run_of_a_saved_config_builds(path):
         assert built[key] > 0
         replicas = run["strategy"]["devices"] if run["strategy"]["name"] == "mirrored" else 1
         steps = training.plan(run, replicas)
+        scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
+        baseline = run["optimizer"]["baseline_batch_size"] or batch
         if run["optimizer"]["name"] == "adascale":
             assert isinstance(steps["optimizer"], AdaScaleSGD)
-            assert replicas * steps["accumulation"] == run["optimizer"]["scale"]
-            assert steps["min_updates"] * run["optimizer"]["scale"] >= run["total_steps"]
+            # S x B0 examples per update, from N = replicas x accumulation samples of B.
+            assert replicas * steps["accumulation"] * batch == scale * baseline
+            # S is left to default (N) where they agree, so the saved model resumes at any N.
+            assert (steps["optimizer"].get_config()["scale"] or replicas * steps["accumulation"]) == scale
+            assert steps["min_updates"] * scale >= run["total_steps"]
         else:
             assert isinstance(steps["optimizer"], keras.optimizers.SGD)
-            assert steps["batch_size"] == run["optimizer"]["scale"] * run["dataset"]["batch_size"]
+            assert steps["batch_size"] == scale * baseline
+
+
+def test_the_large_replica_batch_config_has_scale_apart_from_samples():
+    (adascale,) = [run for run in config.load(CONFIGS[0].parent / "mnist_large_replica_batch.yaml")
+                   if run["run"] == "adascale"]
+    steps = training.plan(adascale, 4)
+    assert (steps["optimizer"].scale, steps["accumulation"], steps["batch_size"]) == (8, 1, 256)

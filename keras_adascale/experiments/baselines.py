@@ -19,7 +19,7 @@ class LinearScalingSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     Args:
         schedule: float or `LearningRateSchedule`, the single-batch rate.
-        scale: int >= 1, S.
+        scale: number >= 1, S.
         warmup_steps: int >= 0, W, in updates. Defaults to `0` (no warm-up).
         name: optional string.
 
@@ -29,8 +29,8 @@ class LinearScalingSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, schedule, scale, warmup_steps=0, name=None):
-        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"Argument `scale` must be an int >= 1. Received: scale={scale}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale < float("inf"):
+            raise ValueError(f"Argument `scale` must be a finite number >= 1. Received: scale={scale!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Argument `warmup_steps` must be an int >= 0. Received: warmup_steps={warmup_steps}")
         self.schedule = schedule

@@ -14,7 +14,11 @@ MODELS = ("mlp", "small_cnn", "resnet20", "resnet18", "resnet50")
 SCHEDULES = ("constant", "piecewise_constant", "cosine")
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+NUMBER = (int, float)
+_KIND_NAMES = {
+    int: "an integer", float: "a number", NUMBER: "a number", bool: "true or false", str: "a string",
+    list: "a list",
+}
 
 
 class ConfigError(ValueError):
@@ -78,7 +82,11 @@ SCHEMA = {
         name=Key("adascale", "adascale | sgd (single-batch schedule, T updates of S*B examples) | "
                  "lsr (linear scaling rule: lr x S, T/S updates) | lsr_warmup (lsr with gradual warm-up)",
                  str, choices=OPTIMIZERS),
-        scale=Key(1, "S: gradient samples per update = replicas x accumulation steps", int, minimum=1),
+        scale=Key(1, "S: examples per update / baseline_batch_size (int or float); the gradient samples "
+                  "per update are N = S x baseline_batch_size / dataset.batch_size = replicas x accumulation "
+                  "steps", NUMBER, minimum=1),
+        baseline_batch_size=Key(None, "B0: the batch the single-batch (S = 1) recipe was tuned for; "
+                                "default dataset.batch_size (S = N)", int, minimum=1, nullable=True),
         momentum=Key(0.9, "SGD momentum", float, minimum=0.0),
         nesterov=Key(False, "Nesterov momentum", bool),
         weight_decay=Key(None, "decoupled weight decay (Keras semantics)", float, minimum=0.0, nullable=True),
@@ -138,7 +146,7 @@ def _check_value(path, key, value):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is not object and (not isinstance(value, expected) or (
-            expected is int and isinstance(value, bool))):
+            expected in (int, NUMBER) and isinstance(value, bool))):
         raise ConfigError(f"config key '{path}' must be {_KIND_NAMES[expected]}; got {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"config key '{path}' must be one of {', '.join(key.choices)}; got {value!r}")
@@ -167,19 +175,9 @@ def _merge(base, update, schema, prefix=""):
 def _check_run(run, label):
     """Cross-key rules of one resolved run."""
     optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
-    scale = optimizer["scale"]
-    replicas = strategy["devices"] if strategy["name"] == "mirrored" else None
-    if replicas is not None and optimizer["name"] == "adascale" and scale % replicas:
-        raise ConfigError(
-            f"{label}: optimizer.scale={scale} must be a multiple of strategy.devices={replicas} "
-            "(S = replicas x accumulation steps)"
-        )
-    if replicas is not None and optimizer["name"] != "adascale" and (
-            scale * run["dataset"]["batch_size"]) % replicas:
-        raise ConfigError(
-            f"{label}: the global batch optimizer.scale x dataset.batch_size = "
-            f"{scale * run['dataset']['batch_size']} must split evenly over strategy.devices={replicas}"
-        )
+    # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
+    # them there); a whole number of samples is needed everywhere.
+    batches_per_update(run, strategy["devices"] if strategy["name"] == "mirrored" else 1, label)
     if optimizer["smoothing"] is not None and not optimizer["smoothing"] < 1:
         raise ConfigError(f"{label}: optimizer.smoothing must be in [0, 1); got {optimizer['smoothing']}")
     if not optimizer["warmup_fraction"] <= 1:
@@ -192,6 +190,50 @@ def _check_run(run, label):
     units = run["model"]["hidden_units"]
     if not units or not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units):
         raise ConfigError(f"{label}: model.hidden_units must be a non-empty list of positive ints; got {units}")
+
+
+def baseline_batch_size(run):
+    """B0: the batch of the single-batch recipe (`optimizer.baseline_batch_size`, else the sample batch)."""
+    return run["optimizer"]["baseline_batch_size"] or run["dataset"]["batch_size"]
+
+
+def batches_per_update(run, replicas, label=None):
+    """How a run's update is made of batches on `replicas` replicas.
+
+    AdaScale takes N = S x B0 / B gradient samples of B examples per update,
+    N / replicas of them accumulated on each replica; the other optimizers
+    take one global batch of S x B0 examples per update.
+
+    Args:
+        run: a resolved run.
+        replicas: `num_replicas_in_sync` of its strategy.
+        label: the run's name in error messages (default: the run's own).
+
+    Returns:
+        `(global_batch, accumulation)`: examples per `model.fit` step and steps per update.
+
+    Raises:
+        ConfigError: if S x B0 is not a whole number of samples that splits over the replicas.
+    """
+    label = label or f"run '{run['run']}'"
+    scale, batch, baseline = run["optimizer"]["scale"], run["dataset"]["batch_size"], baseline_batch_size(run)
+    examples = scale * baseline
+    if run["optimizer"]["name"] != "adascale":
+        if examples != round(examples) or round(examples) % replicas:
+            raise ConfigError(
+                f"{label}: the global batch optimizer.scale x baseline batch = {scale} x {baseline} = "
+                f"{examples:g} must be a whole number that splits evenly over {replicas} replicas"
+            )
+        return round(examples), 1
+    samples = examples / batch
+    if samples != round(samples) or round(samples) % replicas:
+        raise ConfigError(
+            f"{label}: optimizer.scale={scale} with baseline batch {baseline} means {examples:g} examples "
+            f"per update, i.e. N = {samples:g} gradient samples of dataset.batch_size={batch}; N must be a "
+            f"whole multiple of the {replicas} replicas (N = replicas x accumulation steps, "
+            f"S = N x {batch} / {baseline})"
+        )
+    return replicas * batch, round(samples) // replicas
 
 
 def resolve(raw, name):

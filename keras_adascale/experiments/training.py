@@ -8,6 +8,7 @@ import time
 import keras
 import tensorflow as tf
 
+from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots
 from keras_adascale.experiments.baselines import LinearScalingSchedule
 from keras_adascale.experiments.config import ConfigError
@@ -118,7 +119,8 @@ def plan(run, replicas):
         updates the run can take: AdaScale's gain lies in [1, S]).
     """
     config, total_steps = run["optimizer"], run["total_steps"]
-    scale, batch = config["scale"], run["dataset"]["batch_size"]
+    scale = config["scale"]
+    batch_size, accumulation = config_lib.batches_per_update(run, replicas)
     single_batch = build_schedule(run)
     common = {
         "momentum": config["momentum"],
@@ -126,19 +128,17 @@ def plan(run, replicas):
         "weight_decay": config["weight_decay"],
     }
     if config["name"] == "adascale":
-        if scale % replicas:
-            raise ConfigError(f"optimizer.scale={scale} must be a multiple of the {replicas} replicas")
-        accumulation = scale // replicas
-        # scale is left to default (replicas x accumulation, checked above), so that the
-        # saved model loads at any other scale (elastic resume).
+        # Where S = N the scale is left to default, so that the saved model loads at
+        # any other N (elastic resume).
         optimizer = AdaScaleSGD(
             ScaleInvariantSchedule(single_batch, total_steps=total_steps),
+            scale=None if scale == replicas * accumulation else scale,
             smoothing=config["smoothing"],
             gradient_accumulation_steps=accumulation if accumulation > 1 else None,
             **common,
         )
         return {
-            "optimizer": optimizer, "schedule": None, "batch_size": replicas * batch,
+            "optimizer": optimizer, "schedule": None, "batch_size": batch_size,
             "accumulation": accumulation, "tau_per_update": None,
             "min_updates": math.ceil(total_steps / scale), "max_updates": total_steps,
         }
@@ -150,10 +150,21 @@ def plan(run, replicas):
         schedule, tau_per_update = LinearScalingSchedule(single_batch, scale, warmup_steps=warmup), scale
     optimizer = keras.optimizers.SGD(schedule, **common)
     return {
-        "optimizer": optimizer, "schedule": schedule, "batch_size": scale * batch, "accumulation": 1,
+        "optimizer": optimizer, "schedule": schedule, "batch_size": batch_size, "accumulation": 1,
         "tau_per_update": tau_per_update, "min_updates": math.ceil(total_steps / tau_per_update),
         "max_updates": math.ceil(total_steps / tau_per_update),
     }
+
+
+def _describe_update(run, replicas, steps):
+    """One line on what an update holds: S, N and the batches."""
+    scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
+    baseline = config_lib.baseline_batch_size(run)
+    if run["optimizer"]["name"] == "adascale":
+        samples = replicas * steps["accumulation"]
+        return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
+                f"of {batch} examples ({replicas} replicas x {steps['accumulation']} accumulation steps)")
+    return f"S = {scale:g}: one global batch of {steps['batch_size']} examples per update ({replicas} replicas)"
 
 
 def _worker_suffix(strategy):
@@ -258,6 +269,7 @@ def train(run, output_root, overwrite=False):
             metrics=["accuracy"],
             jit_compile=run["jit_compile"],
         )
+    print(f"  {_describe_update(run, replicas, steps)}", flush=True)
     test_data = data.test_dataset(run["dataset"], max(steps["batch_size"], 256))
     updates_per_epoch = max(1, math.ceil(steps["min_updates"] / run["evaluations"]))
     steps_per_epoch = updates_per_epoch * steps["accumulation"]
@@ -288,6 +300,9 @@ def train(run, output_root, overwrite=False):
         "run": run["run"],
         "optimizer": run["optimizer"]["name"],
         "scale": run["optimizer"]["scale"],
+        "samples": replicas * steps["accumulation"] if run["optimizer"]["name"] == "adascale" else 1,
+        "batch_size": run["dataset"]["batch_size"],
+        "baseline_batch_size": config_lib.baseline_batch_size(run),
         "replicas": replicas,
         "accumulation": steps["accumulation"],
         "updates": int(model.optimizer.iterations.numpy()),
