@@ -11,7 +11,10 @@ class AdaScaleCallback(keras.callbacks.Callback):
 
     Adds `gain`, `scale_invariant_iterations`, `effective_learning_rate`
     (the gain times the scheduled rate, as used by the last update) and
-    `skipped_updates` (updates skipped for NaN or Inf gradients) to the
+    `skipped_updates` (updates skipped for NaN or Inf gradients),
+    `gradient_noise_scale` (sigma^2 / mu^2 in baseline batches, see
+    `AdaScaleSGD.gradient_noise_scale`) and `scaling_efficiency` (gain / S:
+    the share of the S-fold batch that turns into progress) to the
     batch and epoch logs, so they appear in the progress bar, in `History` and,
     when `keras.callbacks.TensorBoard` comes after this callback in the list,
     in TensorBoard. Sets `model.stop_training` once tau reaches `total_steps`.
@@ -69,6 +72,8 @@ class AdaScaleCallback(keras.callbacks.Callback):
             logs["scale_invariant_iterations"] = tau
             logs["effective_learning_rate"] = float(optimizer.effective_learning_rate)
             logs["skipped_updates"] = int(optimizer.skipped_updates)
+            logs["gradient_noise_scale"] = float(optimizer.gradient_noise_scale)
+            logs["scaling_efficiency"] = float(optimizer.gain) / float(optimizer.scale)
         total_steps = self._resolved_total_steps(optimizer)
         if total_steps is not None and tau >= total_steps:
             self.model.stop_training = True

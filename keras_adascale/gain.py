@@ -73,6 +73,27 @@ def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
     return tf.clip_by_value(ratio, 1.0, scale)
 
 
+def noise_scale(gradient_variance, gradient_sqr_norm):
+    """The simple gradient noise scale `sigma2 / mu2` (McCandlish et al., 2018, B_simple).
+
+    In the units of sigma2's batch: baseline batches here. 0 where both are 0,
+    +inf where only mu2 is.
+
+    Args:
+        gradient_variance: sigma2 estimate (>= 0).
+        gradient_sqr_norm: mu2 estimate (>= 0), same dtype.
+
+    Returns:
+        A scalar of the same dtype.
+    """
+    infinite = tf.constant(float("inf"), gradient_variance.dtype)
+    return tf.where(
+        gradient_sqr_norm > 0.0,
+        tf.math.divide_no_nan(gradient_variance, gradient_sqr_norm),
+        tf.where(gradient_variance > 0.0, infinite, tf.zeros_like(gradient_variance)),
+    )
+
+
 @tf.function(jit_compile=True)
 def update_gain(
     sample_sqr_norm_sum,

@@ -247,6 +247,46 @@ class AdaScaleSGD(keras.optimizers.SGD):
         return self._corrected(self._sqr_norm_average)
 
     @property
+    def gradient_noise_scale(self):
+        """The simple gradient noise scale B_simple = sigma^2 / mu^2, in baseline batches.
+
+        sigma^2 is the variance of one baseline-batch gradient, tr(Sigma) / B0,
+        and mu^2 = |G|^2, both from the smoothed, bias-corrected averages, so
+        this is McCandlish et al.'s `B_simple = tr(Sigma) / |G|^2` divided by the
+        baseline batch B0: multiply by B0 for examples. Scaling pays while S
+        is below it or near it (the gain r = (b + 1) / (b / S + 1) for b this
+        value, i.e. a scaling efficiency r / S of 50% at S = b + 2). 0.0 before
+        any update; +inf when mu^2 = 0 < sigma^2. A float64 tensor (float32
+        under `TPUStrategy`).
+
+        References:
+            McCandlish, Kaplan, Amodei et al. "An Empirical Model of
+            Large-Batch Training", 2018, arXiv:1812.06162, Equation 2.8 (B_simple).
+        """
+        return gain_lib.noise_scale(self.gradient_variance, self.gradient_sqr_norm)
+
+    def predicted_gain(self, scale):
+        """The gain a run at scale `scale` would have with the current statistics.
+
+        `(sigma2 + mu2) / (sigma2 / scale + mu2)`, in [1, scale], from the
+        smoothed, bias-corrected averages: at the optimizer's own S it equals
+        `gain`. `predicted_gain(S') / S'` is the scaling efficiency at S'.
+
+        Args:
+            scale: number >= 1, or a float tensor of such (S').
+
+        Returns:
+            A tensor of the statistics' dtype, shaped like `scale`.
+        """
+        if not tf.is_tensor(scale) and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1.0 <= scale < float("inf")
+        ):
+            raise ValueError(f"Argument `scale` must be a finite number >= 1. Received: scale={scale!r}")
+        variance = self.gradient_variance
+        scale = tf.cast(scale, variance.dtype)
+        return gain_lib.gain_ratio(variance, self.gradient_sqr_norm, scale)
+
+    @property
     def skipped_updates(self):
         """How many updates were skipped for NaN or Inf gradients (int64 tensor)."""
         return tf.convert_to_tensor(self._skipped_updates.value)

@@ -60,3 +60,13 @@ def test_rejects_a_model_without_adascale(least_squares):
     model.compile(optimizer=keras.optimizers.SGD(), loss="mse")
     with pytest.raises(ValueError, match="AdaScaleSGD"):
         model.fit(least_squares.x, least_squares.y, callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+
+
+def test_logs_the_noise_scale_and_the_scaling_efficiency(least_squares):
+    model, optimizer = compiled(least_squares, scale=6)
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=2,
+                        callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+    variance, sqr_norm = float(optimizer.gradient_variance), float(optimizer.gradient_sqr_norm)
+    assert history.history["gradient_noise_scale"][-1] == pytest.approx(variance / sqr_norm, rel=1e-6)
+    assert history.history["scaling_efficiency"][-1] == pytest.approx(history.history["gain"][-1] / 6, rel=1e-6)
+    assert 1 / 6 <= history.history["scaling_efficiency"][-1] <= 1.0
