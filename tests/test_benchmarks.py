@@ -46,3 +46,18 @@ def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path
     assert 15 <= rows["adascale"]["updates_mean"] <= 30
     assert (tmp_path / "scale_study" / "scale_study.png").stat().st_size > 0
     assert (tmp_path / "scale_study" / "accuracy_vs_scale.png").stat().st_size > 0
+
+
+def test_advice_check_quick_compares_predicted_with_actual_updates(tfds_data_dir, tmp_path):
+    summary = run_benchmark(["advice_check.py", "--quick", "--scales", "2,4", "--from-scale", "2",
+                             "--set", "total_steps=30", "--set", f"dataset.data_dir={tfds_data_dir}",
+                             "--set", "dataset.train_split=train[:2%]", "--set", "dataset.test_split=test[:5%]",
+                             "--output-dir", str(tmp_path)], tmp_path)
+    rows = {row["scale"]: row for row in summary["results"]}
+    assert sorted(rows) == [2, 4]
+    own = rows[2]  # the predicting run replays its own count
+    assert abs(own["predicted_updates"] - own["actual_updates"]) <= max(1, 0.02 * own["actual_updates"])
+    for row in rows.values():
+        assert 30 / row["scale"] <= row["predicted_updates"] <= 30
+        assert row["error"] == row["predicted_updates"] / row["actual_updates"] - 1
+    assert (tmp_path / "advice_check" / "advice_check.png").stat().st_size > 0

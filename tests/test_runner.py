@@ -172,3 +172,62 @@ def test_a_baseline_batch_sets_scale_apart_from_samples(finished):
     gains = [row["gain"] for row in read_jsonl(experiment / "adascale_b0" / "metrics.jsonl")]
     assert all(1.0 <= gain <= 4.0 for gain in gains) and max(gains) > 2.0  # only S = 4, not N = 2, allows it
     assert 10 <= final["updates"] <= 40  # T_SI = 40 at a gain in [1, 4]
+
+
+def test_metrics_record_the_gradient_statistics(finished):
+    experiment, _ = finished
+    for row in read_jsonl(experiment / "adascale" / "metrics.jsonl"):
+        assert row["gradient_variance"] >= 0 and row["gradient_sqr_norm"] > 0
+        assert row["gradient_noise_scale"] == pytest.approx(row["gradient_variance"] / row["gradient_sqr_norm"])
+        s = 2.0  # the run's scale: the recorded gain is r(S) of the recorded averages
+        v, m = row["gradient_variance"], row["gradient_sqr_norm"]
+        assert row["gain"] == pytest.approx((v + m) / (v / s + m), rel=1e-5)
+
+
+def advise(run_dir, *options):
+    return subprocess.run([sys.executable, "-m", "keras_adascale", "advise", str(run_dir), *options],
+                          capture_output=True, text=True, timeout=120)
+
+
+def table_rows(stdout):
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["S", "updates"]) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[float(cells[0])] = {"updates": int(cells[1]), "examples": int(cells[2].replace(",", "")),
+                                 "efficiency": float(cells[3].rstrip("%")) / 100}
+    return rows
+
+
+@pytest.mark.parametrize("run", ["adascale", "adascale_b0"])
+def test_advise_reproduces_the_runs_own_update_count(finished, run):
+    experiment, _ = finished
+    result = advise(experiment / run, "--scales", "1,2,4,8,64")
+    assert result.returncode == 0, result.stderr
+    final = json.loads((experiment / run / "final.json").read_text())
+    rows = table_rows(result.stdout)
+    assert sorted(rows) == sorted({1.0, 2.0, 4.0, 8.0, 64.0, float(final["scale"])})
+    own = rows[float(final["scale"])]
+    assert own["updates"] == pytest.approx(final["updates"], rel=0.02)
+    assert rows[1.0]["updates"] == 40 and rows[1.0]["efficiency"] == 1.0  # S = 1: T_SI updates, no loss
+    updates = [rows[s]["updates"] for s in sorted(rows)]
+    assert updates == sorted(updates, reverse=True) and rows[64.0]["updates"] >= 1
+    assert rows[8.0]["examples"] == rows[8.0]["updates"] * 8 * final["baseline_batch_size"]
+    assert "critical scale: S = " in result.stdout and "B_simple" in result.stdout
+    assert (experiment / run / "advice.png").stat().st_size > 10_000
+
+
+def test_advise_uses_measured_step_times_and_refuses_other_runs(finished):
+    experiment, _ = finished
+    result = advise(experiment / "adascale", "--scales", "2,8", "--step-time", "8=0.5")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["8"])
+    updates = int(line.split()[1])
+    assert "500.0 ms" in line and f"{updates * 0.5:.1f} s" in line
+    result = advise(experiment / "lsr")
+    assert result.returncode == 2 and "advise needs an AdaScale run" in result.stderr
+    result = advise(experiment / "adascale", "--step-time", "8")
+    assert result.returncode == 2 and "expected S=SECONDS" in result.stderr

@@ -1,4 +1,4 @@
-"""Command line: `keras-adascale train CONFIG` and `keras-adascale compare RUN_DIR...`."""
+"""Command line: `keras-adascale train CONFIG`, `compare RUN_DIR...` and `advise RUN_DIR`."""
 
 import argparse
 import json
@@ -13,6 +13,7 @@ Train and compare AdaScale SGD runs (Johnson et al., ICML 2020).
   keras-adascale train saved_configs/demo.yaml
   keras-adascale train saved_configs/demo.yaml --set total_steps=500 --only adascale
   keras-adascale compare runs/demo/adascale runs/demo/lsr
+  keras-adascale advise runs/demo/adascale
 """
 
 _COLUMNS = (
@@ -98,6 +99,40 @@ def _compare(args):
     compare(run_dirs, output)
 
 
+def _parse_step_time(text):
+    scale, separator, seconds = text.partition("=")
+    try:
+        if not separator:
+            raise ValueError
+        scale, seconds = float(scale), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S=SECONDS, e.g. 8=0.12; got {text!r}") from None
+    if not (scale >= 1 and seconds > 0):
+        raise argparse.ArgumentTypeError(f"S must be >= 1 and SECONDS > 0; got {text!r}")
+    return scale, seconds
+
+
+def _parse_scales(text):
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
+    if not scales or any(not 1 <= scale < float("inf") for scale in scales):
+        raise argparse.ArgumentTypeError(f"every scale must be a number >= 1; got {text!r}")
+    return scales
+
+
+def _advise(args):
+    from keras_adascale.experiments import advice as advice_lib
+
+    run_dir = pathlib.Path(args.run_dir)
+    advice = advice_lib.advise(run_dir, args.scales, dict(args.step_time))
+    print(advice_lib.table(advice))
+    output = pathlib.Path(args.output) if args.output else run_dir / "advice.png"
+    advice_lib.plot(advice, output)
+    print(f"\nplot: {output}")
+
+
 def parser():
     """The argument parser (its `--help` lists every config key)."""
     top = argparse.ArgumentParser(
@@ -132,6 +167,23 @@ def parser():
     comparison.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders")
     comparison.add_argument("--output", help="PNG to write (default: comparison.png beside the first run)")
     comparison.set_defaults(handler=_compare)
+    advise = commands.add_parser(
+        "advise",
+        help="which S pays: a finished AdaScale run's statistics replayed at other scales",
+        description="Replays a finished AdaScale run's recorded gradient statistics in scale-invariant "
+        "time: a run at S' needs U(S') = integral over tau from 0 to T_SI of d tau / r(S', sigma2(tau), "
+        "mu2(tau)) updates. Prints, for each S', the predicted updates, examples, scaling efficiency "
+        "(T_SI / U / S') and wall time, names the critical scale (the first below 50%% efficiency) and "
+        "writes advice.png into the run folder.",
+    )
+    advise.add_argument("run_dir", metavar="RUN_DIR", help="a finished AdaScale run folder, e.g. runs/demo/adascale")
+    advise.add_argument("--scales", type=_parse_scales, default=None, metavar="S[,S...]",
+                        help="scales to predict (default 1,2,4,...,1024; the run's own S is always added)")
+    advise.add_argument("--step-time", type=_parse_step_time, action="append", default=[], metavar="S=SECONDS",
+                        help="seconds per update measured at S (repeatable); other scales assume ideal "
+                        "scaling: the run's own time per update")
+    advise.add_argument("--output", help="PNG to write (default: RUN_DIR/advice.png)")
+    advise.set_defaults(handler=_advise)
     return top
 
 

@@ -49,7 +49,11 @@ class RunRecorder(keras.callbacks.Callback):
     schedule: AdaScale's scale-invariant iterations, `update * S` under the
     linear scaling rule, `update` for plain SGD), `gain`, `learning_rate`,
     `loss` and `accuracy` of that update's examples, `examples` seen and
-    `wall_time` in seconds. Per epoch (`evaluations.jsonl`): `update`, `tau`,
+    `wall_time` in seconds; for AdaScale also `gradient_variance` (sigma^2,
+    of one baseline batch), `gradient_sqr_norm` (mu^2) and
+    `gradient_noise_scale` (B_simple = sigma^2 / mu^2, in baseline batches),
+    the smoothed estimates after the update, which `keras-adascale advise`
+    replays. Per epoch (`evaluations.jsonl`): `update`, `tau`,
     `test_loss`, `test_accuracy`, `wall_time` (evaluation time excluded).
 
     Keras reports running means since the metrics were last reset; the value
@@ -135,6 +139,9 @@ class RunRecorder(keras.callbacks.Callback):
         if self._adascale():
             row["gain"] = float(self.model.optimizer.gain)
             row["learning_rate"] = float(self.model.optimizer.effective_learning_rate)
+            row["gradient_variance"] = float(self.model.optimizer.gradient_variance)
+            row["gradient_sqr_norm"] = float(self.model.optimizer.gradient_sqr_norm)
+            row["gradient_noise_scale"] = float(self.model.optimizer.gradient_noise_scale)
         else:
             row["gain"] = 1.0
             schedule = self.schedule

@@ -1,0 +1,113 @@
+"""How well does `keras-adascale advise` predict? One run's statistics against actual runs at other S.
+
+Trains AdaScale from one single-batch recipe (saved_configs/demo.yaml: real MNIST, small CNN,
+B0 = 32, T_SI = 2,400) at several scales S (gradient accumulation on one device, S = N), replays
+the run at --from-scale through `advise`, and compares its predicted update counts with the
+actual runs' counts.
+
+    python benchmarks/advice_check.py              # S = 2..32 from the S = 4 run, 1 seed (~10 min on 2 CPU cores)
+    python benchmarks/advice_check.py --quick      # a minute: small MLP, short schedule, S = 2, 4, 8
+
+Writes its runs and `advice_check.png` under OUTPUT_DIR/advice_check and prints a table; the
+last line printed is a JSON summary.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model, short schedule")
+    parser.add_argument("--scales", default=None, help="comma-separated S values (default 2,4,8,16,32; quick 2,4,8)")
+    parser.add_argument("--from-scale", type=int, default=4, help="the run whose statistics predict the others")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=str(REPO / "saved_configs" / "demo.yaml"),
+                        help="the single-batch recipe (default saved_configs/demo.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the recipe, as in keras-adascale train")
+    parser.add_argument("--output-dir", default="runs", help="run folders go to OUTPUT_DIR/advice_check")
+    args = parser.parse_args(argv)
+    args.scales = sorted({int(s) for s in (args.scales or ("2,4,8" if args.quick else "2,4,8,16,32")).split(",")}
+                         | {args.from_scale})
+    return args
+
+
+def study_runs(args):
+    from keras_adascale.experiments import config
+
+    overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", "name=advice_check",
+                 f"seed={args.seed}"]
+    if args.quick:
+        overrides += ["total_steps=300", "model.name=mlp", "model.hidden_units=[128]",
+                      "dataset.train_split=train[:20%]", "dataset.test_split=test[:30%]", "evaluations=2"]
+    raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
+    raw["runs"] = [{"name": f"adascale_s{scale}", "optimizer": {"name": "adascale", "scale": scale}}
+                   for scale in args.scales]
+    return config.resolve(raw, name="advice_check")
+
+
+def plot(path, rows, from_scale):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axis = figure.subplots()
+    scales = [row["scale"] for row in rows]
+    axis.plot(scales, [row["actual_updates"] for row in rows], "ko-", label="actual AdaScale runs")
+    axis.plot(scales, [row["predicted_updates"] for row in rows], "s--", color="tab:blue",
+              label=f"predicted from the S = {from_scale} run")
+    axis.plot(scales, [rows[0]["total_steps"] / s for s in scales], ":", color="grey", label="T_SI / S")
+    axis.set(xscale="log", yscale="log", xlabel="scale S", ylabel="updates to reach T_SI", xticks=scales)
+    axis.set_xticklabels([str(s) for s in scales])
+    axis.legend(fontsize="small")
+    axis.grid(alpha=0.3)
+    figure.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import tensorflow_datasets as tfds
+
+    from keras_adascale.experiments import advice, training
+
+    tfds.disable_progress_bar()
+    runs = study_runs(args)
+    output_root = pathlib.Path(args.output_dir)
+    start = time.perf_counter()
+    finals = {}
+    for index, run in enumerate(runs):
+        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
+        run_dir = training.train(run, output_root, overwrite=True)
+        finals[run["optimizer"]["scale"]] = json.loads((run_dir / "final.json").read_text())
+    experiment_dir = output_root / "advice_check"
+    prediction = advice.advise(experiment_dir / f"adascale_s{args.from_scale}", args.scales)
+    predicted = {p.scale: p.updates for p in prediction.predictions}
+    rows = []
+    for scale in args.scales:
+        actual = finals[scale]["updates"]
+        rows.append({"scale": scale, "predicted_updates": predicted[scale], "actual_updates": actual,
+                     "error": predicted[scale] / actual - 1, "total_steps": runs[0]["total_steps"],
+                     "actual_mean_gain": finals[scale]["mean_gain"],
+                     "test_accuracy": finals[scale]["test_accuracy"]})
+    print(f"\npredicted from the S = {args.from_scale} run (B_simple = {prediction.noise_scale:.3g} baseline "
+          f"batches) vs actual AdaScale runs:")
+    print(f"{'S':>4} {'predicted':>10} {'actual':>8} {'error':>7} {'test acc':>9}")
+    for row in rows:
+        print(f"{row['scale']:>4} {row['predicted_updates']:>10} {row['actual_updates']:>8} "
+              f"{100 * row['error']:>+6.1f}% {row['test_accuracy']:>9.4f}")
+    plot(experiment_dir / "advice_check.png", rows, args.from_scale)
+    print(f"\nplot: {experiment_dir / 'advice_check.png'}")
+    print(json.dumps({
+        "command": " ".join(["python", "benchmarks/advice_check.py"] + (sys.argv[1:] if argv is None else argv)),
+        "from_scale": args.from_scale, "noise_scale": prediction.noise_scale,
+        "seconds": time.perf_counter() - start, "results": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()
