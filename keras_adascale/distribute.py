@@ -1,68 +1,74 @@
-"""Replica-context mechanics: local sums of squared norms and one fused all-reduce."""
+"""Replica and accumulation mechanics: per-sample squared norms, one all-reduce, per-replica accumulators.
 
+`AdaScaleMechanics` holds the Keras optimizer hooks that gather AdaScale's statistic where the
+gradients are: it is mixed in before a Keras optimizer class (see `AdaScaleSGD`) and hands the
+reduced values to the pure `gain.step`.
+"""
+
+import keras
 import tensorflow as tf
 
+from keras_adascale import gain as gain_lib
 
-# Below this, float32 squares may have lost precision (squares under ~1e-38 are
-# subnormal or zero): the sum is redone in float64.
-_SMALLEST_FAST_SUM = 1e-20
-
-
-def _dense(tensor, dtype):
-    if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
-        tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
-    return tf.cast(tf.convert_to_tensor(tensor), dtype)
+# A float64 sum of squares travels inside the float32 gradients' all-reduce as two float32
+# words scaled by these powers of two: the first keeps its precision down to ~1e-68, the
+# second up to ~1e77 (float32 alone spans 1e-38..3e38), so a sum of squares of gradients
+# from 1e-30 to 1e30 arrives to float32 precision.
+_SMALL_WORD_SCALE = 2.0**100
+_LARGE_WORD_SCALE = 2.0**-128
 
 
-def _sum_of_squares(tensors, dtype):
-    # l2_loss is one fused kernel (sum(t^2) / 2), faster than square + reduce_sum.
-    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), dtype) for t in tensors])
-
-
-def sqr_norm_sum(tensors, dtype=tf.float64):
-    """`sum_k ||t_k||^2` over a list of tensors, accurate in `dtype`.
-
-    With `dtype=tf.float64` the squares are first summed in float32 (fast, one
-    fused kernel per tensor) and the total kept in float64; only when that
-    total overflows (or is NaN) or is below 1e-20, where float32 squares may
-    have underflowed, is the sum redone with every element cast to float64. So
-    any float16, bfloat16 or float32 gradient from 1e-150 to 1e150 gives its
-    squared norm to float32 precision at float32 cost, and a NaN or Inf
-    anywhere gives a non-finite sum. `IndexedSlices` are densified first,
-    since rows may repeat and the norm is that of the dense gradient.
+def encode_statistic(statistic, dtype):
+    """The statistic as the `dtype` tensors that travel beside gradients of that dtype.
 
     Args:
-        tensors: list of `tf.Tensor` or `tf.IndexedSlices`.
-        dtype: `tf.float64`, or `tf.float32` (TPUs): a plain float32 sum.
+        statistic: scalar sum of squares in the statistics dtype (float64, or float32 on TPU).
+        dtype: the gradients' dtype.
 
     Returns:
-        A scalar of dtype `dtype`.
+        A list of tensors of `dtype`, to be summed over replicas and read by `decode_statistic`,
+        or None where the statistic cannot share the gradients' all-reduce (float16 or bfloat16
+        gradients, which are rare: Keras keeps float32 variables under mixed precision).
     """
-    if dtype == tf.float32:
-        return _sum_of_squares([_dense(t, tf.float32) for t in tensors], tf.float32)
-    fast = _sum_of_squares(
-        [_dense(t, tf.float64 if t.dtype == tf.float64 else tf.float32) for t in tensors], tf.float64
-    )
-    return tf.cond(
-        tf.logical_and(tf.math.is_finite(fast), fast >= _SMALLEST_FAST_SUM),
-        lambda: fast,
-        lambda: _sum_of_squares([_dense(t, tf.float64) for t in tensors], tf.float64),
-    )
+    if dtype == statistic.dtype:
+        return [statistic]
+    if dtype == tf.float32 and statistic.dtype == tf.float64:
+        # Casting to float32 overflows to inf or underflows to 0 where a word is out of range.
+        return [tf.cast(tf.stack([statistic * _SMALL_WORD_SCALE, statistic * _LARGE_WORD_SCALE]), tf.float32)]
+    return None
 
 
-def all_reduce_gradients(gradients, local_sqr_norm_sum):
-    """Sums gradients and one scalar statistic over replicas.
+def decode_statistic(words, dtype):
+    """The summed statistic from its summed words (see `encode_statistic`), in `dtype`."""
+    (words,) = words
+    if words.shape.rank == 0:
+        return tf.cast(words, dtype)
+    words = tf.cast(words, dtype)
+    # An inf or NaN in the sum makes both words non-finite, and the large word carries it.
+    return tf.where(tf.math.is_finite(words[0]), words[0] / _SMALL_WORD_SCALE, words[1] / _LARGE_WORD_SCALE)
 
-    One all-reduce carries both when they share a dtype; a float64 statistic
-    with float32 gradients goes in a second, scalar all-reduce beside it.
+
+def _distinct(tensor):
+    # MirroredStrategy's all-reduce hands back unsummed a tensor object that every replica
+    # passed (keras's optimizer_distribute_test passes one gradient tensor to all replicas),
+    # while it sums per-replica tensors: identity makes every input per-replica, so the
+    # gradients and the statistic computed from them are reduced alike.
+    if isinstance(tensor, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.identity(tensor.values), tensor.indices, tensor.dense_shape)
+    return tf.identity(tensor)
+
+
+def all_reduce(gradients, local_sqr_norm_sum):
+    """Sums the replicas' gradients and their sums of squared norms, in one all-reduce.
 
     Must run in replica context (inside `strategy.run`, `model.fit`, or with no
     strategy at all). Keras scales each replica's loss by 1/replicas, so each
     replica holds `g_i / R`; the sum over replicas is then the mean gradient.
+    With one replica nothing is reduced.
 
     Args:
-        gradients: list of the replica's local gradients.
-        local_sqr_norm_sum: scalar, the replica's sum of squared norms.
+        gradients: list of the replica's local gradients (one dtype, as Keras requires).
+        local_sqr_norm_sum: scalar, the replica's sum of squared norms (statistics dtype).
 
     Returns:
         `(reduced_gradients, reduced_sqr_norm_sum, num_replicas)`.
@@ -73,20 +79,224 @@ def all_reduce_gradients(gradients, local_sqr_norm_sum):
     """
     replica_context = tf.distribute.get_replica_context()
     if replica_context is None:
-        strategy = tf.distribute.get_strategy()
-        if strategy.num_replicas_in_sync > 1:
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
             raise RuntimeError(
                 "AdaScaleSGD.apply_gradients must be called in replica context "
                 "(inside `strategy.run`), where each replica's gradient is a "
                 "sample: it was called in cross-replica context."
             )
         return list(gradients), local_sqr_norm_sum, 1
-    gradients = list(gradients)
-    if all(tf.as_dtype(g.dtype) == local_sqr_norm_sum.dtype for g in gradients):
-        reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients + [local_sqr_norm_sum])
-        return reduced[:-1], reduced[-1], replica_context.num_replicas_in_sync
-    # One all-reduce packs its tensors into one buffer, so a float64 statistic
-    # travels beside the float32 gradients, in a second (scalar) all-reduce.
-    reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    sqr_norm_sum = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_sqr_norm_sum)
-    return reduced, sqr_norm_sum, replica_context.num_replicas_in_sync
+    replicas = replica_context.num_replicas_in_sync
+    if replicas == 1:
+        return list(gradients), local_sqr_norm_sum, 1
+    gradients = [_distinct(g) for g in gradients]
+    words = encode_statistic(local_sqr_norm_sum, gradients[0].dtype)
+    if words is None:
+        reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        sqr_norm_sum = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_sqr_norm_sum)
+        return reduced, sqr_norm_sum, replicas
+    reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients + words)
+    count = len(gradients)
+    return reduced[:count], decode_statistic(reduced[count:], local_sqr_norm_sum.dtype), replicas
+
+
+class AdaScaleMechanics:
+    """The Keras optimizer hooks that feed AdaScale, for a Keras optimizer class after it in the MRO.
+
+    Where the update sees its N samples: each replica's local gradient (a
+    sample, or with `gradient_accumulation_steps` one micro-batch of it) has
+    its squared norm summed locally; one all-reduce carries the gradients and
+    that statistic; `gain.step` turns the sums into the new state in one
+    XLA-compiled call; one `merge_call` applies the update (or skips it) and
+    writes the state.
+
+    Accumulators are sync-on-read variables, one per replica, filled without a
+    merge_call (Keras's mirrored accumulators need one inside a cond, which
+    MirroredStrategy rejects: keras-team/keras#20582). Where the strategy needs
+    a merge_call, the one merge_call comes first and the update branches in
+    cross-replica context, with one batched all-reduce of the accumulators.
+
+    The class using it provides `_statistics_dtype`, `_statistic_words_dtype`,
+    `_read_state()`, `_state_assignments(distribution, state)`, `_state_step`
+    (the compiled `gain.step`), `samples_per_update`, `scale`, `smoothing`,
+    `_sample_sqr_norm_accumulator` (with accumulation) and the update rule
+    (`update_step`).
+    """
+
+    def _add_replica_local_variable(self, shape, dtype, name):
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=keras.initializers.Zeros(),
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                synchronization="on_read",
+                aggregation="sum",
+                name=name,
+            )
+        self._track_variable(variable)
+        return variable
+
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        if name != "gradient_accumulator":
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+        with self._distribution_strategy.extended.colocate_vars_with(reference_variable.value):
+            return self._add_replica_local_variable(
+                reference_variable.shape,
+                reference_variable.dtype,
+                f"{reference_variable.path.replace('/', '_')}_{name}",
+            )
+
+    def _clip_gradients(self, grads):
+        # Clipping happens after the all-reduce, on the mean gradient: Keras would
+        # clip each replica's share before the reduce.
+        return grads
+
+    def _apply_weight_decay(self, variables):
+        # Weight decay happens in update_step, with the gain-scaled rate.
+        return
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not self.gradient_accumulation_steps:
+            super()._backend_apply_gradients(grads, trainable_variables)
+            return
+        accumulators = [
+            self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
+        ]
+        for grad, accumulator in zip(grads, accumulators):
+            self.assign_add(accumulator, grad)
+        self.assign_add(self._sample_sqr_norm_accumulator, self._local_statistic_words(grads))
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            learning_rate = self.learning_rate
+            tf.cond(
+                self._is_update_step(),
+                lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate),
+                tf.no_op,
+            )
+        else:
+            # The cond must not hold a merge_call: take the one merge_call first
+            # and branch in cross-replica context.
+            tf.distribute.get_replica_context().merge_call(
+                self._cross_replica_update_from_accumulators,
+                args=(accumulators, trainable_variables),
+            )
+        if self.use_ema:
+            self._update_model_variables_moving_average(self._trainable_variables)
+            if self.ema_overwrite_frequency:
+                tf.cond(
+                    tf.equal((self.iterations + 1) % self.ema_overwrite_frequency, 0),
+                    lambda: self._overwrite_model_variables_with_average_value(self._trainable_variables),
+                    tf.no_op,
+                )
+
+    def _is_update_step(self):
+        return tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
+
+    def _local_statistic_words(self, grads):
+        """A micro-batch's sum of squares in the form the accumulator keeps (see `encode_statistic`)."""
+        statistic = gain_lib.sqr_norm_sum(grads, self._statistics_dtype)
+        words = encode_statistic(statistic, self._statistic_words_dtype)
+        return statistic if words is None else words[0]
+
+    def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate):
+        # Replica context, no merge_call needed (default strategy; XLA on GPU).
+        steps = float(self.gradient_accumulation_steps)
+        grads = [tf.convert_to_tensor(a.value) / steps for a in accumulators]
+        local_sqr_norm_sum = decode_statistic(
+            [tf.convert_to_tensor(self._sample_sqr_norm_accumulator.value)], self._statistics_dtype
+        )
+        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
+        for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
+            self.assign(accumulator, tf.zeros_like(accumulator.value))
+        return tf.no_op()
+
+    def _cross_replica_update_from_accumulators(self, distribution, accumulators, trainable_variables):
+        statistic_accumulator = self._sample_sqr_norm_accumulator
+
+        def update():
+            # Destinations on every replica's device make this one batched all-reduce,
+            # the statistic's words in the same buffer as the gradients where dtypes allow.
+            pairs = [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)]
+            same_dtype = statistic_accumulator.dtype == accumulators[0].dtype
+            if same_dtype:
+                pairs.append((statistic_accumulator.value, trainable_variables[0].value))
+            sums = distribution.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, pairs)
+            if not same_dtype:
+                sums += distribution.extended.batch_reduce_to(
+                    tf.distribute.ReduceOp.SUM, [(statistic_accumulator.value, trainable_variables[0].value)]
+                )
+            sums = [distribution.experimental_local_results(s)[0] for s in sums]
+            steps = float(self.gradient_accumulation_steps)
+            grads = [s / steps for s in sums[:-1]]
+            sample_sqr_norm_sum = decode_statistic(sums[-1:], self._statistics_dtype)
+            state, finite, grads, learning_rate = self._adascale_step(
+                grads, sample_sqr_norm_sum, distribution.num_replicas_in_sync, self.learning_rate
+            )
+            self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite)
+            for accumulator in accumulators + [statistic_accumulator]:
+                for component in distribution.experimental_local_results(accumulator.value):
+                    component.assign(tf.zeros_like(component))
+            return tf.no_op()
+
+        tf.cond(self._is_update_step(), update, tf.no_op)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if self.gradient_accumulation_steps:
+            # Reached from _update_from_accumulators only, which passes the statistic itself.
+            raise AssertionError("unreachable: accumulation updates go through _reduce_and_update")
+        local_sqr_norm_sum = gain_lib.sqr_norm_sum(grads, self._statistics_dtype)
+        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
+
+    def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate):
+        """Replica context: one all-reduce, the state step, one merge_call to apply."""
+        grads, sample_sqr_norm_sum, replicas = all_reduce(grads, local_sqr_norm_sum)
+        # With one sample, the sample is the mean: no second pass over it.
+        single_sample = self.samples_per_update == 1
+        state, finite, grads, learning_rate = self._adascale_step(
+            grads, sample_sqr_norm_sum, replicas, learning_rate,
+            mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
+        )
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._apply_and_record,
+            self._distribution_strategy,
+            list(zip(grads, trainable_variables)),
+            learning_rate,
+            state,
+            finite,
+        )
+
+    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
+        """Algorithm 1 on reduced values: `(new state, finite, clipped grads, r * lr)`."""
+        dtype = self._statistics_dtype
+        if mean_sqr_norm is None:
+            mean_sqr_norm = gain_lib.sqr_norm_sum(grads, dtype)
+        # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
+        sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
+        state, finite = self._state_step(
+            self._read_state(),
+            sample_sqr_norm_sum,
+            mean_sqr_norm,
+            tf.cast(learning_rate, tf.float32),
+            tf.constant(float(self.samples_per_update), dtype),
+            tf.constant(float(self.scale), dtype),
+            tf.constant(self.smoothing, dtype),
+        )
+        return state, finite, super()._clip_gradients(grads), state.effective_learning_rate
+
+    def _apply_and_record(self, distribution, grads_and_vars, learning_rate, state, finite):
+        """Cross-replica context: the update (where finite), then the state in one write per variable."""
+        grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
+        if isinstance(finite, tf.distribute.DistributedValues):  # identical on every replica
+            finite = distribution.experimental_local_results(finite)[0]
+            state = tf.nest.map_structure(lambda value: distribution.experimental_local_results(value)[0], state)
+
+        def apply_finite_update():
+            self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+            return tf.no_op()
+
+        tf.cond(finite, apply_finite_update, tf.no_op)
+        assignments = self._state_assignments(distribution, state)
+        if self.non_finite == "raise":
+            # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.
+            with tf.control_dependencies(assignments):
+                tf.debugging.Assert(finite, [f"{type(self).__name__}: NaN or Inf in the gradients (non_finite='raise')"])

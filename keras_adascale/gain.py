@@ -1,6 +1,84 @@
-"""Pure AdaScale statistics: gradient moments, their bias-corrected moving averages and the gain."""
+"""Pure AdaScale math: squared norms, gradient statistics, their moving averages, the gain, one state step.
+
+No Keras and no tf.distribute here: every function maps tensors to tensors, and `step` is
+the whole per-update scalar path of Algorithm 1 over a named `AdaScaleState`.
+"""
+
+from typing import NamedTuple
 
 import tensorflow as tf
+
+# Below this, float32 squares may have lost precision (squares under ~1e-38 are
+# subnormal or zero): the sum is redone in float64.
+_SMALLEST_FAST_SUM = 1e-20
+
+
+class AdaScaleState(NamedTuple):
+    """Everything AdaScale carries from one update to the next.
+
+    Attributes:
+        variance_average: running (uncorrected) average of sigma2, statistics dtype.
+        sqr_norm_average: running (uncorrected) average of mu2, statistics dtype.
+        average_weight: running average of 1 (`1 - theta^t`): the bias correction.
+        gain: r of the last update, float32 (1 before any).
+        tau_whole: int64 whole part of tau, the scale-invariant iterations.
+        tau_fraction: float32 fractional part of tau, in [0, 1): a float32 tau
+            alone would round r away once tau reaches ~1e6, and floor(tau)
+            picks the learning rate.
+        effective_learning_rate: float32 `gain * lr(floor(tau))` of the last update.
+        skipped_updates: int64 count of updates skipped for NaN or Inf gradients.
+    """
+
+    variance_average: tf.Tensor
+    sqr_norm_average: tf.Tensor
+    average_weight: tf.Tensor
+    gain: tf.Tensor
+    tau_whole: tf.Tensor
+    tau_fraction: tf.Tensor
+    effective_learning_rate: tf.Tensor
+    skipped_updates: tf.Tensor
+
+
+def _dense(tensor, dtype):
+    if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
+        tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
+    return tf.cast(tf.convert_to_tensor(tensor), dtype)
+
+
+def _sum_of_squares(tensors, dtype):
+    # l2_loss is one fused kernel (sum(t^2) / 2), faster than square + reduce_sum.
+    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), dtype) for t in tensors])
+
+
+def sqr_norm_sum(tensors, dtype=tf.float64):
+    """`sum_k ||t_k||^2` over a list of tensors, accurate in `dtype`.
+
+    With `dtype=tf.float64` the squares are first summed in float32 (fast, one
+    fused kernel per tensor) and the total kept in float64; only when that
+    total overflows (or is NaN) or is below 1e-20, where float32 squares may
+    have underflowed, is the sum redone with every element cast to float64. So
+    any float16, bfloat16 or float32 gradient from 1e-150 to 1e150 gives its
+    squared norm to float32 precision at float32 cost, and a NaN or Inf
+    anywhere gives a non-finite sum. `IndexedSlices` are densified first,
+    since rows may repeat and the norm is that of the dense gradient.
+
+    Args:
+        tensors: list of `tf.Tensor` or `tf.IndexedSlices`.
+        dtype: `tf.float64`, or `tf.float32` (TPUs): a plain float32 sum.
+
+    Returns:
+        A scalar of dtype `dtype`.
+    """
+    if dtype == tf.float32:
+        return _sum_of_squares([_dense(t, tf.float32) for t in tensors], tf.float32)
+    fast = _sum_of_squares(
+        [_dense(t, tf.float64 if t.dtype == tf.float64 else tf.float32) for t in tensors], tf.float64
+    )
+    return tf.cond(
+        tf.logical_and(tf.math.is_finite(fast), fast >= _SMALLEST_FAST_SUM),
+        lambda: fast,
+        lambda: _sum_of_squares([_dense(t, tf.float64) for t in tensors], tf.float64),
+    )
 
 
 def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
@@ -94,7 +172,6 @@ def noise_scale(gradient_variance, gradient_sqr_norm):
     )
 
 
-@tf.function(jit_compile=True)
 def update_gain(
     sample_sqr_norm_sum,
     mean_sqr_norm,
@@ -105,7 +182,7 @@ def update_gain(
     sqr_norm_average,
     average_weight,
 ):
-    """One AdaScale statistics step, XLA-compiled.
+    """One AdaScale statistics step: moments, moving averages, gain.
 
     All arguments are scalars of one float dtype (float64 on CPU and GPU,
     float32 on TPU; see `AdaScaleSGD`), which the results keep.
@@ -131,3 +208,55 @@ def update_gain(
         variance_average / average_weight, sqr_norm_average / average_weight, scale
     )
     return variance_average, sqr_norm_average, average_weight, gain
+
+
+def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing):
+    """Algorithm 1's scalar path for one update: statistics, gain, learning rate, tau.
+
+    Where a sum of squares is not finite (a NaN or an Inf in the gradients),
+    the update is skipped: the state is kept but for `skipped_updates + 1`,
+    and no NaN reaches the averages.
+
+    Args:
+        state: the `AdaScaleState` before the update.
+        sample_sqr_norm_sum: `sum_i ||g_i||^2` over the N samples, statistics dtype.
+        mean_sqr_norm: `||g||^2` of their mean, statistics dtype.
+        learning_rate: the single-batch learning rate lr(floor(tau)), a float scalar.
+        samples: N, statistics dtype.
+        scale: S, statistics dtype.
+        smoothing: theta, statistics dtype.
+
+    Returns:
+        `(new_state, finite)`: `finite` is the boolean "apply this update".
+
+    References:
+        Johnson et al., 2020, Algorithm 1.
+    """
+    finite = tf.logical_and(tf.math.is_finite(sample_sqr_norm_sum), tf.math.is_finite(mean_sqr_norm))
+    zero = tf.zeros_like(sample_sqr_norm_sum)
+    variance_average, sqr_norm_average, average_weight, gain = update_gain(
+        tf.where(finite, sample_sqr_norm_sum, zero),
+        tf.where(finite, mean_sqr_norm, zero),
+        samples,
+        scale,
+        smoothing,
+        state.variance_average,
+        state.sqr_norm_average,
+        state.average_weight,
+    )
+    gain = tf.cast(gain, tf.float32)
+    fraction = state.tau_fraction + gain
+    carry = tf.floor(fraction)
+    updated = AdaScaleState(
+        variance_average=variance_average,
+        sqr_norm_average=sqr_norm_average,
+        average_weight=average_weight,
+        gain=gain,
+        tau_whole=state.tau_whole + tf.cast(carry, tf.int64),
+        tau_fraction=fraction - carry,
+        effective_learning_rate=gain * tf.cast(learning_rate, tf.float32),
+        skipped_updates=state.skipped_updates,
+    )
+    skipped = state._replace(skipped_updates=state.skipped_updates + 1)
+    new_state = AdaScaleState(*(tf.where(finite, new, old) for new, old in zip(updated, skipped)))
+    return new_state, finite

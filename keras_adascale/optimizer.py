@@ -11,9 +11,17 @@ from keras_adascale import gain as gain_lib
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
+# How `gain.AdaScaleState` is stored: the statistics-dtype fields (float32 ones held exactly
+# in it) in one variable, the int64 counters in another.
+_FLOAT_FIELDS = (
+    "variance_average", "sqr_norm_average", "average_weight", "gain", "tau_fraction", "effective_learning_rate",
+)
+_FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
+_COUNTER_FIELDS = ("tau_whole", "skipped_updates")
+
 
 @keras.saving.register_keras_serializable(package="keras_adascale")
-class AdaScaleSGD(keras.optimizers.SGD):
+class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
     """SGD (with momentum) that adapts its learning rate to the batch scale S.
 
     Two numbers describe an update. S (`scale`) is how many baseline batches
@@ -73,7 +81,8 @@ class AdaScaleSGD(keras.optimizers.SGD):
             assertion: under `jit_compile=True`, `AdaScaleCallback` raises
             `FloatingPointError` after the batch). Either way no NaN reaches
             the averages.
-        name: string. Defaults to `"adascale_sgd"`.
+        name: string. Defaults to `"adascale_sgd"`, made unique as Keras
+            does (`"adascale_sgd_1"` for the second).
         **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
             (`weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`,
             `use_ema`, `loss_scale_factor`, `gradient_accumulation_steps`...).
@@ -92,7 +101,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
         scale=None,
         smoothing=None,
         non_finite="skip",
-        name="adascale_sgd",
+        name=None,
         **kwargs,
     ):
         learning_rate = _checked_learning_rate(learning_rate)
@@ -125,7 +134,7 @@ class AdaScaleSGD(keras.optimizers.SGD):
             learning_rate=learning_rate,
             momentum=momentum,
             nesterov=nesterov,
-            name=name,
+            name=name or _unique_name("adascale_sgd"),
             **kwargs,
         )
         self._requested_scale = None if scale is None else _plain_number(scale)
@@ -136,73 +145,56 @@ class AdaScaleSGD(keras.optimizers.SGD):
         self._statistics_dtype = (
             tf.float32 if isinstance(self._distribution_strategy, tf.distribute.TPUStrategy) else tf.float64
         )
-        self._add_adascale_state()
+        # Per optimizer, not at import: a compiled function outlives a reset of TensorFlow's
+        # context (keras's tests do that) and then fails on its first call.
+        self._state_step = tf.function(gain_lib.step, jit_compile=True)
+        self._add_state_variables()
         keras_fixes.enable_for(self._distribution_strategy)
 
-    def _add_adascale_state(self):
-        def scalar(name, initial=0.0, dtype="float32"):
-            return self.add_variable(
-                shape=(),
-                initializer=keras.initializers.Constant(initial),
-                dtype=dtype,
-                aggregation="only_first_replica",
-                name=name,
-            )
+    def _add_state_variables(self):
+        # Created here rather than in build() so that `learning_rate`, which reads tau,
+        # works before the first update, as Keras's `iterations` does. Two variables,
+        # written once per update: the statistics-dtype fields and the int64 counters.
+        initial = gain_lib.AdaScaleState(0.0, 0.0, 0.0, 1.0, 0, 0.0, 0.0, 0)
+        self._state_floats = self.add_variable(
+            shape=(len(_FLOAT_FIELDS),),
+            initializer=keras.initializers.Constant([getattr(initial, f) for f in _FLOAT_FIELDS]),
+            dtype=self._statistics_dtype.name,
+            aggregation="only_first_replica",
+            name="adascale_state",
+        )
+        self._state_counters = self.add_variable(
+            shape=(len(_COUNTER_FIELDS),),
+            initializer="zeros",
+            dtype="int64",
+            aggregation="only_first_replica",
+            name="adascale_counters",
+        )
 
-        # Created here rather than in build() so that `learning_rate`, which
-        # reads tau, works before the first update, as Keras's `iterations` does.
-        statistics = self._statistics_dtype.name
-        self._variance_average = scalar("gradient_variance_average", dtype=statistics)
-        self._sqr_norm_average = scalar("gradient_sqr_norm_average", dtype=statistics)
-        self._average_weight = scalar("average_weight", dtype=statistics)
-        self._gain = scalar("gain", 1.0)
-        # tau = whole + fraction: a float32 alone would round r away once tau
-        # reaches ~1e6, and floor(tau) picks the learning rate.
-        self._tau_whole = scalar("scale_invariant_iterations_whole", 0, "int64")
-        self._tau_fraction = scalar("scale_invariant_iterations_fraction")
-        self._effective_learning_rate = scalar("effective_learning_rate")
-        self._skipped_updates = scalar("skipped_updates", 0, "int64")
-        self._adascale_state = [
-            self._variance_average,
-            self._sqr_norm_average,
-            self._average_weight,
-            self._gain,
-            self._tau_whole,
-            self._tau_fraction,
-            self._effective_learning_rate,
-            self._skipped_updates,
-        ]
-        if self.gradient_accumulation_steps:
-            self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
-                (), statistics, "sample_sqr_norm_accumulator"
-            )
+    def _read_state(self):
+        """The `gain.AdaScaleState` held in the state variables."""
+        floats = tf.unstack(tf.convert_to_tensor(self._state_floats.value))
+        counters = tf.unstack(tf.convert_to_tensor(self._state_counters.value))
+        fields = dict(zip(_FLOAT_FIELDS, floats))
+        fields.update(zip(_COUNTER_FIELDS, counters))
+        for name in _FLOAT32_FIELDS:
+            fields[name] = tf.cast(fields[name], tf.float32)
+        return gain_lib.AdaScaleState(**fields)
 
-    def _add_replica_local_variable(self, shape, dtype, name):
-        # Sync on read: each replica adds its own micro-batch gradients without a
-        # merge_call (Keras's mirrored accumulators need one inside a cond, which
-        # MirroredStrategy rejects: keras-team/keras#20582).
-        with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
-                initializer=keras.initializers.Zeros(),
-                shape=shape,
-                dtype=dtype,
-                trainable=False,
-                synchronization="on_read",
-                aggregation="sum",
-                name=name,
-            )
-        self._track_variable(variable)
-        return variable
+    def _state_assignments(self, distribution, state):
+        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context."""
 
-    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
-        if name != "gradient_accumulator":
-            return super().add_variable_from_reference(reference_variable, name, initializer)
-        with self._distribution_strategy.extended.colocate_vars_with(reference_variable.value):
-            return self._add_replica_local_variable(
-                reference_variable.shape,
-                reference_variable.dtype,
-                f"{reference_variable.path.replace('/', '_')}_{name}",
-            )
+        def write(floats, counters, state):
+            dtype = self._statistics_dtype
+            return [
+                floats.assign(tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS])),
+                counters.assign(tf.stack([getattr(state, f) for f in _COUNTER_FIELDS])),
+            ]
+
+        return distribution.extended.update(
+            self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),
+            args=(state, self._state_counters.value), group=False,
+        )
 
     @property
     def scale(self):
@@ -227,24 +219,25 @@ class AdaScaleSGD(keras.optimizers.SGD):
     @property
     def gain(self):
         """The gain r of the last update (1.0 before any)."""
-        return tf.convert_to_tensor(self._gain.value)
+        return self._read_state().gain
 
     @property
     def scale_invariant_iterations(self):
         """tau, the sum of the gains of all updates so far (float64 tensor)."""
-        return tf.cast(self._tau_whole.value, tf.float64) + tf.cast(
-            self._tau_fraction.value, tf.float64
-        )
+        state = self._read_state()
+        return tf.cast(state.tau_whole, tf.float64) + tf.cast(state.tau_fraction, tf.float64)
 
     @property
     def gradient_variance(self):
         """The smoothed, bias-corrected estimate of sigma^2 (0.0 before any update)."""
-        return self._corrected(self._variance_average)
+        state = self._read_state()
+        return tf.math.divide_no_nan(state.variance_average, state.average_weight)
 
     @property
     def gradient_sqr_norm(self):
         """The smoothed, bias-corrected estimate of mu^2 (0.0 before any update)."""
-        return self._corrected(self._sqr_norm_average)
+        state = self._read_state()
+        return tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight)
 
     @property
     def gradient_noise_scale(self):
@@ -289,16 +282,12 @@ class AdaScaleSGD(keras.optimizers.SGD):
     @property
     def skipped_updates(self):
         """How many updates were skipped for NaN or Inf gradients (int64 tensor)."""
-        return tf.convert_to_tensor(self._skipped_updates.value)
+        return self._read_state().skipped_updates
 
     @property
     def effective_learning_rate(self):
         """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
-        return tf.convert_to_tensor(self._effective_learning_rate.value)
-
-    def _corrected(self, average):
-        weight = tf.convert_to_tensor(self._average_weight.value)
-        return tf.math.divide_no_nan(tf.convert_to_tensor(average.value), weight)
+        return self._read_state().effective_learning_rate
 
     def build(self, variables):
         if self.built:
@@ -323,190 +312,21 @@ class AdaScaleSGD(keras.optimizers.SGD):
                 "replicas or `gradient_accumulation_steps`, or set `scale`.",
                 stacklevel=2,
             )
+        dtypes = {tf.as_dtype(v.dtype) for v in variables}
+        # The statistic travels in the gradients' all-reduce, in their dtype where it can.
+        self._statistic_words_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if self.gradient_accumulation_steps:
+            words = distribute.encode_statistic(tf.zeros((), self._statistics_dtype), self._statistic_words_dtype)
+            words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
+            self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
+                words.shape, words.dtype, "sample_sqr_norm_accumulator"
+            )
         super().build(variables)
 
     def _get_current_learning_rate(self):
         if isinstance(self._learning_rate, _LearningRateSchedule):
-            return self._learning_rate(self._tau_whole)
+            return self._learning_rate(self._read_state().tau_whole)
         return super()._get_current_learning_rate()
-
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        if not self.gradient_accumulation_steps:
-            super()._backend_apply_gradients(grads, trainable_variables)
-            return
-        accumulators = [
-            self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
-        ]
-        for grad, accumulator in zip(grads, accumulators):
-            self.assign_add(accumulator, grad)
-        self.assign_add(
-            self._sample_sqr_norm_accumulator, distribute.sqr_norm_sum(grads, self._statistics_dtype)
-        )
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            learning_rate = self.learning_rate
-            tf.cond(
-                self._is_update_step(),
-                lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate),
-                tf.no_op,
-            )
-        else:
-            # The cond must not hold a merge_call: take the one merge_call first
-            # and branch in cross-replica context.
-            tf.distribute.get_replica_context().merge_call(
-                self._cross_replica_update_from_accumulators,
-                args=(accumulators, trainable_variables),
-            )
-        if self.use_ema:
-            self._update_model_variables_moving_average(self._trainable_variables)
-            if self.ema_overwrite_frequency:
-                tf.cond(
-                    tf.equal((self.iterations + 1) % self.ema_overwrite_frequency, 0),
-                    lambda: self._overwrite_model_variables_with_average_value(
-                        self._trainable_variables
-                    ),
-                    tf.no_op,
-                )
-
-    def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate):
-        steps = float(self.gradient_accumulation_steps)
-        grads = [tf.convert_to_tensor(a.value) / steps for a in accumulators]
-        self._backend_update_step(grads, trainable_variables, learning_rate)
-        for accumulator in accumulators:
-            self.assign(accumulator, tf.zeros_like(accumulator.value))
-        return tf.no_op()
-
-    def _cross_replica_update_from_accumulators(self, distribution, accumulators, trainable_variables):
-        def update():
-            # Destinations on every replica's device make this one batched all-reduce.
-            sums = distribution.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM,
-                [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)],
-            )
-            # Its own reduce: a float64 statistic cannot share the float32 buffer.
-            (sample_sqr_norm_sum,) = distribution.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM, [(self._sample_sqr_norm_accumulator.value, self._gain.value)]
-            )
-            steps = float(self.gradient_accumulation_steps)
-            grads = [distribution.experimental_local_results(g)[0] / steps for g in sums]
-            sample_sqr_norm_sum = distribution.experimental_local_results(sample_sqr_norm_sum)[0]
-            grads, learning_rate, state_values, finite = self._adascale_step(
-                grads, sample_sqr_norm_sum, distribution.num_replicas_in_sync, self.learning_rate
-            )
-            self._distributed_adascale_update(
-                distribution, list(zip(grads, trainable_variables)), learning_rate, state_values, finite
-            )
-            for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
-                for component in distribution.experimental_local_results(accumulator.value):
-                    component.assign(tf.zeros_like(component))
-            return tf.no_op()
-
-        tf.cond(self._is_update_step(), update, tf.no_op)
-
-    def _is_update_step(self):
-        return tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
-
-    def _clip_gradients(self, grads):
-        # Clipping happens in _adascale_step, on the all-reduced mean gradient:
-        # Keras would clip each replica's share before the reduce.
-        return grads
-
-    def _apply_weight_decay(self, variables):
-        # Weight decay happens in update_step, with the gain-scaled rate.
-        return
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # Replica context: one all-reduce carries the gradients and the replica's
-        # sum of squared sample norms.
-        if self.gradient_accumulation_steps:
-            local_sqr_norm_sum = tf.identity(self._sample_sqr_norm_accumulator.value)
-            self.assign(self._sample_sqr_norm_accumulator, tf.zeros((), self._statistics_dtype))
-        else:
-            local_sqr_norm_sum = distribute.sqr_norm_sum(grads, self._statistics_dtype)
-        grads, sample_sqr_norm_sum, replicas = distribute.all_reduce_gradients(
-            grads, local_sqr_norm_sum
-        )
-        # With one sample, the sample is the mean: no second pass over it.
-        single_sample = replicas == 1 and not self.gradient_accumulation_steps
-        grads, learning_rate, state_values, finite = self._adascale_step(
-            grads, sample_sqr_norm_sum, replicas, learning_rate,
-            mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
-        )
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_adascale_update,
-            self._distribution_strategy,
-            list(zip(grads, trainable_variables)),
-            learning_rate,
-            state_values,
-            finite,
-        )
-
-    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
-        """Algorithm 1 on reduced values.
-
-        Returns:
-            `(clipped grads, r * lr, new state values, finite)`: where the
-            gradients hold a NaN or an Inf, `finite` is false and the state
-            values are the current ones (but for `skipped_updates` + 1).
-        """
-        dtype = self._statistics_dtype
-        if mean_sqr_norm is None:
-            mean_sqr_norm = distribute.sqr_norm_sum(grads, dtype)
-        # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
-        sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
-        # A NaN or Inf anywhere makes a sum of squares non-finite; all replicas
-        # see the same reduced sums, so they all take the same branch.
-        finite = tf.logical_and(tf.math.is_finite(sample_sqr_norm_sum), tf.math.is_finite(mean_sqr_norm))
-        current = [tf.convert_to_tensor(variable.value) for variable in self._adascale_state]
-        zero = tf.zeros((), dtype)
-        variance_average, sqr_norm_average, average_weight, gain = gain_lib.update_gain(
-            tf.where(finite, sample_sqr_norm_sum, zero),
-            tf.where(finite, mean_sqr_norm, zero),
-            tf.constant(float(self.samples_per_update), dtype),
-            tf.constant(float(self.scale), dtype),
-            tf.constant(self.smoothing, dtype),
-            *current[:3],
-        )
-        gain = tf.cast(gain, tf.float32)
-        effective_learning_rate = gain * tf.cast(learning_rate, tf.float32)
-        fraction = current[5] + gain
-        carry = tf.floor(fraction)
-        new = [
-            variance_average,
-            sqr_norm_average,
-            average_weight,
-            gain,
-            current[4] + tf.cast(carry, tf.int64),
-            fraction - carry,
-            effective_learning_rate,
-            current[7],
-        ]
-        state_values = [tf.where(finite, value, old) for value, old in zip(new, current)]
-        state_values[-1] = current[7] + tf.cast(tf.logical_not(finite), tf.int64)
-        return super()._clip_gradients(grads), effective_learning_rate, state_values, finite
-
-    def _distributed_adascale_update(
-        self, distribution, grads_and_vars, learning_rate, state_values, finite
-    ):
-        grads_and_vars = [
-            (g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars
-        ]
-        if isinstance(finite, tf.distribute.DistributedValues):  # identical on every replica
-            finite = distribution.experimental_local_results(finite)[0]
-
-        def apply():
-            self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
-            return tf.no_op()
-
-        tf.cond(finite, apply, tf.no_op)
-        assignments = []
-        for variable, value in zip(self._adascale_state, state_values):
-            assignments += distribution.extended.update(
-                variable.value, lambda var, x: var.assign(x), args=(value,), group=False
-            )
-        if self.non_finite == "raise":
-            # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.
-            with tf.control_dependencies(assignments):
-                tf.debugging.Assert(finite, ["AdaScaleSGD: NaN or Inf in the gradients (non_finite='raise')"])
 
     def update_step(self, gradient, variable, learning_rate):
         if self.weight_decay is not None and self._use_weight_decay(variable):
@@ -571,10 +391,17 @@ def _checked_momentum(momentum):
         or not isinstance(momentum, numbers.Real)
         or not 0.0 <= momentum <= 1.0
     ):
-        raise ValueError(f"Argument `momentum` must be a float in [0, 1]. Received: momentum={momentum!r}")
+        # Keras's own wording (keras.optimizers.SGD), with the value received.
+        raise ValueError(f"`momentum` must be a float between [0, 1]. Received: momentum={momentum!r}")
     return float(momentum)
 
 
 def _plain_number(value):
     """An int stays an int (S = 8 reads as 8), any other real becomes a float."""
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _unique_name(prefix):
+    """`prefix`, then `prefix_1`, `prefix_2`...: default names unique per session, as Keras makes them."""
+    uid = keras.backend.get_uid(prefix)
+    return prefix if uid == 1 else f"{prefix}_{uid - 1}"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import keras_adascale
 from conftest import mirrored, mse_replica_step
-from keras_adascale import distribute, gain
+from keras_adascale import gain
 from reference import AdaScaleReference, gain_statistics
 
 SCALE = 2
@@ -128,7 +128,7 @@ def test_sums_of_squares_keep_float32_precision_whatever_the_gradient_dtype_and_
     values = tf.cast(tf.constant(np.random.RandomState(0).randn(1000) * 1000.0 if dtype != tf.bfloat16
                                  else np.random.RandomState(0).randn(1000) * 1e30), dtype)
     expected = float(np.sum(values.numpy().astype(np.float64) ** 2))
-    result = distribute.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
+    result = gain.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
     assert result.dtype == tf.float64
     dense = np.zeros(1000)
     np.add.at(dense, [0, 0, 5], values.numpy()[:3].astype(np.float64))
@@ -149,8 +149,8 @@ def test_statistics_match_numpy_from_1e_minus_30_to_1e30(scale, dim, exponent, n
     sample_list = (10.0**exponent * (rng.randn(dim) + noise * rng.randn(scale, dim))).astype(np.float32)
     mean = sample_list.astype(np.float64).mean(axis=0)
     variance, sqr_norm = gain.gradient_moments(
-        distribute.sqr_norm_sum([tf.constant(sample_list)]),
-        distribute.sqr_norm_sum([tf.constant(mean)]),
+        gain.sqr_norm_sum([tf.constant(sample_list)]),
+        gain.sqr_norm_sum([tf.constant(mean)]),
         tf.constant(float(scale), tf.float64),
         tf.constant(float(scale), tf.float64),
     )
