@@ -119,11 +119,16 @@ def least_squares():
     return LeastSquares(num_examples=192)
 
 
+_strategies_made = []
+
+
 def mirrored(replicas):
     """A real MirroredStrategy over `replicas` logical CPU devices."""
-    # Strategies of different sizes in one process must not share collective group keys
-    # (TensorFlow's own strategy_combinations offsets them the same way).
-    tf.distribute.MirroredStrategy._collective_key_base = 1000 * replicas
+    # Strategies in one process must not share collective keys: of different sizes they
+    # clash on group keys, of one size (in eager mode) on instance keys of another dtype.
+    # TensorFlow's own strategy_combinations offsets them the same way.
+    _strategies_made.append(replicas)
+    tf.distribute.MirroredStrategy._collective_key_base = 1000 * replicas + 100_000 * len(_strategies_made)
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
 
 

@@ -199,3 +199,21 @@ def test_one_device_strategy_with_accumulation_matches_the_reference(least_squar
               callbacks=[recorder], verbose=0)
     assert model.optimizer.scale == scale
     assert_same_history(recorder.history[scale - 1 :: scale], expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_gradient_tensor_passed_to_every_replica_is_reduced_like_its_statistic(dtype):
+    # Keras's optimizer_distribute_test.test_ema passes one tensor object to both replicas;
+    # TF's all-reduce hands such a tensor back unsummed, unlike per-replica tensors.
+    strategy = mirrored(2)
+    with strategy.scope():
+        variable = keras.Variable(np.array([3.0, 4.0, 5.0]), dtype=dtype)
+        gradient = tf.constant([1.0, -2.0, 0.5], dtype=dtype)
+        optimizer = keras_adascale.AdaScaleSGD(0.1, smoothing=0.0)
+        optimizer.build([variable])
+        strategy.run(lambda: optimizer.apply_gradients([(gradient, variable)]))
+    # Two identical samples: no variance, gain 1; the replicas' shares sum as for
+    # per-replica tensors (keras's test_single_step), so the step is 0.1 x (g + g).
+    assert float(optimizer.gradient_variance) == 0.0
+    assert float(optimizer.gain) == 1.0
+    np.testing.assert_allclose(variable.numpy(), [3.0, 4.0, 5.0] - 0.1 * 2 * np.array([1.0, -2.0, 0.5]), rtol=1e-6)

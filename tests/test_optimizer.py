@@ -204,3 +204,49 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 def test_integer_learning_rate_and_momentum_are_accepted():
     optimizer = keras_adascale.AdaScaleSGD(learning_rate=1, momentum=0)
     assert float(optimizer.learning_rate) == 1.0
+
+
+def test_default_names_are_unique_as_keras_makes_them():
+    first, second = keras_adascale.AdaScaleSGD(), keras_adascale.AdaScaleSGD()
+    assert first.name != second.name and first.name.startswith("adascale_sgd")
+    assert keras_adascale.AdaScaleSGD(name="mine").name == "mine"
+    paths = [v.path for v in first.variables] + [v.path for v in second.variables]
+    assert len(paths) == len(set(paths))  # a holder of both (model.get_state_tree) sees no clash
+
+
+def test_momentum_out_of_range_is_refused_in_keras_own_words():
+    with pytest.raises(ValueError) as keras_error:
+        keras.optimizers.SGD(momentum=-1.0)
+    with pytest.raises(ValueError) as our_error:
+        keras_adascale.AdaScaleSGD(momentum=-1.0)
+    assert str(our_error.value).startswith(str(keras_error.value))
+
+
+_AFTER_RESET = """
+import numpy as np, keras, keras_adascale
+from tensorflow.python.eager import context
+
+def fit(updates):
+    x, y = np.random.RandomState(0).randn(64, 3), np.random.RandomState(1).randn(64, 1)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    optimizer = keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=4)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x[: updates * 32], y[: updates * 32], batch_size=8, verbose=0)
+    return optimizer
+
+fit(1)  # traces and runs the compiled state step
+context._reset_context()  # as keras's own tests do between tests
+optimizer = fit(2)
+print(int(optimizer.iterations), float(optimizer.scale_invariant_iterations))
+"""
+
+
+def test_an_optimizer_made_after_a_context_reset_trains():
+    import subprocess
+    import sys
+
+    # In its own process: a reset context would unset the session's logical devices.
+    result = subprocess.run([sys.executable, "-c", _AFTER_RESET], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    updates, tau = result.stdout.split()
+    assert int(updates) == 2 and float(tau) >= 2

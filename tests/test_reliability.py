@@ -276,3 +276,43 @@ def test_a_mismatched_or_corrupt_checkpoint_fails_loudly(least_squares, tmp_path
     corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(Exception, match="(?i)truncated|unable|signature|file"):
         compiled(momentum=0.9).load_weights(corrupt)
+
+
+def mirrored_gain(strategy, factor, accumulation, updates=3):
+    """The gain after `updates` updates where replica i's gradient of micro-step k is factor x a fixed sample."""
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        variable = keras.Variable(np.zeros(4, np.float32))
+        optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=accumulation)
+        optimizer.build([variable])
+
+    @tf.function
+    def apply(table):
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            optimizer.apply_gradients([(table[context.replica_id_in_sync_group], variable)])
+
+        strategy.run(replica_fn)
+
+    micro_steps = accumulation or 1
+    sample_lists = []
+    for update in range(updates):
+        rng = np.random.RandomState(update)
+        sample_lists.append([rng.randn(micro_steps, 4) + 0.5 for _ in range(replicas)])
+        for step in range(micro_steps):
+            apply(tf.constant(factor * np.stack([s[step] for s in sample_lists[-1]]), tf.float32))
+    return float(optimizer.gain), sample_lists
+
+
+@pytest.mark.parametrize("accumulation", [None, 2], ids=["replicas", "replicas_x_accumulation"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_the_statistic_inside_the_all_reduce_keeps_extreme_gradient_scales(magnitude, accumulation):
+    strategy = mirrored(2)
+    gain_at_one, sample_lists = mirrored_gain(strategy, 1.0, accumulation)
+    reference = AdaScaleReference(np.zeros(4), 0.1, scale=2 * (accumulation or 1))
+    for per_replica in sample_lists:  # a replica's gradient g_i / R is the sample g_i over R
+        reference.step([2 * s for micro in per_replica for s in micro])
+    assert gain_at_one == pytest.approx(reference.gain, rel=1e-5)
+    assert 1.0 < gain_at_one
+    gain_at_magnitude, _ = mirrored_gain(strategy, magnitude, accumulation)
+    assert gain_at_magnitude == pytest.approx(gain_at_one, rel=1e-5)
