@@ -2,11 +2,18 @@
 
 For each model and setting, two identical models (one per optimizer) train on the same
 batches; timed windows alternate A/B/B/A... after a warm-up, and the report gives the
-median ratio of AdaScale's step time to SGD's over the windows, with its spread. Also the
-cost of `apply_gradients` alone on the 5.8M-parameter MLP, and the optimizers' state size.
+median ratio of AdaScale's step time to SGD's over the windows, with its spread, and the
+number of ops traced for one update of each (the train step's graph and every function it
+calls). Also `apply_gradients` alone on the 5.8M-parameter MLP beside its floor: SGD's
+`apply_gradients` plus the passes over the gradients that AdaScale cannot avoid (the
+squared norm of each replica's sample and of the mean gradient), and the optimizers' state size.
 
-    python benchmarks/overhead.py            # full: 3 models x 3 settings, 20 windows each
-    python benchmarks/overhead.py --quick    # a few minutes on 2 CPU cores
+    python benchmarks/overhead.py                        # full: 3 models x 3 settings, 20 windows each
+    python benchmarks/overhead.py --batch 32             # per-replica batch 32 (the demo's) for every model
+    python benchmarks/overhead.py --quick                # a few minutes on 2 CPU cores
+
+Settings: `default` (one device), `mirrored4` (4 replicas), `accumulation4` (4 accumulation
+steps on one device). `mirrored4` at --batch 32 with small_cnn is the demo's setting.
 
 The last line printed is a JSON summary.
 """
@@ -29,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per window (default 10; quick 3)")
     parser.add_argument("--models", default=None, help="comma-separated subset of small_cnn,mlp_5m,resnet20")
     parser.add_argument("--settings", default=None, help="comma-separated subset of default,mirrored4,accumulation4")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="examples per replica (and micro-batch) for every model (default: 128, resnet20 32; "
+                        "quick 32, resnet20 8)")
     args = parser.parse_args(argv)
     args.windows = args.windows or (4 if args.quick else 20)
     args.steps = args.steps or (3 if args.quick else 10)
@@ -45,7 +55,7 @@ def configure_devices():
     training.configure_devices([{"strategy": MIRRORED}])
 
 
-def model_specs(quick):
+def model_specs(quick, batch=None):
     """name -> (builder, input shape, per-replica batch)."""
     from keras_adascale.experiments import models
 
@@ -54,11 +64,17 @@ def model_specs(quick):
         return models.mlp(input_shape, classes, hidden_units=(2048, 2048))
 
     specs = {
-        "small_cnn": (models.small_cnn, (28, 28, 1), 32 if quick else 128),
-        "mlp_5m": (mlp_5m, (28, 28, 1), 32 if quick else 128),
-        "resnet20": (models.resnet20, (32, 32, 3), 8 if quick else 32),
+        "small_cnn": (models.small_cnn, (28, 28, 1), batch or (32 if quick else 128)),
+        "mlp_5m": (mlp_5m, (28, 28, 1), batch or (32 if quick else 128)),
+        "resnet20": (models.resnet20, (32, 32, 3), batch or (8 if quick else 32)),
     }
     return specs
+
+
+def traced_ops(function, *args):
+    """Ops in a `tf.function`'s graph plus every function it calls (cond branches, XLA bodies)."""
+    graph_def = function.get_concrete_function(*args).graph.as_graph_def()
+    return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
 
 
 def make_pair(spec, setting, strategy):
@@ -130,10 +146,12 @@ def train_step_benchmark(spec, setting, windows, steps):
     pair = make_pair(spec, setting, strategy)
     global_batch = spec[2] * strategy.num_replicas_in_sync
     data = dataset(spec, global_batch)
-    runners = {}
+    runners, ops = {}, {}
     for name, model in pair.items():
         model.fit(data, steps_per_epoch=8, epochs=1, verbose=0)  # trace and warm up
         iterator = iter(strategy.experimental_distribute_dataset(data))
+        one_step = tf.function(lambda it, model=model: strategy.run(model.train_step, args=(next(it),)))
+        ops[name] = traced_ops(one_step, iterator)
 
         def run(count, model=model, iterator=iterator):
             for _ in range(count):
@@ -142,6 +160,8 @@ def train_step_benchmark(spec, setting, windows, steps):
 
         runners[name] = run
     result = summarize(time_windows(runners, windows, steps))
+    result["traced_ops"] = ops
+    result["batch_per_replica"] = spec[2]
     result["params"] = pair["adascale"].count_params()
     result["state_bytes"] = {
         name: int(sum(v.numpy().nbytes for v in model.optimizer.variables)) for name, model in pair.items()
@@ -162,8 +182,33 @@ def make_apply(strategy, optimizer, variables):
     return apply
 
 
+def make_floor(strategy, optimizer, variables):
+    """SGD's `apply_gradients` plus the passes AdaScale cannot avoid: each replica's squared
+    norm of its sample, and one of the mean gradient (taken here over a tensor of its size)."""
+    import tensorflow as tf
+
+    from keras_adascale import gain
+
+    gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
+    means = [tf.random.normal(v.shape, seed=2) * 1e-3 for v in variables]  # the mean gradient's stand-in
+
+    @tf.function
+    def apply():
+        def replica_fn():
+            sample = gain.sqr_norm_sum(gradients)
+            mean = gain.sqr_norm_sum(means)
+            with tf.control_dependencies([sample, mean]):
+                optimizer.apply_gradients(zip(gradients, variables))
+
+        strategy.run(replica_fn)
+
+    return apply
+
+
 def apply_only_benchmark(spec, windows, steps):
-    """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both)."""
+    """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both),
+    beside the floor (see `make_floor`)."""
+    import keras
     import tensorflow as tf
 
     from keras_adascale.experiments import training
@@ -184,7 +229,25 @@ def apply_only_benchmark(spec, windows, steps):
             model.optimizer.iterations.numpy()
 
         runners[name] = run
-    return summarize(time_windows(runners, windows, steps))
+    with strategy.scope():
+        floor_model = keras.models.clone_model(pair["sgd"])
+        floor_optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        floor_optimizer.build(floor_model.trainable_variables)
+    floor = make_floor(strategy, floor_optimizer, floor_model.trainable_variables)
+    floor()
+
+    def run_floor(count):
+        for _ in range(count):
+            floor()
+        floor_optimizer.iterations.numpy()
+
+    runners["floor"] = run_floor
+    times = time_windows(runners, windows, steps)
+    result = summarize(times)
+    ratios = [a / b for a, b in zip(times["adascale"], times["floor"])]
+    result["floor_ms"] = 1000 * statistics.median(times["floor"])
+    result["ratio_to_floor_median"] = statistics.median(ratios)
+    return result
 
 
 def machine():
@@ -206,27 +269,29 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_devices()
-    specs = model_specs(args.quick)
+    specs = model_specs(args.quick, args.batch)
     model_names = args.models.split(",") if args.models else list(specs)
     settings = args.settings.split(",") if args.settings else ["default", "mirrored4", "accumulation4"]
     results = {"machine": machine(), "command": " ".join(["python", "benchmarks/overhead.py"] + sys.argv[1:]),
                "windows": args.windows, "steps_per_window": args.steps, "train_step": [], "apply_only": None}
-    print(f"{'model':>10} {'setting':>14} {'params':>9} {'SGD ms':>8} {'AdaScale ms':>11} "
-          f"{'ratio':>6} {'(q1 - q3)':>15}", flush=True)
+    print(f"{'model':>10} {'setting':>14} {'batch':>5} {'params':>9} {'SGD ms':>8} {'AdaScale ms':>11} "
+          f"{'ratio':>6} {'(q1 - q3)':>15} {'ops SGD/AdaScale':>17}", flush=True)
     for model_name in model_names:
         for setting in settings:
             row = train_step_benchmark(specs[model_name], setting, args.windows, args.steps)
             row.update(model=model_name, setting=setting)
             results["train_step"].append(row)
-            print(f"{model_name:>10} {setting:>14} {row['params']:>9,} {row['sgd_ms']:>8.2f} "
-                  f"{row['adascale_ms']:>11.2f} {row['ratio_median']:>6.3f} "
-                  f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f})", flush=True)
+            print(f"{model_name:>10} {setting:>14} {row['batch_per_replica']:>5} {row['params']:>9,} "
+                  f"{row['sgd_ms']:>8.2f} {row['adascale_ms']:>11.2f} {row['ratio_median']:>6.3f} "
+                  f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f}) "
+                  f"{row['traced_ops']['sgd']:>8}/{row['traced_ops']['adascale']:<8}", flush=True)
     if "mlp_5m" in model_names:
         row = apply_only_benchmark(specs["mlp_5m"], args.windows, args.steps)
         results["apply_only"] = row
         print(f"apply_gradients alone, mlp_5m, 4 replicas: SGD {row['sgd_ms']:.2f} ms, AdaScale "
               f"{row['adascale_ms']:.2f} ms, ratio {row['ratio_median']:.3f} "
-              f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f})", flush=True)
+              f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f}); floor {row['floor_ms']:.2f} ms, "
+              f"AdaScale / floor {row['ratio_to_floor_median']:.3f}", flush=True)
     print(json.dumps(results))
 
 

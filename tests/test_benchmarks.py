@@ -30,7 +30,16 @@ def test_overhead_quick_prints_ratios(tmp_path):
         assert row["adascale_ms"] > 0 and row["sgd_ms"] > 0
         assert math.isclose(row["ratio_median"], row["ratio_median"]) and row["ratio_q1"] <= row["ratio_q3"]
         assert row["state_bytes"]["adascale"] - row["state_bytes"]["sgd"] < 200  # O(1) extra state
+        assert row["traced_ops"]["adascale"] > row["traced_ops"]["sgd"] > 0 and row["batch_per_replica"] == 32
     assert summary["apply_only"] is None  # only measured on mlp_5m
+
+
+def test_overhead_apply_only_reports_the_floor(tmp_path):
+    summary = run_benchmark(["overhead.py", "--quick", "--models", "mlp_5m", "--settings", "default",
+                             "--batch", "8", "--windows", "2", "--steps", "1"], tmp_path)
+    row = summary["apply_only"]
+    assert row["floor_ms"] > 0 and row["ratio_to_floor_median"] > 0
+    assert summary["train_step"][0]["batch_per_replica"] == 8
 
 
 def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path):
