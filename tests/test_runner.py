@@ -99,6 +99,17 @@ def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
         training.train(run, experiment.parent)
 
 
+def test_an_interrupted_run_with_another_config_is_refused_naming_the_keys_that_differ(tmp_path):
+    run = config.resolve(TINY, name="tiny")[1]
+    started = json.loads(json.dumps(run))
+    started["optimizer"]["momentum"], started["seed"] = 0.5, 7
+    (tmp_path / "tiny" / "adascale.incomplete").mkdir(parents=True)
+    (tmp_path / "tiny" / "adascale.incomplete" / "config.json").write_text(json.dumps(started))
+    with pytest.raises(config.ConfigError) as error:
+        training.train(run, tmp_path)
+    assert "another config (optimizer.momentum: 0.5 there, 0.9 now, seed: 7 there, 0 now)" in str(error.value)
+
+
 def test_cli_errors_name_the_problem_and_exit_2(tmp_path):
     (tmp_path / "bad.yaml").write_text("optimizer: {scal: 2}\n")
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "bad.yaml")],
@@ -148,7 +159,12 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert incomplete.exists() and not (tmp_path / "killed" / "resume" / "adascale").exists()
-    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, timeout=300, env=env)
+    epochs_backed_up = json.loads((incomplete / "backup" / "training_metadata.json").read_text())["epoch"]
+    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
+                                 timeout=300, env=env)
+    # 240 steps in 8 evaluations at S = 2: 15 updates per epoch
+    assert (f"resuming resume/adascale from epoch {epochs_backed_up} (after {epochs_backed_up} epochs, "
+            f"{15 * epochs_backed_up} updates)") in resumed_run.stdout
 
     straight, resumed = (keras.models.load_model(tmp_path / name / "resume" / "adascale" / "model.keras")
                          for name in ("straight", "killed"))
