@@ -99,3 +99,26 @@ def test_describe_lists_every_key_with_its_default():
     assert "optimizer.scale = 1:" in text
     assert "strategy.name = \"default\"" in text and "one of: default, mirrored, multi_worker, tpu" in text
     assert "dataset.batch_size = 32:" in text
+
+
+def test_every_mistake_of_a_config_is_reported_at_once(tmp_path):
+    (tmp_path / "typos.yaml").write_text(
+        "dataset: {batch_sise: 64}\noptimizer: {momentun: 0.9, scale: 0}\n"
+        "runs:\n  - {name: a, schedule: {decay_at: [0.9, 0.1]}}\n  - {name: b, model: {nmae: mlp}}\n"
+    )
+    with pytest.raises(config.ConfigError) as error:
+        config.load(tmp_path / "typos.yaml")
+    message = str(error.value)
+    assert message.startswith("the config has 5 errors:\n")
+    for expected in ("unknown config key 'dataset.batch_sise'; did you mean 'batch_size'",
+                     "unknown config key 'optimizer.momentun'; did you mean 'momentum'",
+                     "'optimizer.scale' must be >= 1",
+                     "run 'a': schedule.decay_at must be increasing fractions",
+                     "run 'b': unknown config key 'model.nmae'; did you mean 'name'"):
+        assert message.count(expected) == 1, expected
+
+
+def test_a_top_level_value_that_breaks_a_rule_is_reported_once_for_all_runs():
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve({"optimizer": {"momentum": 1.0}, "runs": [{"name": "a"}, {"name": "b"}]}, name="x")
+    assert str(error.value) == "runs 'a', 'b': optimizer.momentum must be in [0, 1); got 1.0"
