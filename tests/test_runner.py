@@ -92,6 +92,47 @@ def test_the_comparison_table_is_printed(finished):
         assert f"{run} " in table
 
 
+def imported_packages(command):
+    """Runs `python -X importtime ARGS...` and returns (result, the top-level packages it imported)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
+                            timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines}
+
+
+def test_help_and_compare_do_not_import_tensorflow(finished, tmp_path):
+    experiment, _ = finished
+    console_script = ("import sys; sys.argv = ['keras-adascale', 'train', '--help']; "
+                      "from keras_adascale.experiments.cli import main; main()")
+    for command in (["-m", "keras_adascale", "train", "--help"], ["-c", console_script]):
+        result, packages = imported_packages(command)
+        assert result.returncode == 0 and "optimizer.scale = 1:" in result.stdout
+        assert "yaml" in packages and not {"tensorflow", "keras"} & packages
+    result, packages = imported_packages(["-m", "keras_adascale", "compare", str(experiment / "adascale"),
+                                          str(experiment / "lsr"), "--output", str(tmp_path / "c.png")])
+    assert result.returncode == 0 and (tmp_path / "c.png").is_file()
+    assert "matplotlib" in packages and not {"tensorflow", "keras"} & packages
+
+
+def test_a_library_import_still_registers_the_optimizer_with_keras():
+    script = ("import keras_adascale, keras; "
+              "print(keras.saving.get_registered_object('keras_adascale>AdaScaleSGD').__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "AdaScaleSGD", result.stderr[-2000:]
+
+
+def test_training_one_run_compares_every_finished_run_of_the_experiment(finished, tfds_data_dir):
+    experiment, _ = finished
+    command = [sys.executable, "-m", "keras_adascale", "train", str(experiment.parent.parent / "tiny.yaml"),
+               "--output-dir", str(experiment.parent), "--set", f"dataset.data_dir={tfds_data_dir}",
+               "--only", "lsr", "--overwrite"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("run  optimizer"):].splitlines()
+    assert [line.split()[0] for line in table[2:5]] == ["baseline", "adascale", "lsr"]
+
+
 def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
     experiment, _ = finished
     run = config.resolve(TINY, name="tiny")[1]

@@ -1,6 +1,7 @@
 """Input pipelines of the experiment runner, through tensorflow-datasets."""
 
 import difflib
+import json
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -75,6 +76,30 @@ def prepare(config):
             raise ConfigError(
                 f"dataset: '{config['name']}' has no split '{split}'; it has {', '.join(builder.info.splits)}"
             )
+
+
+def check(configs):
+    """`describe` and `prepare` for several `dataset` sections, reporting every problem at once.
+
+    The runner checks all its runs' datasets before it trains the first.
+
+    Args:
+        configs: `dataset` sections of resolved configs (repeats are checked once).
+
+    Raises:
+        ConfigError: listing each dataset that cannot be used.
+    """
+    errors = []
+    for config in {json.dumps(config, sort_keys=True): config for config in configs}.values():
+        try:
+            describe(config)
+            prepare(config)
+        except ConfigError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} datasets cannot be used:\n" + "\n".join(f"  {error}" for error in errors))
 
 
 def _preprocess(config):

@@ -11,7 +11,8 @@ import tensorflow as tf
 from keras_adascale.experiments import data, models, plots
 from keras_adascale.experiments.baselines import LinearScalingSchedule
 from keras_adascale.experiments.config import ConfigError
-from keras_adascale.experiments.recording import RunRecorder, read_jsonl
+from keras_adascale.experiments.recording import RunRecorder
+from keras_adascale.experiments.rundirs import read_jsonl
 from keras_adascale.optimizer import AdaScaleSGD
 from keras_adascale.schedules import ScaleInvariantSchedule
 
