@@ -243,15 +243,24 @@ class AdaScaleSGD(keras.optimizers.SGD):
         weight = tf.convert_to_tensor(self._average_weight.value)
         return tf.math.divide_no_nan(tf.convert_to_tensor(average.value), weight)
 
-    def build(self, variables):
-        if self.built:
-            return
+    def _check_strategy(self):
         if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
             raise ValueError(
                 "AdaScaleSGD was created outside the `strategy.scope()` it is used in, so "
                 "it cannot see the replicas. Create the optimizer (and compile the model) "
                 "inside `with strategy.scope():`."
             )
+
+    def apply(self, grads, trainable_variables=None):
+        # Built outside the scope too (a custom loop's `optimizer.build`), the first
+        # update would fail deep in tf.distribute with a bare AssertionError.
+        self._check_strategy()
+        return super().apply(grads, trainable_variables)
+
+    def build(self, variables):
+        if self.built:
+            return
+        self._check_strategy()
         expected = self._default_scale()
         if self._requested_scale is not None and self._requested_scale != expected:
             raise ValueError(
