@@ -82,6 +82,9 @@ def test_python_block_runs(code, marker, saved_model, monkeypatch):
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         assert result.returncode == 0, result.stderr[-3000:]
         return
+    # The README's MirroredStrategy() takes every (logical) device; strategies of other sizes made
+    # earlier in this process must not share its collective group keys (see conftest.mirrored).
+    monkeypatch.setattr(tf.distribute.MirroredStrategy, "_collective_key_base", 100_000)
     namespace = placeholders()
     exec(compile(code, str(script), "exec"), namespace)
     optimizer = namespace.get("optimizer")
