@@ -103,7 +103,7 @@ def plot(experiment_dir, scales, rows):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    from keras_adascale.experiments.recording import read_jsonl
+    from keras_adascale.experiments.rundirs import read_jsonl
 
     columns = len(scales)
     figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns, 9.5), constrained_layout=True, squeeze=False)

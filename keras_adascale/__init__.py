@@ -1,9 +1,46 @@
 """AdaScale SGD for Keras 3 and tf.distribute (Johnson et al., ICML 2020)."""
 
-from keras_adascale.callbacks import AdaScaleCallback
-from keras_adascale.keras_fixes import enable_multi_worker_fit
-from keras_adascale.optimizer import AdaScaleSGD
-from keras_adascale.schedules import ScaleInvariantSchedule
+import importlib
+import os
+import sys
 
 __all__ = ["AdaScaleCallback", "AdaScaleSGD", "ScaleInvariantSchedule", "enable_multi_worker_fit"]
 __version__ = "0.1.0"
+
+_MODULES = {
+    "AdaScaleCallback": "keras_adascale.callbacks",
+    "AdaScaleSGD": "keras_adascale.optimizer",
+    "ScaleInvariantSchedule": "keras_adascale.schedules",
+    "enable_multi_worker_fit": "keras_adascale.keras_fixes",
+}
+
+
+def __getattr__(name):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'keras_adascale' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def _started_as_command_line():
+    """Whether this process is `keras-adascale ...` or `python -m keras_adascale ...`."""
+    argv = getattr(sys, "argv", None) or [""]
+    if os.path.basename(argv[0]).split(".")[0] in ("keras-adascale", "keras-adascale-script"):
+        return True
+    # While `python -m` imports the package of the module it runs, sys.argv[0] is "-m"
+    # (Python's docs for -m); sys.orig_argv names the module.
+    interpreter_args = getattr(sys, "orig_argv", [])
+    for index, arg in enumerate(interpreter_args[1:], start=1):
+        if arg.startswith("-m"):
+            module = arg[2:] or (interpreter_args[index + 1] if index + 1 < len(interpreter_args) else "")
+            return argv[0] == "-m" and module in ("keras_adascale", "keras_adascale.experiments.cli")
+    return False
+
+
+# Importing the package registers AdaScaleSGD and ScaleInvariantSchedule with Keras, so that
+# `keras.models.load_model` finds them. The command line defers it (TensorFlow takes ~7 s to
+# import, which `--help`, `compare` and a config error do not need); it imports them to train.
+if not _started_as_command_line():
+    for _name in __all__:
+        __getattr__(_name)

@@ -1,6 +1,9 @@
 """AdaScaleCallback: stop at tau >= T_SI and log gain, tau and learning rate."""
 
+import os
+
 import keras
+import tensorflow as tf
 
 from keras_adascale.optimizer import AdaScaleSGD
 from keras_adascale.schedules import ScaleInvariantSchedule
@@ -17,7 +20,16 @@ class AdaScaleCallback(keras.callbacks.Callback):
     the share of the S-fold batch that turns into progress) to the
     batch and epoch logs, so they appear in the progress bar, in `History` and,
     when `keras.callbacks.TensorBoard` comes after this callback in the list,
-    in TensorBoard. Sets `model.stop_training` once tau reaches `total_steps`.
+    in TensorBoard (per epoch by default). Sets `model.stop_training` once tau
+    reaches `total_steps`.
+
+    Keras's `TensorBoard(update_freq="batch")` indexes its `batch_*` scalars by
+    `model.fit` step, which under `gradient_accumulation_steps` is a
+    micro-batch, not an update. With `log_dir`, this callback writes
+    `update_gain`, `update_scale_invariant_iterations`,
+    `update_effective_learning_rate` and `update_skipped_updates` once per
+    update, at step `optimizer.iterations` (the update count, as Keras's own
+    `evaluation_*_vs_iterations`), into the `train` run of that log directory.
 
     With `AdaScaleSGD(non_finite="raise")` it also raises after a batch whose
     update was skipped: inside an XLA-compiled step (`jit_compile=True`) the
@@ -27,16 +39,20 @@ class AdaScaleCallback(keras.callbacks.Callback):
         total_steps: optional number, T_SI. Defaults to the `total_steps` of
             the optimizer's `ScaleInvariantSchedule`, if it has one; with
             neither, training is not stopped.
+        log_dir: optional path; the `log_dir` of a `keras.callbacks.TensorBoard`
+            to add the per-update scalars to. Needs the `tensorboard` package.
 
     References:
         Johnson et al., 2020, Algorithm 1 (the loop `while tau < T_SI`).
     """
 
-    def __init__(self, total_steps=None):
+    def __init__(self, total_steps=None, log_dir=None):
         super().__init__()
         if total_steps is not None and not total_steps > 0:
             raise ValueError(f"Argument `total_steps` must be > 0. Received: total_steps={total_steps}")
         self.total_steps = total_steps
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self._writer = None
 
     def _optimizer(self):
         optimizer = self.model.optimizer
@@ -63,6 +79,15 @@ class AdaScaleCallback(keras.callbacks.Callback):
         total_steps = self._resolved_total_steps(optimizer)
         if total_steps is not None and float(optimizer.scale_invariant_iterations) >= total_steps:
             self.model.stop_training = True
+        if self.log_dir is not None:
+            # The same folder as keras.callbacks.TensorBoard's training scalars: one run in TensorBoard.
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+            self._logged_update = int(optimizer.iterations.numpy())
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _log(self, logs):
         optimizer = self._optimizer()
@@ -78,9 +103,24 @@ class AdaScaleCallback(keras.callbacks.Callback):
         if total_steps is not None and tau >= total_steps:
             self.model.stop_training = True
 
+    def _write_update(self, optimizer):
+        update = int(optimizer.iterations.numpy())
+        if update == self._logged_update:
+            return  # a micro-batch of gradient accumulation: no update yet
+        self._logged_update = update
+        with self._writer.as_default(step=update):
+            tf.summary.scalar("update_gain", optimizer.gain)
+            tf.summary.scalar("update_scale_invariant_iterations", optimizer.scale_invariant_iterations)
+            tf.summary.scalar("update_effective_learning_rate", optimizer.effective_learning_rate)
+            tf.summary.scalar("update_skipped_updates", optimizer.skipped_updates)
+            tf.summary.scalar("update_gradient_noise_scale", optimizer.gradient_noise_scale)
+            tf.summary.scalar("update_scaling_efficiency", float(optimizer.gain) / float(optimizer.scale))
+
     def on_train_batch_end(self, batch, logs=None):
         self._log(logs)
         optimizer = self._optimizer()
+        if self._writer is not None:
+            self._write_update(optimizer)
         skipped = int(optimizer.skipped_updates)
         if skipped > self._skipped and optimizer.non_finite == "raise":
             raise FloatingPointError(

@@ -289,15 +289,24 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
         """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
         return self._read_state().effective_learning_rate
 
-    def build(self, variables):
-        if self.built:
-            return
+    def _check_strategy(self):
         if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
             raise ValueError(
                 "AdaScaleSGD was created outside the `strategy.scope()` it is used in, so "
                 "it cannot see the replicas. Create the optimizer (and compile the model) "
                 "inside `with strategy.scope():`."
             )
+
+    def apply(self, grads, trainable_variables=None):
+        # Built outside the scope too (a custom loop's `optimizer.build`), the first
+        # update would fail deep in tf.distribute with a bare AssertionError.
+        self._check_strategy()
+        return super().apply(grads, trainable_variables)
+
+    def build(self, variables):
+        if self.built:
+            return
+        self._check_strategy()
         if self.samples_per_update == 1 and self.scale > 1:
             raise ValueError(
                 f"Argument `scale` is {self.scale}, but each update sees one gradient "

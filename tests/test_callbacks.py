@@ -1,6 +1,7 @@
 """AdaScaleCallback: logs in History and the progress bar, and the T_SI stopping rule."""
 
 import keras
+import numpy as np
 import pytest
 
 import keras_adascale
@@ -70,3 +71,40 @@ def test_logs_the_noise_scale_and_the_scaling_efficiency(least_squares):
     assert history.history["gradient_noise_scale"][-1] == pytest.approx(variance / sqr_norm, rel=1e-6)
     assert history.history["scaling_efficiency"][-1] == pytest.approx(history.history["gain"][-1] / 6, rel=1e-6)
     assert 1 / 6 <= history.history["scaling_efficiency"][-1] <= 1.0
+
+
+def read_scalars(log_dir):
+    """{tag: [(step, value), ...]} from every TensorBoard event file under `log_dir`."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(tf.io.gfile.glob(f"{log_dir}/**/events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "scalars":
+                    continue  # Keras also writes the model's config as text
+                scalars.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
+def test_tensorboard_gets_gain_and_tau_per_update_under_accumulation(least_squares, tmp_path):
+    model, optimizer = compiled(least_squares)
+    history = model.fit(
+        least_squares.x, least_squares.y, batch_size=8, epochs=2, verbose=0,
+        callbacks=[keras_adascale.AdaScaleCallback(log_dir=tmp_path),
+                   keras.callbacks.TensorBoard(tmp_path, update_freq="batch")],
+    )
+    scalars = read_scalars(tmp_path)
+    # 192 examples in batches of 8, 4 micro-batches per update: 6 updates per epoch.
+    assert int(optimizer.iterations.numpy()) == 12
+    gains = scalars["update_gain"]
+    taus = scalars["update_scale_invariant_iterations"]
+    assert [step for step, _ in gains] == [step for step, _ in taus] == list(range(1, 13))
+    assert all(1.0 <= gain <= 4.0 for _, gain in gains)
+    # tau is the running sum of the gains (Algorithm 1), update by update.
+    np.testing.assert_allclose([tau for _, tau in taus], np.cumsum([gain for _, gain in gains]), rtol=1e-5)
+    assert [step for step, _ in scalars["update_effective_learning_rate"]] == list(range(1, 13))
+    # Keras's own callback logs what AdaScaleCallback put in the logs: per epoch, and per
+    # model.fit step (micro-batch) for the batch_ scalars.
+    assert [value for _, value in scalars["epoch_gain"]] == pytest.approx(history.history["gain"])
+    assert len(scalars["batch_gain"]) == 48

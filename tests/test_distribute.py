@@ -186,6 +186,21 @@ def test_optimizer_created_outside_the_strategy_scope_is_refused(least_squares):
         model.fit(least_squares.x[:16], least_squares.y[:16], batch_size=16, verbose=0)
 
 
+@pytest.mark.parametrize("built_outside", [True, False])
+def test_optimizer_created_outside_the_strategy_scope_is_refused_in_a_custom_loop(least_squares, built_outside):
+    strategy = mirrored(2)
+    optimizer = keras_adascale.AdaScaleSGD(0.1)
+    with strategy.scope():
+        model = least_squares.model()
+    if built_outside:  # the README's custom loop builds the optimizer before the first step
+        optimizer.build(model.trainable_variables)
+    step = mse_replica_step(model, optimizer, global_batch_size=16)
+    dataset = tf.data.Dataset.from_tensor_slices((least_squares.x[:16], least_squares.y[:16])).batch(16)
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    with pytest.raises(ValueError, match="created outside the `strategy.scope"):
+        tf.function(lambda x, y: strategy.run(step, args=(x, y)))(*batch)
+
+
 def test_one_device_strategy_with_accumulation_matches_the_reference(least_squares):
     scale, updates = 3, 4
     _, expected = reference_history(least_squares, scale, updates, learning_rate=0.05, momentum=0.9)

@@ -121,3 +121,26 @@ def test_a_bigger_sample_batch_than_the_baseline_lowers_the_samples_per_update()
            "strategy": {"name": "mirrored", "devices": 4}}
     (run,) = config.resolve(raw, "x")
     assert config.batches_per_update(run, replicas=4) == (256, 1)  # N = 4 = 8 x 32 / 64
+
+
+def test_every_mistake_of_a_config_is_reported_at_once(tmp_path):
+    (tmp_path / "typos.yaml").write_text(
+        "dataset: {batch_sise: 64}\noptimizer: {momentun: 0.9, scale: 0}\n"
+        "runs:\n  - {name: a, schedule: {decay_at: [0.9, 0.1]}}\n  - {name: b, model: {nmae: mlp}}\n"
+    )
+    with pytest.raises(config.ConfigError) as error:
+        config.load(tmp_path / "typos.yaml")
+    message = str(error.value)
+    assert message.startswith("the config has 5 errors:\n")
+    for expected in ("unknown config key 'dataset.batch_sise'; did you mean 'batch_size'",
+                     "unknown config key 'optimizer.momentun'; did you mean 'momentum'",
+                     "'optimizer.scale' must be >= 1",
+                     "run 'a': schedule.decay_at must be increasing fractions",
+                     "run 'b': unknown config key 'model.nmae'; did you mean 'name'"):
+        assert message.count(expected) == 1, expected
+
+
+def test_a_top_level_value_that_breaks_a_rule_is_reported_once_for_all_runs():
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve({"optimizer": {"momentum": 1.0}, "runs": [{"name": "a"}, {"name": "b"}]}, name="x")
+    assert str(error.value) == "runs 'a', 'b': optimizer.momentum must be in [0, 1); got 1.0"

@@ -95,11 +95,63 @@ def test_the_comparison_table_is_printed(finished):
         assert f"{run} " in table
 
 
+def imported_packages(command):
+    """Runs `python -X importtime ARGS...` and returns (result, the top-level packages it imported)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
+                            timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines}
+
+
+def test_help_and_compare_do_not_import_tensorflow(finished, tmp_path):
+    experiment, _ = finished
+    console_script = ("import sys; sys.argv = ['keras-adascale', 'train', '--help']; "
+                      "from keras_adascale.experiments.cli import main; main()")
+    for command in (["-m", "keras_adascale", "train", "--help"], ["-c", console_script]):
+        result, packages = imported_packages(command)
+        assert result.returncode == 0 and "optimizer.scale = 1:" in result.stdout
+        assert "yaml" in packages and not {"tensorflow", "keras"} & packages
+    result, packages = imported_packages(["-m", "keras_adascale", "compare", str(experiment / "adascale"),
+                                          str(experiment / "lsr"), "--output", str(tmp_path / "c.png")])
+    assert result.returncode == 0 and (tmp_path / "c.png").is_file()
+    assert "matplotlib" in packages and not {"tensorflow", "keras"} & packages
+
+
+def test_a_library_import_still_registers_the_optimizer_with_keras():
+    script = ("import keras_adascale, keras; "
+              "print(keras.saving.get_registered_object('keras_adascale>AdaScaleSGD').__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "AdaScaleSGD", result.stderr[-2000:]
+
+
+def test_training_one_run_compares_every_finished_run_of_the_experiment(finished, tfds_data_dir):
+    experiment, _ = finished
+    command = [sys.executable, "-m", "keras_adascale", "train", str(experiment.parent.parent / "tiny.yaml"),
+               "--output-dir", str(experiment.parent), "--set", f"dataset.data_dir={tfds_data_dir}",
+               "--only", "lsr", "--overwrite"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("run  optimizer"):].splitlines()
+    assert [line.split()[0] for line in table[2:5]] == ["baseline", "adascale", "lsr"]
+
+
 def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
     experiment, _ = finished
     run = config.resolve(TINY, name="tiny")[1]
     with pytest.raises(config.ConfigError, match="exists; pass --overwrite"):
         training.train(run, experiment.parent)
+
+
+def test_an_interrupted_run_with_another_config_is_refused_naming_the_keys_that_differ(tmp_path):
+    run = config.resolve(TINY, name="tiny")[1]
+    started = json.loads(json.dumps(run))
+    started["optimizer"]["momentum"], started["seed"] = 0.5, 7
+    (tmp_path / "tiny" / "adascale.incomplete").mkdir(parents=True)
+    (tmp_path / "tiny" / "adascale.incomplete" / "config.json").write_text(json.dumps(started))
+    with pytest.raises(config.ConfigError) as error:
+        training.train(run, tmp_path)
+    assert "another config (optimizer.momentum: 0.5 there, 0.9 now, seed: 7 there, 0 now)" in str(error.value)
 
 
 def test_cli_errors_name_the_problem_and_exit_2(tmp_path):
@@ -151,7 +203,12 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert incomplete.exists() and not (tmp_path / "killed" / "resume" / "adascale").exists()
-    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, timeout=300, env=env)
+    epochs_backed_up = json.loads((incomplete / "backup" / "training_metadata.json").read_text())["epoch"]
+    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
+                                 timeout=300, env=env)
+    # 240 steps in 8 evaluations at S = 2: 15 updates per epoch
+    assert (f"resuming resume/adascale from epoch {epochs_backed_up} (after {epochs_backed_up} epochs, "
+            f"{15 * epochs_backed_up} updates)") in resumed_run.stdout
 
     straight, resumed = (keras.models.load_model(tmp_path / name / "resume" / "adascale" / "model.keras")
                          for name in ("straight", "killed"))

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no backend is chosen or changed for the caller
 
 from keras_adascale.experiments.config import ConfigError
-from keras_adascale.experiments.recording import read_jsonl
+from keras_adascale.experiments.rundirs import read_jsonl
 
 DEFAULT_SCALES = tuple(2**k for k in range(11))  # 1 .. 1024
 CRITICAL_EFFICIENCY = 0.5

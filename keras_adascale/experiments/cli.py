@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 from keras_adascale.experiments import config as config_lib
+from keras_adascale.experiments import rundirs
 
 _DESCRIPTION = """\
 Train and compare AdaScale SGD runs (Johnson et al., ICML 2020).
@@ -69,18 +70,19 @@ def compare(run_dirs, output):
 
 def _train(args):
     runs = config_lib.load(args.config, args.set)
+    names = [run["run"] for run in runs]
     if args.only:
-        names = [run["run"] for run in runs]
         unknown = sorted(set(args.only) - set(names))
         if unknown:
             raise config_lib.ConfigError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}")
         runs = [run for run in runs if run["run"] in args.only]
     import tensorflow_datasets as tfds
 
-    from keras_adascale.experiments import training  # imports TensorFlow
+    from keras_adascale.experiments import data, training  # imports TensorFlow
 
     tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
     training.configure_devices(runs)
+    data.check([run["dataset"] for run in runs])
     output_root = pathlib.Path(args.output_dir)
     run_dirs = []
     for index, run in enumerate(runs):
@@ -90,7 +92,9 @@ def _train(args):
     if any(run_dir.name != run["run"] for run_dir, run in zip(run_dirs, runs)):
         return  # a non-chief worker of a multi-worker job: the chief prints and plots the comparison
     print()
-    compare(run_dirs, output_root / runs[0]["name"] / "comparison.png")
+    # Every finished run of the experiment, not only this invocation's (`--only`, earlier commands).
+    experiment_dir = output_root / runs[0]["name"]
+    compare(rundirs.finished_runs(experiment_dir, first=names), experiment_dir / "comparison.png")
 
 
 def _compare(args):

@@ -134,7 +134,7 @@ def describe():
 def _unknown(key, known):
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint} Known keys here: {', '.join(sorted(known))}")
+    return f"unknown config key '{key}'{hint} Known keys here: {', '.join(sorted(known))}"
 
 
 def _check_value(path, key, value):
@@ -155,41 +155,56 @@ def _check_value(path, key, value):
     return value
 
 
-def _merge(base, update, schema, prefix=""):
-    """Deep-merges `update` into a copy of `base`, checking every key against `schema`."""
+def _merge(base, update, schema, errors, prefix=""):
+    """Deep-merges `update` into a copy of `base`, checking every key against `schema`.
+
+    A bad key or value is added to `errors` and leaves the base value in place,
+    so that the rest of the config is still checked.
+    """
     merged = copy.deepcopy(base)
     if not isinstance(update, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping; got {update!r}")
+        errors.append(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping; got {update!r}")
+        return merged
     for name, value in update.items():
         path = f"{prefix}{name}"
         if name not in schema:
-            raise _unknown(path, schema.keys())
+            errors.append(_unknown(path, schema.keys()))
+            continue
         entry = schema[name]
         if _is_section(entry):
-            merged[name] = _merge(merged[name], value, entry, f"{path}.")
-        else:
+            merged[name] = _merge(merged[name], value, entry, errors, f"{path}.")
+            continue
+        try:
             merged[name] = _check_value(path, entry, value)
+        except ConfigError as error:
+            errors.append(str(error))
     return merged
 
 
-def _check_run(run, label):
-    """Cross-key rules of one resolved run."""
+def _run_errors(run):
+    """The cross-key rules one resolved run breaks, as messages."""
+    errors = []
     optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
     # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
     # them there); a whole number of samples is needed everywhere.
-    batches_per_update(run, strategy["devices"] if strategy["name"] == "mirrored" else 1, label)
+    replicas = strategy["devices"] if strategy["name"] == "mirrored" else 1
+    try:
+        batches_per_update(run, replicas, label="")
+    except ConfigError as error:
+        errors.append(str(error))
     if optimizer["smoothing"] is not None and not optimizer["smoothing"] < 1:
-        raise ConfigError(f"{label}: optimizer.smoothing must be in [0, 1); got {optimizer['smoothing']}")
+        errors.append(f"optimizer.smoothing must be in [0, 1); got {optimizer['smoothing']}")
     if not optimizer["warmup_fraction"] <= 1:
-        raise ConfigError(f"{label}: optimizer.warmup_fraction must be in [0, 1]; got {optimizer['warmup_fraction']}")
+        errors.append(f"optimizer.warmup_fraction must be in [0, 1]; got {optimizer['warmup_fraction']}")
     if optimizer["momentum"] >= 1:
-        raise ConfigError(f"{label}: optimizer.momentum must be in [0, 1); got {optimizer['momentum']}")
+        errors.append(f"optimizer.momentum must be in [0, 1); got {optimizer['momentum']}")
     decay_at = schedule["decay_at"]
     if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in decay_at) or decay_at != sorted(decay_at):
-        raise ConfigError(f"{label}: schedule.decay_at must be increasing fractions in (0, 1); got {decay_at}")
+        errors.append(f"schedule.decay_at must be increasing fractions in (0, 1); got {decay_at}")
     units = run["model"]["hidden_units"]
     if not units or not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units):
-        raise ConfigError(f"{label}: model.hidden_units must be a non-empty list of positive ints; got {units}")
+        errors.append(f"model.hidden_units must be a non-empty list of positive ints; got {units}")
+    return errors
 
 
 def baseline_batch_size(run):
@@ -207,7 +222,7 @@ def batches_per_update(run, replicas, label=None):
     Args:
         run: a resolved run.
         replicas: `num_replicas_in_sync` of its strategy.
-        label: the run's name in error messages (default: the run's own).
+        label: what error messages start with (default: the run's name).
 
     Returns:
         `(global_batch, accumulation)`: examples per `model.fit` step and steps per update.
@@ -215,20 +230,20 @@ def batches_per_update(run, replicas, label=None):
     Raises:
         ConfigError: if S x B0 is not a whole number of samples that splits over the replicas.
     """
-    label = label or f"run '{run['run']}'"
+    label = f"run '{run['run']}': " if label is None else label
     scale, batch, baseline = run["optimizer"]["scale"], run["dataset"]["batch_size"], baseline_batch_size(run)
     examples = scale * baseline
     if run["optimizer"]["name"] != "adascale":
         if examples != round(examples) or round(examples) % replicas:
             raise ConfigError(
-                f"{label}: the global batch optimizer.scale x baseline batch = {scale} x {baseline} = "
+                f"{label}the global batch optimizer.scale x baseline batch = {scale} x {baseline} = "
                 f"{examples:g} must be a whole number that splits evenly over {replicas} replicas"
             )
         return round(examples), 1
     samples = examples / batch
     if samples != round(samples) or round(samples) % replicas:
         raise ConfigError(
-            f"{label}: optimizer.scale={scale} with baseline batch {baseline} means {examples:g} examples "
+            f"{label}optimizer.scale={scale} with baseline batch {baseline} means {examples:g} examples "
             f"per update, i.e. N = {samples:g} gradient samples of dataset.batch_size={batch}; N must be a "
             f"whole multiple of the {replicas} replicas (N = replicas x accumulation steps, "
             f"S = N x {batch} / {baseline})"
@@ -248,26 +263,39 @@ def resolve(raw, name):
         and a `run` key holding the run's name.
 
     Raises:
-        ConfigError: naming the first bad key or value.
+        ConfigError: naming every bad key or value of the config at once.
     """
-    base = _merge(defaults(), raw, SCHEMA)
+    errors, run_errors = [], {}  # run_errors: {message: [names of the runs it is about]}
+    base = _merge(defaults(), raw, SCHEMA, errors)
     base["name"] = base["name"] or name
     variants = base.pop("runs") or [{"name": base["optimizer"]["name"]}]
     runs, seen = [], set()
     for index, variant in enumerate(variants):
         if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"]:
-            raise ConfigError(f"runs[{index}] must be a mapping with a non-empty string 'name'; got {variant!r}")
+            errors.append(f"runs[{index}] must be a mapping with a non-empty string 'name'; got {variant!r}")
+            continue
         overrides = {key: value for key, value in variant.items() if key != "name"}
         if "runs" in overrides:
-            raise ConfigError(f"runs[{index}] ('{variant['name']}') must not hold 'runs'")
+            errors.append(f"runs[{index}] ('{variant['name']}') must not hold 'runs'")
+            continue
         if variant["name"] in seen:
-            raise ConfigError(f"runs[{index}]: the run name '{variant['name']}' is used twice")
+            errors.append(f"runs[{index}]: the run name '{variant['name']}' is used twice")
         seen.add(variant["name"])
-        run = _merge({**base, "runs": None}, overrides, SCHEMA)
+        problems = []
+        run = _merge({**base, "runs": None}, overrides, SCHEMA, problems)
         del run["runs"]
         run["run"] = variant["name"]
-        _check_run(run, f"run '{variant['name']}'")
+        for message in problems + _run_errors(run):
+            run_errors.setdefault(message, []).append(variant["name"])
         runs.append(run)
+    # A top-level value that breaks a rule breaks it in every run: one message names them all.
+    for message, names in run_errors.items():
+        label = f"run '{names[0]}'" if len(names) == 1 else "runs " + ", ".join(f"'{name}'" for name in names)
+        errors.append(f"{label}: {message}")
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"the config has {len(errors)} errors:\n" + "\n".join(f"  {error}" for error in errors))
     return runs
 
 

@@ -1,5 +1,8 @@
 """Input pipelines of the experiment runner, through tensorflow-datasets."""
 
+import difflib
+import json
+
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -8,10 +11,18 @@ from keras_adascale.experiments.config import ConfigError
 
 
 def _builder(config):
+    name = config["name"]
     try:
-        return tfds.builder(config["name"], data_dir=config["data_dir"])
+        return tfds.builder(name, data_dir=config["data_dir"])
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ConfigError(f"dataset.name: tensorflow-datasets has no dataset '{config['name']}'") from error
+        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], tfds.list_builders(), n=3)
+        hint = f"; did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
+        raise ConfigError(f"dataset.name: tensorflow-datasets has no dataset '{name}'{hint}") from error
+
+
+def _ships_offline(builder):
+    """True for the builders of `keras_adascale.datasets`, whose data comes with an installed package."""
+    return type(builder).__module__.startswith("keras_adascale.datasets.")
 
 
 def describe(config):
@@ -39,18 +50,56 @@ def describe(config):
 
 
 def prepare(config):
-    """Downloads (where a download is needed and possible) and prepares the dataset.
+    """Prepares a bundled dataset, or checks that another one is prepared already.
+
+    The runner never downloads: offline, tfds's download retries for minutes
+    and leaves partial folders behind. Other datasets are prepared beforehand
+    with `tfds build NAME --data_dir DIR` (or `download_and_prepare()`).
 
     Raises:
-        ConfigError: if the prepared dataset lacks a split the config names.
+        ConfigError: if the dataset is not prepared in its data_dir, or lacks
+            a split the config names.
     """
     builder = _builder(config)
-    builder.download_and_prepare()
+    if _ships_offline(builder):
+        builder.download_and_prepare()
+    elif not builder.is_prepared():
+        name, root = config["name"], builder.data_dir_root
+        raise ConfigError(
+            f"dataset.name: '{name}' is not prepared in the tfds data_dir {root} (no {builder.data_dir}), "
+            f"and the runner does not download. Prepare it on a machine with internet access: "
+            f"`tfds build {name} --data_dir {root}` (or `tfds.builder('{name}', data_dir='{root}')"
+            ".download_and_prepare()`), then copy that folder here or set dataset.data_dir to it."
+        )
     for split in (config["train_split"], config["test_split"]):
         if split.split("[")[0] not in builder.info.splits:
             raise ConfigError(
                 f"dataset: '{config['name']}' has no split '{split}'; it has {', '.join(builder.info.splits)}"
             )
+
+
+def check(configs):
+    """`describe` and `prepare` for several `dataset` sections, reporting every problem at once.
+
+    The runner checks all its runs' datasets before it trains the first.
+
+    Args:
+        configs: `dataset` sections of resolved configs (repeats are checked once).
+
+    Raises:
+        ConfigError: listing each dataset that cannot be used.
+    """
+    errors = []
+    for config in {json.dumps(config, sort_keys=True): config for config in configs}.values():
+        try:
+            describe(config)
+            prepare(config)
+        except ConfigError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} datasets cannot be used:\n" + "\n".join(f"  {error}" for error in errors))
 
 
 def _preprocess(config):
@@ -95,6 +144,7 @@ def train_dataset(config, global_batch_size, seed):
     dataset = tfds.load(
         config["name"], split=config["train_split"], data_dir=config["data_dir"],
         as_supervised=True, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=seed),
+        download=False,  # prepare() did what may be done
     )
     dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)
     if config["cache"]:
@@ -115,7 +165,7 @@ def test_dataset(config, global_batch_size):
     """
     dataset, info = tfds.load(
         config["name"], split=config["test_split"], data_dir=config["data_dir"], as_supervised=True,
-        with_info=True,
+        with_info=True, download=False,
     )
     examples = info.splits[config["test_split"]].num_examples
     dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no backend is chosen or changed for the caller
 
-from keras_adascale.experiments.recording import read_jsonl
+from keras_adascale.experiments.rundirs import read_jsonl
 
 
 def _smooth(values, points=50):

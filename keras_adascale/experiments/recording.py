@@ -6,14 +6,8 @@ import time
 
 import keras
 
+from keras_adascale.experiments.rundirs import read_jsonl
 from keras_adascale.optimizer import AdaScaleSGD
-
-
-def read_jsonl(path):
-    """The rows of a JSON-lines file, or [] when it does not exist."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class _Progress:

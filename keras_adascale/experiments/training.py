@@ -12,7 +12,8 @@ from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots
 from keras_adascale.experiments.baselines import LinearScalingSchedule
 from keras_adascale.experiments.config import ConfigError
-from keras_adascale.experiments.recording import RunRecorder, read_jsonl
+from keras_adascale.experiments.recording import RunRecorder
+from keras_adascale.experiments.rundirs import read_jsonl
 from keras_adascale.optimizer import AdaScaleSGD
 from keras_adascale.schedules import ScaleInvariantSchedule
 
@@ -211,17 +212,38 @@ def _epochs_done(backup_dir):
     return json.loads(path.read_text())["epoch"] if path.exists() else 0
 
 
-def _same_config(run_dir, run):
+def _flatten(config, prefix=""):
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_differences(run_dir, run):
+    """The keys whose values differ between `run` and the config saved in `run_dir`, as text ('' if none)."""
     path = run_dir / "config.json"
-    return path.exists() and json.loads(path.read_text()) == run
+    if not path.exists():
+        return "no config.json"
+    saved, wanted = _flatten(json.loads(path.read_text())), _flatten(run)
+    missing = object()
+    return ", ".join(
+        f"{key}: {json.dumps(saved.get(key))} there, {json.dumps(wanted.get(key))} now"
+        for key in sorted(set(saved) | set(wanted))
+        if saved.get(key, missing) != wanted.get(key, missing)
+    )
 
 
 def train(run, output_root, overwrite=False):
     """Trains one run and writes its folder `output_root/<experiment>/<run>`.
 
-    The run is written into `<run>.incomplete` and renamed when it has
-    finished, so a folder without the suffix is always complete. An
-    interrupted run with the same config resumes from its last epoch
+    The data, model and optimizer are built before the folder is created,
+    so a run that fails on its config leaves nothing behind. The run is
+    written into `<run>.incomplete` and renamed when it has finished, so a
+    folder without the suffix is always complete. An interrupted run with
+    the same config resumes from its last epoch
     (`keras.callbacks.BackupAndRestore`), with the data stream at the same
     batch as in an uninterrupted run.
 
@@ -237,8 +259,9 @@ def train(run, output_root, overwrite=False):
         The `pathlib.Path` of the finished run folder.
 
     Raises:
-        ConfigError: if the finished folder exists and `overwrite` is false,
-            or an interrupted run with a different config is in the way.
+        ConfigError: if the dataset cannot be used, the finished folder exists
+            and `overwrite` is false, or an interrupted run with a different
+            config is in the way (the message lists the keys that differ).
     """
     strategy = make_strategy(run["strategy"])
     suffix = _worker_suffix(strategy)
@@ -247,14 +270,12 @@ def train(run, output_root, overwrite=False):
     backup_dir = output_root / run["name"] / (run["run"] + ".incomplete") / "backup"  # the chief's
     if final_dir.exists() and not overwrite:
         raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
-    if work_dir.exists() and not _same_config(work_dir, run):
-        if not overwrite:
-            raise ConfigError(
-                f"{work_dir} holds an interrupted run with another config; pass --overwrite to discard it"
-            )
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+    differences = _config_differences(work_dir, run) if work_dir.exists() else ""
+    if differences and not overwrite:
+        raise ConfigError(
+            f"{work_dir} holds an interrupted run with another config ({differences}); pass --overwrite "
+            "to discard it, or train the config it was started with to resume it"
+        )
 
     replicas = strategy.num_replicas_in_sync
     input_shape, num_classes = data.describe(run["dataset"])
@@ -273,11 +294,20 @@ def train(run, output_root, overwrite=False):
     test_data = data.test_dataset(run["dataset"], max(steps["batch_size"], 256))
     updates_per_epoch = max(1, math.ceil(steps["min_updates"] / run["evaluations"]))
     steps_per_epoch = updates_per_epoch * steps["accumulation"]
+
+    if differences:
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+    epochs_done = _epochs_done(backup_dir)
+    if epochs_done:
+        print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} "
+              f"(after {epochs_done} epochs, {epochs_done * updates_per_epoch} updates)", flush=True)
     # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
     # of batches is the same in every process, so skipping the batches of the finished
     # epochs puts the data where the uninterrupted run had it.
     train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"]).skip(
-        _epochs_done(backup_dir) * steps_per_epoch
+        epochs_done * steps_per_epoch
     )
     recorder = RunRecorder(
         work_dir, run["total_steps"], steps["tau_per_update"], steps["schedule"],
