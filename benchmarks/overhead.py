@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per window (default 10; quick 3)")
     parser.add_argument("--models", default=None, help="comma-separated subset of small_cnn,mlp_5m,resnet20")
     parser.add_argument("--settings", default=None, help="comma-separated subset of default,mirrored4,accumulation4")
+    parser.add_argument("--apply-only", action="store_true",
+                        help="skip the training-step table: only apply_gradients on mlp_5m and the fixed cost")
     parser.add_argument("--batch", type=int, default=None,
                         help="examples per replica (and micro-batch) for every model (default: 128, resnet20 32; "
                         "quick 32, resnet20 8)")
@@ -169,15 +171,18 @@ def train_step_benchmark(spec, setting, windows, steps):
     return result
 
 
-def make_apply(strategy, optimizer, variables):
-    """A tf.function applying fixed gradients in every replica (a closure: tf.function args would be traced)."""
+def make_apply(strategy, optimizer, variables, calls=1):
+    """A tf.function applying fixed gradients in every replica `calls` times (a closure: tf.function
+    args would be traced). Each replica makes its own gradient tensors: a tensor object shared by every
+    replica comes back from MirroredStrategy's all-reduce unsummed, with no reduction done."""
     import tensorflow as tf
 
     gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
 
     @tf.function
     def apply():
-        strategy.run(lambda: optimizer.apply_gradients(zip(gradients, variables)))
+        for _ in range(calls):
+            strategy.run(lambda: optimizer.apply_gradients(zip([tf.identity(g) for g in gradients], variables)))
 
     return apply
 
@@ -199,7 +204,7 @@ def make_floor(strategy, optimizer, variables):
             sample = sqr_norm(gradients)
             mean = sqr_norm(means)
             with tf.control_dependencies([sample, mean]):
-                optimizer.apply_gradients(zip(gradients, variables))
+                optimizer.apply_gradients(zip([tf.identity(g) for g in gradients], variables))
 
         strategy.run(replica_fn)
 
@@ -251,6 +256,38 @@ def apply_only_benchmark(spec, windows, steps):
     return result
 
 
+def fixed_cost_benchmark(setting, windows, steps, calls=20):
+    """The fixed part of an update: `apply_gradients` on one 1,000-float variable, SGD vs AdaScale,
+    in microseconds per update (`calls` updates per timed call, so Python is not timed)."""
+    import keras
+    import tensorflow as tf
+
+    import keras_adascale
+    from keras_adascale.experiments import training
+
+    strategy = training.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
+    runners = {}
+    for name in ("adascale", "sgd"):
+        with strategy.scope():
+            variable = keras.Variable(tf.zeros([1000]))
+            if name == "adascale":
+                optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9)
+            else:
+                optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+            optimizer.build([variable])
+        apply = make_apply(strategy, optimizer, [variable], calls)
+        apply()
+
+        def run(count, apply=apply, optimizer=optimizer):
+            for _ in range(count):
+                apply()
+            optimizer.iterations.numpy()
+
+        runners[name] = run
+    times = time_windows(runners, windows, steps)
+    return {name: 1e6 * statistics.median(values) / calls for name, values in times.items()}
+
+
 def machine():
     import keras
     import tensorflow as tf
@@ -277,7 +314,7 @@ def main(argv=None):
                "windows": args.windows, "steps_per_window": args.steps, "train_step": [], "apply_only": None}
     print(f"{'model':>10} {'setting':>14} {'batch':>5} {'params':>9} {'SGD ms':>8} {'AdaScale ms':>11} "
           f"{'ratio':>6} {'(q1 - q3)':>15} {'ops SGD/AdaScale':>17}", flush=True)
-    for model_name in model_names:
+    for model_name in [] if args.apply_only else model_names:
         for setting in settings:
             row = train_step_benchmark(specs[model_name], setting, args.windows, args.steps)
             row.update(model=model_name, setting=setting)
@@ -286,6 +323,12 @@ def main(argv=None):
                   f"{row['sgd_ms']:>8.2f} {row['adascale_ms']:>11.2f} {row['ratio_median']:>6.3f} "
                   f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f}) "
                   f"{row['traced_ops']['sgd']:>8}/{row['traced_ops']['adascale']:<8}", flush=True)
+    results["fixed_cost_us"] = {}
+    for setting in ("default", "mirrored4"):
+        row = fixed_cost_benchmark(setting, args.windows, args.steps)
+        results["fixed_cost_us"][setting] = row
+        print(f"fixed cost per update ({setting}, apply_gradients on 1,000 floats): SGD {row['sgd']:.0f} us, "
+              f"AdaScale {row['adascale']:.0f} us, AdaScale's own {row['adascale'] - row['sgd']:.0f} us", flush=True)
     if "mlp_5m" in model_names:
         row = apply_only_benchmark(specs["mlp_5m"], args.windows, args.steps)
         results["apply_only"] = row

@@ -40,6 +40,8 @@ def test_overhead_apply_only_reports_the_floor(tmp_path):
     row = summary["apply_only"]
     assert row["floor_ms"] > 0 and row["ratio_to_floor_median"] > 0
     assert summary["train_step"][0]["batch_per_replica"] == 8
+    assert set(summary["fixed_cost_us"]) == {"default", "mirrored4"}
+    assert all(row["sgd"] > 0 and row["adascale"] > 0 for row in summary["fixed_cost_us"].values())
 
 
 def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path):
