@@ -18,7 +18,7 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import studies
 
 
 def parse_args(argv=None):
@@ -27,11 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--scales", default=None, help="comma-separated S values (default 2,4,8,16,32; quick 2,4,8)")
     parser.add_argument("--from-scale", type=int, default=4, help="the run whose statistics predict the others")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=str(REPO / "saved_configs" / "demo.yaml"),
-                        help="the single-batch recipe (default saved_configs/demo.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the recipe, as in keras-adascale train")
-    parser.add_argument("--output-dir", default="runs", help="run folders go to OUTPUT_DIR/advice_check")
+    studies.add_recipe_arguments(parser, "advice_check")
     args = parser.parse_args(argv)
     args.scales = sorted({int(s) for s in (args.scales or ("2,4,8" if args.quick else "2,4,8,16,32")).split(",")}
                          | {args.from_scale})
@@ -44,8 +40,7 @@ def study_runs(args):
     overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", "name=advice_check",
                  f"seed={args.seed}"]
     if args.quick:
-        overrides += ["total_steps=300", "model.name=mlp", "model.hidden_units=[128]",
-                      "dataset.train_split=train[:20%]", "dataset.test_split=test[:30%]", "evaluations=2"]
+        overrides += studies.QUICK_OVERRIDES + ["evaluations=2"]
     raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
     raw["runs"] = [{"name": f"adascale_s{scale}", "optimizer": {"name": "adascale", "scale": scale}}
                    for scale in args.scales]
@@ -71,19 +66,12 @@ def plot(path, rows, from_scale):
 
 def main(argv=None):
     args = parse_args(argv)
-    import tensorflow_datasets as tfds
+    from keras_adascale.experiments import advice
 
-    from keras_adascale.experiments import advice, training
-
-    tfds.disable_progress_bar()
     runs = study_runs(args)
     output_root = pathlib.Path(args.output_dir)
     start = time.perf_counter()
-    finals = {}
-    for index, run in enumerate(runs):
-        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
-        run_dir = training.train(run, output_root, overwrite=True)
-        finals[run["optimizer"]["scale"]] = json.loads((run_dir / "final.json").read_text())
+    finals = {final["scale"]: final for final in studies.train_all(runs, output_root)}
     experiment_dir = output_root / "advice_check"
     prediction = advice.advise(experiment_dir / f"adascale_s{args.from_scale}", args.scales)
     predicted = {p.scale: p.updates for p in prediction.predictions}

@@ -215,7 +215,6 @@ def apply_only_benchmark(spec, windows, steps):
     """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both),
     beside the floor (see `make_floor`)."""
     import keras
-    import tensorflow as tf
 
     from keras_adascale.experiments import training
 

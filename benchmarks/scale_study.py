@@ -20,7 +20,8 @@ import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import studies
+
 METHODS = ("adascale", "lsr", "lsr_warmup")
 
 
@@ -30,11 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--scales", default=None, help="comma-separated S values (default 2,4,8,16,32; quick 2,8)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
     parser.add_argument("--total-steps", type=int, default=None, help="T_SI (default: the config's; quick 300)")
-    parser.add_argument("--config", default=str(REPO / "saved_configs" / "demo.yaml"),
-                        help="the single-batch recipe (default saved_configs/demo.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the recipe, as in keras-adascale train")
-    parser.add_argument("--output-dir", default="runs", help="run folders go to OUTPUT_DIR/scale_study")
+    studies.add_recipe_arguments(parser, "scale_study")
     args = parser.parse_args(argv)
     args.scales = [int(s) for s in (args.scales or ("2,8" if args.quick else "2,4,8,16,32")).split(",")]
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -47,8 +44,7 @@ def study_runs(args):
 
     overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", "name=scale_study"]
     if args.quick:
-        overrides += ["total_steps=300", "model.name=mlp", "model.hidden_units=[128]",
-                      "dataset.train_split=train[:20%]", "dataset.test_split=test[:30%]", "evaluations=3"]
+        overrides += studies.QUICK_OVERRIDES + ["evaluations=3"]
     if args.total_steps:
         overrides.append(f"total_steps={args.total_steps}")
     raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
@@ -153,19 +149,10 @@ def plot(experiment_dir, scales, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    import tensorflow_datasets as tfds
-
-    from keras_adascale.experiments import training
-
-    tfds.disable_progress_bar()
     runs = study_runs(args)
     output_root = pathlib.Path(args.output_dir)
     start = time.perf_counter()
-    finals = []
-    for index, run in enumerate(runs):
-        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
-        run_dir = training.train(run, output_root, overwrite=True)
-        finals.append(json.loads((run_dir / "final.json").read_text()))
+    finals = studies.train_all(runs, output_root)
     rows = aggregate(finals)
     print()
     print_table(rows)

@@ -1,0 +1,34 @@
+"""What the studies in benchmarks/ share: the demo recipe's quick overrides, and training a list of runs."""
+
+import json
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# --quick: a small MLP on slices of MNIST with a short schedule (a smoke run, not a result).
+QUICK_OVERRIDES = ["total_steps=300", "model.name=mlp", "model.hidden_units=[128]",
+                   "dataset.train_split=train[:20%]", "dataset.test_split=test[:30%]"]
+
+
+def add_recipe_arguments(parser, study):
+    """--config, --set and --output-dir: the recipe a study trains, and where its runs go."""
+    parser.add_argument("--config", default=str(REPO / "saved_configs" / "demo.yaml"),
+                        help="the single-batch recipe (default saved_configs/demo.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the recipe, as in keras-adascale train")
+    parser.add_argument("--output-dir", default="runs", help=f"run folders go to OUTPUT_DIR/{study}")
+
+
+def train_all(runs, output_dir):
+    """Trains every resolved run (replacing earlier results) and returns their `final.json` contents."""
+    import tensorflow_datasets as tfds
+
+    from keras_adascale.experiments import training
+
+    tfds.disable_progress_bar()
+    finals = []
+    for index, run in enumerate(runs):
+        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
+        run_dir = training.train(run, pathlib.Path(output_dir), overwrite=True)
+        finals.append(json.loads((run_dir / "final.json").read_text()))
+    return finals
