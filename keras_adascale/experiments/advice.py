@@ -192,8 +192,11 @@ def plot(advice, output):
     right.plot(scales, advice.total_steps / scales, color="grey", linestyle=":", label="perfect scaling, T_SI / S")
     right.plot([advice.scale], [advice.actual_updates], "k*", markersize=12, label="this run (actual)")
     right.set(xscale="log", yscale="log", xlabel="scale S", ylabel="updates to reach T_SI",
-              title=f"{advice.run}: B_simple = {advice.noise_scale:.3g} baseline batches")
+              title=f"predicted updates (B_simple = {advice.noise_scale:.3g} baseline batches)")
+    figure.suptitle(f"{advice.run} (S = {advice.scale:g}): replayed at other scales")
     for axes in (left, right):
+        axes.set_xticks(scales, [f"{scale:g}" for scale in scales])
+        axes.minorticks_off()
         axes.legend(fontsize=8)
         axes.grid(True, which="major", alpha=0.3)
     figure.savefig(output, dpi=110)
