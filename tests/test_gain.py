@@ -109,3 +109,45 @@ def test_gain_matches_numpy_and_stays_in_bounds(scale, dim, magnitude, smoothing
     gains = run_update_gain(sequence, scale, smoothing)
     assert all(1.0 <= g <= scale for g in gains)
     np.testing.assert_allclose(gains, numpy_gains(sequence, scale, smoothing), rtol=2e-3)
+
+
+def initial_state(dtype=tf.float64):
+    zero = tf.zeros((), dtype)
+    return gain.AdaScaleState(zero, zero, zero, tf.constant(1.0), tf.constant(0, tf.int64), tf.constant(0.0),
+                              tf.constant(0.0), tf.constant(0, tf.int64))
+
+
+@pytest.mark.parametrize("samples, scale", [(4, 4), (4, 8), (8, 2.5)])
+def test_the_state_step_matches_the_reference_without_keras(samples, scale):
+    from reference import AdaScaleReference
+
+    rng = np.random.RandomState(samples)
+    learning_rate = lambda step: 0.1 / (1 + step // 3)  # noqa: E731  (a schedule keyed on floor(tau))
+    reference = AdaScaleReference(np.zeros(5), learning_rate, scale=scale, smoothing=0.7)
+    step = tf.function(gain.step, jit_compile=True)
+    state = initial_state()
+    f64 = lambda value: tf.constant(float(value), tf.float64)  # noqa: E731
+    for _ in range(10):
+        batch = rng.randn(samples, 5) + rng.randn(5)
+        mean = batch.mean(axis=0)
+        rate = learning_rate(int(state.tau_whole))
+        state, finite = step(state, f64(np.sum(batch**2)), f64(mean @ mean), tf.constant(rate, tf.float32),
+                             f64(samples), f64(scale), f64(0.7))
+        reference.step(list(batch))
+        assert bool(finite)
+        assert float(state.gain) == pytest.approx(reference.gain, rel=1e-6)
+        assert int(state.tau_whole) + float(state.tau_fraction) == pytest.approx(reference.tau, rel=1e-6)
+        assert float(state.effective_learning_rate) == pytest.approx(reference.effective_learning_rate, rel=1e-6)
+        assert 0.0 <= float(state.tau_fraction) < 1.0
+    assert int(state.skipped_updates) == 0 and reference.tau > 10  # tau crossed several schedule steps
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_state_step_keeps_the_state_and_counts_a_non_finite_update(bad):
+    state = initial_state()
+    f64 = lambda value: tf.constant(value, tf.float64)  # noqa: E731
+    state, _ = gain.step(state, f64(10.0), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
+    kept, finite = gain.step(state, f64(bad), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
+    assert not bool(finite)
+    assert [float(v) for v in kept[:-1]] == [float(v) for v in state[:-1]]
+    assert int(kept.skipped_updates) == int(state.skipped_updates) + 1
