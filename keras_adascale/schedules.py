@@ -1,9 +1,9 @@
 """ScaleInvariantSchedule: a learning-rate schedule keyed on scale-invariant iterations (tau)."""
 
-import numbers
-
 import keras
 import tensorflow as tf
+
+from keras_adascale import validation
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -43,31 +43,9 @@ class ScaleInvariantSchedule(LearningRateSchedule):
     def __init__(self, schedule, total_steps=None, name=None):
         if isinstance(schedule, dict):
             schedule = keras.optimizers.schedules.deserialize(schedule)
-        if isinstance(schedule, bool) or not isinstance(
-            schedule, (numbers.Real, LearningRateSchedule)
-        ):
-            raise ValueError(
-                "Argument `schedule` must be a float or a "
-                "keras.optimizers.schedules.LearningRateSchedule. "
-                f"Received: schedule={schedule!r}"
-            )
-        if isinstance(schedule, numbers.Real):
-            if not schedule >= 0:
-                raise ValueError(
-                    f"Argument `schedule` must be >= 0. Received: schedule={schedule}"
-                )
-            schedule = float(schedule)
-        if total_steps is not None:
-            if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real):
-                raise ValueError(
-                    "Argument `total_steps` must be a positive number or None. "
-                    f"Received: total_steps={total_steps!r}"
-                )
-            if not total_steps > 0:
-                raise ValueError(
-                    "Argument `total_steps` must be > 0. "
-                    f"Received: total_steps={total_steps}"
-                )
+        if not isinstance(schedule, LearningRateSchedule):
+            schedule = validation.rate(schedule, "schedule")
+        validation.optional(validation.positive, total_steps, "total_steps")
         self.schedule = schedule
         self.total_steps = total_steps
         self.name = name or "ScaleInvariantSchedule"
