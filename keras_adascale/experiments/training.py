@@ -10,12 +10,11 @@ import tensorflow as tf
 
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots
-from keras_adascale.experiments.baselines import LinearScalingSchedule
 from keras_adascale.experiments.config import ConfigError
 from keras_adascale.experiments.recording import RunRecorder
 from keras_adascale.experiments.rundirs import read_jsonl
 from keras_adascale.optimizer import AdaScaleSGD
-from keras_adascale.schedules import ScaleInvariantSchedule
+from keras_adascale.schedules import LinearScalingSchedule, ScaleInvariantSchedule
 
 _STRATEGIES = {}
 
