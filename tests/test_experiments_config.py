@@ -188,3 +188,12 @@ def test_the_config_and_the_optimizer_agree_on_scale(scale):
     optimizer_accepts = accepts(lambda: keras_adascale.AdaScaleSGD(scale=scale, gradient_accumulation_steps=5))
     assert optimizer_accepts == accepts(lambda: config.resolve(raw, name="x")) == (1 <= scale < float("inf"))
 
+
+def test_the_model_choices_are_the_model_registrys_names():
+    from keras_adascale.experiments import models
+
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve({"model": {"name": "vgg"}}, name="x")
+    assert str(error.value) == (
+        "config key 'model.name' must be one of " + ", ".join(models.REGISTRY) + "; got 'vgg'")
+    assert set(models.REGISTRY) == {"mlp", "small_cnn", "resnet20", "resnet18", "resnet50"}

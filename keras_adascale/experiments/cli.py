@@ -78,10 +78,10 @@ def _train(args):
         runs = [run for run in runs if run["run"] in args.only]
     import tensorflow_datasets as tfds
 
-    from keras_adascale.experiments import data, training  # imports TensorFlow
+    from keras_adascale.experiments import data, strategies, training  # imports TensorFlow
 
     tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
-    training.configure_devices(runs)
+    strategies.configure_devices(runs)
     data.check([run["dataset"] for run in runs])
     output_root = pathlib.Path(args.output_dir)
     run_dirs = []

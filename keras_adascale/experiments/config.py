@@ -9,10 +9,11 @@ import pathlib
 import yaml
 
 from keras_adascale import validation
+from keras_adascale.experiments import models
 
 OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-MODELS = ("mlp", "small_cnn", "resnet20", "resnet18", "resnet50")
+MODELS = tuple(models.REGISTRY)
 SCHEDULES = ("constant", "piecewise_constant", "cosine")
 
 
