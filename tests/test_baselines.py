@@ -31,9 +31,16 @@ def test_config_round_trips_through_keras_serialization():
     assert float(restored(7)) == pytest.approx(float(schedule(7)))
 
 
-@pytest.mark.parametrize("kwargs, name", [({"scale": 0}, "scale"), ({"scale": 2, "warmup_steps": -1}, "warmup_steps"),
-                                          ({"scale": float("inf")}, "scale"), ({"scale": 2, "schedule": "0.1"}, "schedule"),
-                                          ({"scale": 2, "schedule": -0.1}, "schedule")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"scale": 0}, "scale"),
+        ({"scale": 2, "warmup_steps": -1}, "warmup_steps"),
+        ({"scale": float("inf")}, "scale"),
+        ({"scale": 2, "schedule": "0.1"}, "schedule"),
+        ({"scale": 2, "schedule": -0.1}, "schedule"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         LinearScalingSchedule(**{"schedule": 0.1, **kwargs})
