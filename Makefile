@@ -1,5 +1,5 @@
 # `make demo` and `make test` each create .venv and install the project into it first
-# (demo: with the examples extra; test: with the examples and test extras).
+# (demo: with the runner and examples extras; test: with the runner, examples and test extras).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,11 +13,11 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.examples: pyproject.toml $(VENV)/.created
-	$(PY) -m pip install --quiet -e '.[examples]'
+	$(PY) -m pip install --quiet -e '.[runner,examples]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.created
-	$(PY) -m pip install --quiet -e '.[examples,test]'
+	$(PY) -m pip install --quiet -e '.[runner,examples,test]'
 	touch $@
 
 demo: $(VENV)/.examples

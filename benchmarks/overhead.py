@@ -52,9 +52,9 @@ MIRRORED = {"name": "mirrored", "devices": REPLICAS, "tpu": ""}
 
 def configure_devices():
     """Four logical CPU devices for the mirrored setting, when there is no GPU (before TF starts)."""
-    from keras_adascale.experiments import training
+    from keras_adascale.experiments import strategies
 
-    training.configure_devices([{"strategy": MIRRORED}])
+    strategies.configure_devices([{"strategy": MIRRORED}])
 
 
 def model_specs(quick, batch=None):
@@ -142,9 +142,9 @@ def summarize(times):
 def train_step_benchmark(spec, setting, windows, steps):
     import tensorflow as tf
 
-    from keras_adascale.experiments import training
+    from keras_adascale.experiments import strategies
 
-    strategy = training.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
+    strategy = strategies.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
     pair = make_pair(spec, setting, strategy)
     global_batch = spec[2] * strategy.num_replicas_in_sync
     data = dataset(spec, global_batch)
@@ -216,9 +216,9 @@ def apply_only_benchmark(spec, windows, steps):
     beside the floor (see `make_floor`)."""
     import keras
 
-    from keras_adascale.experiments import training
+    from keras_adascale.experiments import strategies
 
-    strategy = training.make_strategy(MIRRORED)  # one instance per kind, reused
+    strategy = strategies.make_strategy(MIRRORED)  # one instance per kind, reused
     pair = make_pair(spec, "mirrored4", strategy)
     runners = {}
     for name, model in pair.items():

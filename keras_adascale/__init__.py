@@ -18,9 +18,33 @@ _MODULES = {
 def __getattr__(name):
     if name not in _MODULES:
         raise AttributeError(f"module 'keras_adascale' has no attribute '{name}'")
+    _require_tensorflow_backend()
     value = getattr(importlib.import_module(_MODULES[name]), name)
     globals()[name] = value
     return value
+
+
+def _require_tensorflow_backend():
+    """Raises ImportError unless Keras runs on TensorFlow, before any TensorFlow-specific module loads."""
+    requirement = (
+        "keras_adascale needs Keras's TensorFlow backend: AdaScaleSGD is built on TensorFlow and tf.distribute"
+    )
+    try:
+        import keras
+    except (ImportError, ValueError) as error:  # Keras raises ValueError for an unknown backend name
+        configured = os.environ.get("KERAS_BACKEND", "")
+        if configured in ("", "tensorflow"):
+            raise
+        raise ImportError(
+            f"{requirement}, but KERAS_BACKEND={configured}, which Keras could not load ({error}). "
+            "Set KERAS_BACKEND=tensorflow."
+        ) from error
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ImportError(
+            f"{requirement}, but Keras runs on its {backend!r} backend (from KERAS_BACKEND or "
+            "~/.keras/keras.json). Set KERAS_BACKEND=tensorflow before Keras is first imported."
+        )
 
 
 def _started_as_command_line():

@@ -5,6 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_adascale import validation
 from keras_adascale.optimizer import AdaScaleSGD
 from keras_adascale.schedules import ScaleInvariantSchedule
 
@@ -48,9 +49,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
 
     def __init__(self, total_steps=None, log_dir=None):
         super().__init__()
-        if total_steps is not None and not total_steps > 0:
-            raise ValueError(f"Argument `total_steps` must be > 0. Received: total_steps={total_steps}")
-        self.total_steps = total_steps
+        self.total_steps = validation.optional(validation.positive, total_steps, "total_steps")
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self._writer = None
 

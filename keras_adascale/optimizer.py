@@ -1,12 +1,11 @@
 """AdaScaleSGD: the paper's Algorithm 1 around Keras's SGD update."""
 
-import numbers
 import warnings
 
 import keras
 import tensorflow as tf
 
-from keras_adascale import distribute, keras_fixes
+from keras_adascale import distribute, keras_fixes, validation
 from keras_adascale import gain as gain_lib
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
@@ -104,28 +103,12 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
         name=None,
         **kwargs,
     ):
-        learning_rate = _checked_learning_rate(learning_rate)
-        momentum = _checked_momentum(momentum)
+        learning_rate = validation.learning_rate(learning_rate)
+        momentum = validation.momentum(momentum)
         if not isinstance(nesterov, bool):
             raise ValueError(f"Argument `nesterov` must be a bool. Received: nesterov={nesterov!r}")
-        if scale is not None and (
-            isinstance(scale, bool)
-            or not isinstance(scale, numbers.Real)
-            or not 1.0 <= scale < float("inf")
-        ):
-            raise ValueError(
-                "Argument `scale` must be a finite number >= 1 or None. "
-                f"Received: scale={scale!r}"
-            )
-        if smoothing is not None and (
-            isinstance(smoothing, bool)
-            or not isinstance(smoothing, numbers.Real)
-            or not 0.0 <= smoothing < 1.0
-        ):
-            raise ValueError(
-                "Argument `smoothing` must be a float in [0, 1) or None. "
-                f"Received: smoothing={smoothing!r}"
-            )
+        scale = validation.optional(validation.scale, scale)
+        smoothing = validation.optional(validation.smoothing, smoothing)
         if non_finite not in ("skip", "raise"):
             raise ValueError(
                 f"Argument `non_finite` must be 'skip' or 'raise'. Received: non_finite={non_finite!r}"
@@ -137,8 +120,8 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
             name=name or _unique_name("adascale_sgd"),
             **kwargs,
         )
-        self._requested_scale = None if scale is None else _plain_number(scale)
-        self._requested_smoothing = None if smoothing is None else float(smoothing)
+        self._requested_scale = scale
+        self._requested_smoothing = smoothing
         self.non_finite = non_finite
         # float64 statistics square any float32 gradient without overflow or
         # underflow; TPUs have no float64.
@@ -271,10 +254,8 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
         Returns:
             A tensor of the statistics' dtype, shaped like `scale`.
         """
-        if not tf.is_tensor(scale) and (
-            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1.0 <= scale < float("inf")
-        ):
-            raise ValueError(f"Argument `scale` must be a finite number >= 1. Received: scale={scale!r}")
+        if not tf.is_tensor(scale):
+            validation.scale(scale)
         variance = self.gradient_variance
         scale = tf.cast(scale, variance.dtype)
         return gain_lib.gain_ratio(variance, self.gradient_sqr_norm, scale)
@@ -376,38 +357,6 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
             }
         )
         return config
-
-
-def _checked_learning_rate(learning_rate):
-    if isinstance(learning_rate, _LearningRateSchedule) or (
-        callable(learning_rate) and not isinstance(learning_rate, numbers.Number)
-    ):
-        return learning_rate
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
-        raise ValueError(
-            "Argument `learning_rate` must be a float, a "
-            "keras.optimizers.schedules.LearningRateSchedule or a callable. "
-            f"Received: learning_rate={learning_rate!r}"
-        )
-    if not learning_rate >= 0:
-        raise ValueError(f"Argument `learning_rate` must be >= 0. Received: learning_rate={learning_rate}")
-    return float(learning_rate)
-
-
-def _checked_momentum(momentum):
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, numbers.Real)
-        or not 0.0 <= momentum <= 1.0
-    ):
-        # Keras's own wording (keras.optimizers.SGD), with the value received.
-        raise ValueError(f"`momentum` must be a float between [0, 1]. Received: momentum={momentum!r}")
-    return float(momentum)
-
-
-def _plain_number(value):
-    """An int stays an int (S = 8 reads as 8), any other real becomes a float."""
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _unique_name(prefix):

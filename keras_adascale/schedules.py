@@ -1,9 +1,9 @@
-"""ScaleInvariantSchedule: a learning-rate schedule keyed on scale-invariant iterations (tau)."""
-
-import numbers
+"""Learning-rate schedules: ScaleInvariantSchedule (keyed on tau) and the linear scaling rule it is compared with."""
 
 import keras
 import tensorflow as tf
+
+from keras_adascale import validation
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -43,31 +43,9 @@ class ScaleInvariantSchedule(LearningRateSchedule):
     def __init__(self, schedule, total_steps=None, name=None):
         if isinstance(schedule, dict):
             schedule = keras.optimizers.schedules.deserialize(schedule)
-        if isinstance(schedule, bool) or not isinstance(
-            schedule, (numbers.Real, LearningRateSchedule)
-        ):
-            raise ValueError(
-                "Argument `schedule` must be a float or a "
-                "keras.optimizers.schedules.LearningRateSchedule. "
-                f"Received: schedule={schedule!r}"
-            )
-        if isinstance(schedule, numbers.Real):
-            if not schedule >= 0:
-                raise ValueError(
-                    f"Argument `schedule` must be >= 0. Received: schedule={schedule}"
-                )
-            schedule = float(schedule)
-        if total_steps is not None:
-            if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real):
-                raise ValueError(
-                    "Argument `total_steps` must be a positive number or None. "
-                    f"Received: total_steps={total_steps!r}"
-                )
-            if not total_steps > 0:
-                raise ValueError(
-                    "Argument `total_steps` must be > 0. "
-                    f"Received: total_steps={total_steps}"
-                )
+        if not isinstance(schedule, LearningRateSchedule):
+            schedule = validation.rate(schedule, "schedule")
+        validation.optional(validation.positive, total_steps, "total_steps")
         self.schedule = schedule
         self.total_steps = total_steps
         self.name = name or "ScaleInvariantSchedule"
@@ -83,3 +61,60 @@ class ScaleInvariantSchedule(LearningRateSchedule):
         if isinstance(schedule, LearningRateSchedule):
             schedule = keras.optimizers.schedules.serialize(schedule)
         return {"schedule": schedule, "total_steps": self.total_steps, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale")
+class LinearScalingSchedule(LearningRateSchedule):
+    """A single-batch schedule scaled by the linear scaling rule for batch scale S.
+
+    At update t: `lr_t = S * schedule(S * t)`, so the schedule runs S times
+    faster and T single-batch steps take T / S updates. With `warmup_steps`
+    W > 0, the multiplier rises linearly from 1 to S over the first W updates
+    (gradual warm-up):
+
+    ```python
+    lr_t = schedule(S * t) * (1 + (S - 1) * min(t / W, 1))
+    ```
+
+    Args:
+        schedule: float or `LearningRateSchedule`, the single-batch rate.
+        scale: number >= 1, S.
+        warmup_steps: int >= 0, W, in updates. Defaults to `0` (no warm-up).
+        name: optional string.
+
+    References:
+        Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in
+        1 Hour", 2017, sections 2.1-2.2.
+    """
+
+    def __init__(self, schedule, scale, warmup_steps=0, name=None):
+        if not isinstance(schedule, LearningRateSchedule):
+            schedule = validation.rate(schedule, "schedule")
+        self.schedule = schedule
+        self.scale = validation.scale(scale)
+        self.warmup_steps = validation.count(warmup_steps, "warmup_steps")
+        self.name = name
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if isinstance(self.schedule, LearningRateSchedule):
+            rate = tf.cast(self.schedule(step * self.scale), tf.float32)
+        else:
+            rate = tf.constant(self.schedule, tf.float32)
+        if self.warmup_steps == 0:
+            return rate * self.scale
+        progress = tf.minimum(step / self.warmup_steps, 1.0)
+        return rate * (1.0 + (self.scale - 1) * progress)
+
+    def get_config(self):
+        schedule = self.schedule
+        if isinstance(schedule, LearningRateSchedule):
+            schedule = keras.saving.serialize_keras_object(schedule)
+        return {"schedule": schedule, "scale": self.scale, "warmup_steps": self.warmup_steps, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["schedule"], dict):
+            config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)

@@ -37,7 +37,11 @@ def test_runs_override_the_top_level_keys_deeply():
         ({"optimizer": {"scale": True}}, "'optimizer.scale' must be a number"),
         ({"optimizer": {"scale": "8"}}, "'optimizer.scale' must be a number"),
         ({"optimizer": {"baseline_batch_size": 0}}, "'optimizer.baseline_batch_size' must be >= 1"),
-        ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum must be in \\[0, 1\\)"),
+        ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum must be in \\[0, 1\\]"),
+        ({"optimizer": {"scale": float("inf")}}, "optimizer.scale must be a finite number >= 1; got inf"),
+        ({"optimizer": {"scale": float("nan")}}, "'optimizer.scale' must be >= 1; got nan"),
+        ({"schedule": {"learning_rate": float("nan")}}, "'schedule.learning_rate' must be >= 0.0; got nan"),
+        ({"optimizer": {"warmup_fraction": 1.5}}, "optimizer.warmup_fraction must be in \\[0, 1\\]; got 1.5"),
         ({"optimizer": {"smoothing": 1.0}}, "optimizer.smoothing must be in \\[0, 1\\)"),
         ({"dataset": {"batch_size": None}}, "'dataset.batch_size' must not be null"),
         ({"dataset": 3}, "config section 'dataset' must be a mapping"),
@@ -142,5 +146,54 @@ def test_every_mistake_of_a_config_is_reported_at_once(tmp_path):
 
 def test_a_top_level_value_that_breaks_a_rule_is_reported_once_for_all_runs():
     with pytest.raises(config.ConfigError) as error:
-        config.resolve({"optimizer": {"momentum": 1.0}, "runs": [{"name": "a"}, {"name": "b"}]}, name="x")
-    assert str(error.value) == "runs 'a', 'b': optimizer.momentum must be in [0, 1); got 1.0"
+        config.resolve({"optimizer": {"momentum": 1.5}, "runs": [{"name": "a"}, {"name": "b"}]}, name="x")
+    assert str(error.value) == "runs 'a', 'b': optimizer.momentum must be in [0, 1]; got 1.5"
+
+
+def accepts(make):
+    """Whether `make()` runs without refusing its arguments."""
+    try:
+        make()
+    except ValueError:  # config.ConfigError is one too
+        return False
+    return True
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 1.0, 1.5, -0.1])
+def test_the_config_the_optimizer_and_keras_agree_on_momentum(momentum):
+    import keras
+
+    import keras_adascale
+
+    keras_accepts = accepts(lambda: keras.optimizers.SGD(momentum=momentum))
+    assert keras_accepts == (0 <= momentum <= 1)  # Keras's rule, which the other two follow
+    assert accepts(lambda: keras_adascale.AdaScaleSGD(momentum=momentum)) == keras_accepts
+    assert accepts(lambda: config.resolve({"optimizer": {"momentum": momentum}}, name="x")) == keras_accepts
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.99, 1.0, -0.1])
+def test_the_config_and_the_optimizer_agree_on_smoothing(smoothing):
+    import keras_adascale
+
+    optimizer_accepts = accepts(lambda: keras_adascale.AdaScaleSGD(smoothing=smoothing))
+    config_accepts = accepts(lambda: config.resolve({"optimizer": {"smoothing": smoothing}}, name="x"))
+    assert optimizer_accepts == config_accepts == (0 <= smoothing < 1)
+
+
+@pytest.mark.parametrize("scale", [1, 2.5, 0.5, float("inf"), float("nan")])
+def test_the_config_and_the_optimizer_agree_on_scale(scale):
+    import keras_adascale
+
+    raw = {"optimizer": {"scale": scale, "baseline_batch_size": 16}, "dataset": {"batch_size": 8}}
+    optimizer_accepts = accepts(lambda: keras_adascale.AdaScaleSGD(scale=scale, gradient_accumulation_steps=5))
+    assert optimizer_accepts == accepts(lambda: config.resolve(raw, name="x")) == (1 <= scale < float("inf"))
+
+
+def test_the_model_choices_are_the_model_registrys_names():
+    from keras_adascale.experiments import models
+
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve({"model": {"name": "vgg"}}, name="x")
+    assert str(error.value) == (
+        "config key 'model.name' must be one of " + ", ".join(models.REGISTRY) + "; got 'vgg'")
+    assert set(models.REGISTRY) == {"mlp", "small_cnn", "resnet20", "resnet18", "resnet50"}

@@ -31,19 +31,19 @@ def test_every_run_of_a_saved_config_builds(path):
         scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
         baseline = run["optimizer"]["baseline_batch_size"] or batch
         if run["optimizer"]["name"] == "adascale":
-            assert isinstance(steps["optimizer"], AdaScaleSGD)
+            assert isinstance(steps.optimizer, AdaScaleSGD)
             # S x B0 examples per update, from N = replicas x accumulation samples of B.
-            assert replicas * steps["accumulation"] * batch == scale * baseline
+            assert replicas * steps.accumulation * batch == scale * baseline
             # S is left to default (N) where they agree, so the saved model resumes at any N.
-            assert (steps["optimizer"].get_config()["scale"] or replicas * steps["accumulation"]) == scale
-            assert steps["min_updates"] * scale >= run["total_steps"]
+            assert (steps.optimizer.get_config()["scale"] or replicas * steps.accumulation) == scale
+            assert steps.min_updates * scale >= run["total_steps"]
         else:
-            assert isinstance(steps["optimizer"], keras.optimizers.SGD)
-            assert steps["batch_size"] == scale * baseline
+            assert isinstance(steps.optimizer, keras.optimizers.SGD)
+            assert steps.batch_size == scale * baseline
 
 
 def test_the_large_replica_batch_config_has_scale_apart_from_samples():
     (adascale,) = [run for run in config.load(CONFIGS[0].parent / "mnist_large_replica_batch.yaml")
                    if run["run"] == "adascale"]
     steps = training.plan(adascale, 4)
-    assert (steps["optimizer"].scale, steps["accumulation"], steps["batch_size"]) == (8, 1, 256)
+    assert (steps.optimizer.scale, steps.accumulation, steps.batch_size) == (8, 1, 256)

@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import keras_adascale
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import rundirs
 
@@ -76,12 +77,16 @@ def _train(args):
         if unknown:
             raise config_lib.ConfigError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}")
         runs = [run for run in runs if run["run"] in args.only]
+    try:
+        keras_adascale._require_tensorflow_backend()
+    except ImportError as error:
+        raise config_lib.ConfigError(str(error)) from error
     import tensorflow_datasets as tfds
 
-    from keras_adascale.experiments import data, training  # imports TensorFlow
+    from keras_adascale.experiments import data, strategies, training  # imports TensorFlow
 
     tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
-    training.configure_devices(runs)
+    strategies.configure_devices(runs)
     data.check([run["dataset"] for run in runs])
     output_root = pathlib.Path(args.output_dir)
     run_dirs = []

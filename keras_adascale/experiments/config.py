@@ -8,9 +8,12 @@ import pathlib
 
 import yaml
 
+from keras_adascale import validation
+from keras_adascale.experiments import models
+
 OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-MODELS = ("mlp", "small_cnn", "resnet20", "resnet18", "resnet50")
+MODELS = tuple(models.REGISTRY)
 SCHEDULES = ("constant", "piecewise_constant", "cosine")
 
 
@@ -150,7 +153,7 @@ def _check_value(path, key, value):
         raise ConfigError(f"config key '{path}' must be {_KIND_NAMES[expected]}; got {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"config key '{path}' must be one of {', '.join(key.choices)}; got {value!r}")
-    if key.minimum is not None and value < key.minimum:
+    if key.minimum is not None and not value >= key.minimum:  # NaN too
         raise ConfigError(f"config key '{path}' must be >= {key.minimum}; got {value!r}")
     return value
 
@@ -181,23 +184,29 @@ def _merge(base, update, schema, errors, prefix=""):
     return merged
 
 
+_FRACTION = validation.Interval(0.0, 1.0, high_closed=True)
+
+
 def _run_errors(run):
     """The cross-key rules one resolved run breaks, as messages."""
     errors = []
     optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
-    # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
-    # them there); a whole number of samples is needed everywhere.
-    replicas = strategy["devices"] if strategy["name"] == "mirrored" else 1
-    try:
-        batches_per_update(run, replicas, label="")
-    except ConfigError as error:
-        errors.append(str(error))
-    if optimizer["smoothing"] is not None and not optimizer["smoothing"] < 1:
-        errors.append(f"optimizer.smoothing must be in [0, 1); got {optimizer['smoothing']}")
-    if not optimizer["warmup_fraction"] <= 1:
-        errors.append(f"optimizer.warmup_fraction must be in [0, 1]; got {optimizer['warmup_fraction']}")
-    if optimizer["momentum"] >= 1:
-        errors.append(f"optimizer.momentum must be in [0, 1); got {optimizer['momentum']}")
+    if optimizer["scale"] not in validation.SCALE:
+        errors.append(f"optimizer.scale must be a finite number >= 1; got {optimizer['scale']}")
+    else:
+        # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
+        # them there); a whole number of samples is needed everywhere.
+        replicas = strategy["devices"] if strategy["name"] == "mirrored" else 1
+        try:
+            batches_per_update(run, replicas, label="")
+        except ConfigError as error:
+            errors.append(str(error))
+    # The optimizers' own rules (keras.optimizers.SGD's for momentum), in the config's words.
+    for key, interval in (("smoothing", validation.SMOOTHING), ("momentum", validation.MOMENTUM)):
+        if optimizer[key] is not None and optimizer[key] not in interval:
+            errors.append(f"optimizer.{key} must be in {interval}; got {optimizer[key]}")
+    if optimizer["warmup_fraction"] not in _FRACTION:
+        errors.append(f"optimizer.warmup_fraction must be in {_FRACTION}; got {optimizer['warmup_fraction']}")
     decay_at = schedule["decay_at"]
     if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in decay_at) or decay_at != sorted(decay_at):
         errors.append(f"schedule.decay_at must be increasing fractions in (0, 1); got {decay_at}")

@@ -1,10 +1,14 @@
-"""The model registry of the experiment runner: MLP, small CNN, CIFAR ResNets, ResNet-50."""
+"""The model registry of the experiment runner: MLP, small CNN, CIFAR ResNets, ResNet-50.
 
-import keras
+Keras is imported inside the builders: the config takes its list of model names from
+`REGISTRY`, and `keras-adascale --help` reads the config without importing TensorFlow.
+"""
 
 
 def mlp(input_shape, num_classes, hidden_units=(512, 512)):
     """A ReLU multi-layer perceptron on the flattened input."""
+    import keras
+
     layers = [keras.Input(input_shape), keras.layers.Flatten()]
     layers += [keras.layers.Dense(units, activation="relu") for units in hidden_units]
     layers.append(keras.layers.Dense(num_classes))
@@ -13,6 +17,8 @@ def mlp(input_shape, num_classes, hidden_units=(512, 512)):
 
 def small_cnn(input_shape, num_classes):
     """Two conv + pool blocks and a dense layer: about 100k parameters on 28x28x1."""
+    import keras
+
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -29,6 +35,8 @@ def small_cnn(input_shape, num_classes):
 
 
 def _basic_block(x, filters, stride):
+    import keras
+
     shortcut = x
     y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
     y = keras.layers.BatchNormalization()(y)
@@ -42,6 +50,8 @@ def _basic_block(x, filters, stride):
 
 
 def _cifar_resnet(input_shape, num_classes, stage_filters, blocks_per_stage, name):
+    import keras
+
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(stage_filters[0], 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization()(x)
@@ -65,12 +75,15 @@ def resnet18(input_shape, num_classes):
 
 def resnet50(input_shape, num_classes):
     """`keras.applications.ResNet50`, randomly initialised (for ImageNet-sized images)."""
+    import keras
+
     return keras.applications.ResNet50(
         weights=None, input_shape=input_shape, classes=num_classes, classifier_activation=None
     )
 
 
-_REGISTRY = {
+# name -> builder(input_shape, num_classes); the config's `model.name` choices, in this order.
+REGISTRY = {
     "mlp": mlp,
     "small_cnn": small_cnn,
     "resnet20": resnet20,
@@ -92,4 +105,4 @@ def build(config, input_shape, num_classes):
     """
     if config["name"] == "mlp":
         return mlp(input_shape, num_classes, config["hidden_units"])
-    return _REGISTRY[config["name"]](input_shape, num_classes)
+    return REGISTRY[config["name"]](input_shape, num_classes)

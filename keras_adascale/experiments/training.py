@@ -1,91 +1,22 @@
 """One run of an experiment: strategy, data, model, optimizer, `model.fit`, and its run folder."""
 
+import dataclasses
 import json
 import math
+import pathlib
 import shutil
 import time
 
 import keras
 import tensorflow as tf
 
+from keras_adascale import AdaScaleSGD
 from keras_adascale.experiments import config as config_lib
-from keras_adascale.experiments import data, models, plots
-from keras_adascale.experiments.baselines import LinearScalingSchedule
+from keras_adascale.experiments import data, models, plots, strategies
 from keras_adascale.experiments.config import ConfigError
 from keras_adascale.experiments.recording import RunRecorder
 from keras_adascale.experiments.rundirs import read_jsonl
-from keras_adascale.optimizer import AdaScaleSGD
-from keras_adascale.schedules import ScaleInvariantSchedule
-
-_STRATEGIES = {}
-
-
-def configure_devices(runs):
-    """Splits the CPU into logical devices for mirrored runs on a machine without GPUs.
-
-    Must run before TensorFlow initializes its devices (the first op or
-    strategy); the runner calls it right after reading the config.
-
-    Args:
-        runs: resolved runs (see `config.resolve`).
-
-    Raises:
-        ConfigError: if there are fewer GPUs than `strategy.devices`, or the
-            devices were already initialized with too few CPUs.
-    """
-    wanted = max((run["strategy"]["devices"] for run in runs if run["strategy"]["name"] == "mirrored"), default=0)
-    if wanted == 0:
-        return
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        if len(gpus) < wanted:
-            raise ConfigError(f"strategy.devices={wanted} but this machine has {len(gpus)} GPUs")
-        return
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * wanted)
-    except RuntimeError as error:  # TensorFlow is already initialized
-        have = len(tf.config.list_logical_devices("CPU"))
-        if have < wanted:
-            raise ConfigError(
-                f"strategy.devices={wanted} needs {wanted} logical CPU devices, but TensorFlow "
-                f"was initialized with {have}"
-            ) from error
-
-
-def make_strategy(config):
-    """The `tf.distribute` strategy a `strategy` section names (one instance per kind, reused).
-
-    Args:
-        config: the `strategy` section of a resolved config.
-
-    Returns:
-        A `tf.distribute.Strategy`.
-    """
-    key = (config["name"], config["devices"], config["tpu"])
-    if key in _STRATEGIES:
-        return _STRATEGIES[key]
-    name = config["name"]
-    if name == "default":
-        strategy = tf.distribute.get_strategy()
-    elif name == "mirrored":
-        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        devices = [device.name for device in tf.config.list_logical_devices(kind)][: config["devices"]]
-        if len(devices) < config["devices"]:
-            raise ConfigError(f"strategy.devices={config['devices']} but only {len(devices)} {kind} devices exist")
-        # Strategies of different sizes in one process must not share collective group
-        # keys (TensorFlow's own strategy_combinations offsets them the same way).
-        tf.distribute.MirroredStrategy._collective_key_base = 1000 * config["devices"]
-        strategy = tf.distribute.MirroredStrategy(devices)
-    elif name == "multi_worker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    else:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config["tpu"])
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy = tf.distribute.TPUStrategy(resolver)
-    _STRATEGIES[key] = strategy
-    return strategy
+from keras_adascale.schedules import LinearScalingSchedule, ScaleInvariantSchedule
 
 
 def build_schedule(run):
@@ -105,6 +36,31 @@ def build_schedule(run):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """How a run steps (see `plan`).
+
+    Attributes:
+        optimizer: a Keras optimizer, not built.
+        schedule: what an optimizer other than AdaScaleSGD steps with, per
+            update (None for AdaScaleSGD, which evaluates its own at tau).
+        batch_size: global examples per `model.fit` step.
+        accumulation: `model.fit` steps per update.
+        tau_per_update: for optimizers other than AdaScaleSGD, the schedule
+            steps one update covers (None for AdaScaleSGD: its gain).
+        min_updates: the fewest updates the run can take.
+        max_updates: the most (AdaScale's gain lies in [1, S]).
+    """
+
+    optimizer: keras.optimizers.Optimizer
+    schedule: object
+    batch_size: int
+    accumulation: int
+    tau_per_update: object
+    min_updates: int
+    max_updates: int
+
+
 def plan(run, replicas):
     """How a run steps: its optimizer, batches and schedule.
 
@@ -113,11 +69,7 @@ def plan(run, replicas):
         replicas: `num_replicas_in_sync` of its strategy.
 
     Returns:
-        A dict: `optimizer` (a Keras optimizer, not built), `schedule` (what
-        the optimizer steps with, per update), `batch_size` (global examples
-        per `model.fit` step), `accumulation` (steps per update),
-        `tau_per_update`, `min_updates` and `max_updates` (the fewest and most
-        updates the run can take: AdaScale's gain lies in [1, S]).
+        A `RunPlan`.
     """
     config, total_steps = run["optimizer"], run["total_steps"]
     scale = config["scale"]
@@ -138,23 +90,21 @@ def plan(run, replicas):
             gradient_accumulation_steps=accumulation if accumulation > 1 else None,
             **common,
         )
-        return {
-            "optimizer": optimizer, "schedule": None, "batch_size": batch_size,
-            "accumulation": accumulation, "tau_per_update": None,
-            "min_updates": math.ceil(total_steps / scale), "max_updates": total_steps,
-        }
+        return RunPlan(
+            optimizer=optimizer, schedule=None, batch_size=batch_size, accumulation=accumulation,
+            tau_per_update=None, min_updates=math.ceil(total_steps / scale), max_updates=total_steps,
+        )
     if config["name"] == "sgd":
         schedule, tau_per_update = single_batch, 1
     else:
         updates = math.ceil(total_steps / scale)
         warmup = round(config["warmup_fraction"] * updates) if config["name"] == "lsr_warmup" else 0
         schedule, tau_per_update = LinearScalingSchedule(single_batch, scale, warmup_steps=warmup), scale
-    optimizer = keras.optimizers.SGD(schedule, **common)
-    return {
-        "optimizer": optimizer, "schedule": schedule, "batch_size": batch_size, "accumulation": 1,
-        "tau_per_update": tau_per_update, "min_updates": math.ceil(total_steps / tau_per_update),
-        "max_updates": math.ceil(total_steps / tau_per_update),
-    }
+    updates = math.ceil(total_steps / tau_per_update)
+    return RunPlan(
+        optimizer=keras.optimizers.SGD(schedule, **common), schedule=schedule, batch_size=batch_size,
+        accumulation=1, tau_per_update=tau_per_update, min_updates=updates, max_updates=updates,
+    )
 
 
 def _describe_update(run, replicas, steps):
@@ -162,10 +112,10 @@ def _describe_update(run, replicas, steps):
     scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
     baseline = config_lib.baseline_batch_size(run)
     if run["optimizer"]["name"] == "adascale":
-        samples = replicas * steps["accumulation"]
+        samples = replicas * steps.accumulation
         return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
-                f"of {batch} examples ({replicas} replicas x {steps['accumulation']} accumulation steps)")
-    return f"S = {scale:g}: one global batch of {steps['batch_size']} examples per update ({replicas} replicas)"
+                f"of {batch} examples ({replicas} replicas x {steps.accumulation} accumulation steps)")
+    return f"S = {scale:g}: one global batch of {steps.batch_size} examples per update ({replicas} replicas)"
 
 
 def _worker_suffix(strategy):
@@ -236,6 +186,140 @@ def _config_differences(run_dir, run):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _RunFolders:
+    """Where a run is written: `work` (`<run>.incomplete`) while it trains, `final` once finished."""
+
+    final: pathlib.Path
+    work: pathlib.Path
+    backup: pathlib.Path  # the chief's BackupAndRestore folder, which every worker restores from
+    is_chief: bool
+    stale: bool  # `work` holds an interrupted run of another config, to be discarded
+
+
+def _run_folders(run, strategy, output_root, overwrite):
+    """The run's folders, once it is clear that training may write them (nothing is written here).
+
+    Raises:
+        ConfigError: if the finished folder exists and `overwrite` is false, or an
+            interrupted run with a different config is in the way.
+    """
+    suffix = _worker_suffix(strategy)
+    final_dir = output_root / run["name"] / (run["run"] + suffix)
+    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+    if final_dir.exists() and not overwrite:
+        raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
+    differences = _config_differences(work_dir, run) if work_dir.exists() else ""
+    if differences and not overwrite:
+        raise ConfigError(
+            f"{work_dir} holds an interrupted run with another config ({differences}); pass --overwrite "
+            "to discard it, or train the config it was started with to resume it"
+        )
+    return _RunFolders(
+        final=final_dir, work=work_dir, backup=output_root / run["name"] / (run["run"] + ".incomplete") / "backup",
+        is_chief=not suffix, stale=bool(differences),
+    )
+
+
+def _compiled_model(run, strategy):
+    """The run's model and plan, compiled in the strategy's scope after its dataset has been checked.
+
+    Raises:
+        ConfigError: if the dataset cannot be used.
+    """
+    input_shape, num_classes = data.describe(run["dataset"])
+    data.prepare(run["dataset"])
+    keras.utils.set_random_seed(run["seed"])
+    with strategy.scope():
+        steps = plan(run, strategy.num_replicas_in_sync)
+        model = models.build(run["model"], input_shape, num_classes)
+        model.compile(
+            optimizer=steps.optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=run["jit_compile"],
+        )
+    return model, steps
+
+
+def _open_work_dir(folders, run):
+    """Creates `<run>.incomplete` (afresh for a stale one) holding the run's `config.json`."""
+    if folders.stale:
+        shutil.rmtree(folders.work)
+    folders.work.mkdir(parents=True, exist_ok=True)
+    (folders.work / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+
+
+def _fit(run, model, steps, folders, test_data):
+    """`model.fit` until tau >= T_SI, resuming from the backup of an interrupted run.
+
+    Returns:
+        The seconds `model.fit` took in this process.
+    """
+    updates_per_epoch = max(1, math.ceil(steps.min_updates / run["evaluations"]))
+    steps_per_epoch = updates_per_epoch * steps.accumulation
+    epochs_done = _epochs_done(folders.backup)
+    if epochs_done:
+        print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} "
+              f"(after {epochs_done} epochs, {epochs_done * updates_per_epoch} updates)", flush=True)
+    # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
+    # of batches is the same in every process, so skipping the batches of the finished
+    # epochs puts the data where the uninterrupted run had it.
+    train_data = data.train_dataset(run["dataset"], steps.batch_size, seed=run["seed"]).skip(
+        epochs_done * steps_per_epoch
+    )
+    recorder = RunRecorder(
+        folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
+        steps.batch_size, test_data, run["evaluations"], label=run["run"],
+    )
+    start = time.perf_counter()
+    model.fit(
+        train_data,
+        epochs=math.ceil(steps.max_updates / updates_per_epoch) + 1,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[_ChiefBackupAndRestore(str(folders.backup), is_chief=folders.is_chief), recorder],
+        shuffle=False,  # the dataset shuffles itself
+        verbose=0,
+    )
+    return time.perf_counter() - start
+
+
+def _summary(run, replicas, steps, model, work_dir, fit_seconds):
+    """`final.json`: what the run was and where it ended."""
+    rows = read_jsonl(work_dir / "metrics.jsonl")
+    last = read_jsonl(work_dir / "evaluations.jsonl")[-1]  # at tau >= T_SI
+    return {
+        "experiment": run["name"],
+        "run": run["run"],
+        "optimizer": run["optimizer"]["name"],
+        "scale": run["optimizer"]["scale"],
+        "samples": replicas * steps.accumulation if run["optimizer"]["name"] == "adascale" else 1,
+        "batch_size": run["dataset"]["batch_size"],
+        "baseline_batch_size": config_lib.baseline_batch_size(run),
+        "replicas": replicas,
+        "accumulation": steps.accumulation,
+        "updates": int(model.optimizer.iterations.numpy()),
+        "tau": rows[-1]["tau"],
+        "examples": rows[-1]["examples"],
+        "mean_gain": sum(row["gain"] for row in rows) / len(rows),
+        "final_train_loss": rows[-1]["loss"],
+        "test_loss": last["test_loss"],
+        "test_accuracy": last["test_accuracy"],
+        "wall_time": rows[-1]["wall_time"],
+        "fit_seconds_this_session": fit_seconds,
+    }
+
+
+def _finish(folders, model, final):
+    """Writes the model, `final.json` and the plots, then renames `<run>.incomplete` to `<run>`."""
+    model.save(folders.work / "model.keras")
+    (folders.work / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    plots.plot_run(folders.work)
+    if folders.final.exists():
+        shutil.rmtree(folders.final)
+    folders.work.rename(folders.final)
+
+
 def train(run, output_root, overwrite=False):
     """Trains one run and writes its folder `output_root/<experiment>/<run>`.
 
@@ -263,92 +347,13 @@ def train(run, output_root, overwrite=False):
             and `overwrite` is false, or an interrupted run with a different
             config is in the way (the message lists the keys that differ).
     """
-    strategy = make_strategy(run["strategy"])
-    suffix = _worker_suffix(strategy)
-    final_dir = output_root / run["name"] / (run["run"] + suffix)
-    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
-    backup_dir = output_root / run["name"] / (run["run"] + ".incomplete") / "backup"  # the chief's
-    if final_dir.exists() and not overwrite:
-        raise ConfigError(f"{final_dir} exists; pass --overwrite to train it again")
-    differences = _config_differences(work_dir, run) if work_dir.exists() else ""
-    if differences and not overwrite:
-        raise ConfigError(
-            f"{work_dir} holds an interrupted run with another config ({differences}); pass --overwrite "
-            "to discard it, or train the config it was started with to resume it"
-        )
-
+    strategy = strategies.make_strategy(run["strategy"])
+    folders = _run_folders(run, strategy, output_root, overwrite)
+    model, steps = _compiled_model(run, strategy)
     replicas = strategy.num_replicas_in_sync
-    input_shape, num_classes = data.describe(run["dataset"])
-    data.prepare(run["dataset"])
-    keras.utils.set_random_seed(run["seed"])
-    with strategy.scope():
-        steps = plan(run, replicas)
-        model = models.build(run["model"], input_shape, num_classes)
-        model.compile(
-            optimizer=steps["optimizer"],
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=run["jit_compile"],
-        )
     print(f"  {_describe_update(run, replicas, steps)}", flush=True)
-    test_data = data.test_dataset(run["dataset"], max(steps["batch_size"], 256))
-    updates_per_epoch = max(1, math.ceil(steps["min_updates"] / run["evaluations"]))
-    steps_per_epoch = updates_per_epoch * steps["accumulation"]
-
-    if differences:
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.json").write_text(json.dumps(run, indent=2) + "\n")
-    epochs_done = _epochs_done(backup_dir)
-    if epochs_done:
-        print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} "
-              f"(after {epochs_done} epochs, {epochs_done * updates_per_epoch} updates)", flush=True)
-    # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
-    # of batches is the same in every process, so skipping the batches of the finished
-    # epochs puts the data where the uninterrupted run had it.
-    train_data = data.train_dataset(run["dataset"], steps["batch_size"], seed=run["seed"]).skip(
-        epochs_done * steps_per_epoch
-    )
-    recorder = RunRecorder(
-        work_dir, run["total_steps"], steps["tau_per_update"], steps["schedule"],
-        steps["batch_size"], test_data, run["evaluations"], label=run["run"],
-    )
-    callbacks = [_ChiefBackupAndRestore(str(backup_dir), is_chief=not suffix), recorder]
-    start = time.perf_counter()
-    model.fit(
-        train_data,
-        epochs=math.ceil(steps["max_updates"] / updates_per_epoch) + 1,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself
-        verbose=0,
-    )
-    rows = read_jsonl(work_dir / "metrics.jsonl")
-    last = read_jsonl(work_dir / "evaluations.jsonl")[-1]  # at tau >= T_SI
-    final = {
-        "experiment": run["name"],
-        "run": run["run"],
-        "optimizer": run["optimizer"]["name"],
-        "scale": run["optimizer"]["scale"],
-        "samples": replicas * steps["accumulation"] if run["optimizer"]["name"] == "adascale" else 1,
-        "batch_size": run["dataset"]["batch_size"],
-        "baseline_batch_size": config_lib.baseline_batch_size(run),
-        "replicas": replicas,
-        "accumulation": steps["accumulation"],
-        "updates": int(model.optimizer.iterations.numpy()),
-        "tau": rows[-1]["tau"],
-        "examples": rows[-1]["examples"],
-        "mean_gain": sum(row["gain"] for row in rows) / len(rows),
-        "final_train_loss": rows[-1]["loss"],
-        "test_loss": last["test_loss"],
-        "test_accuracy": last["test_accuracy"],
-        "wall_time": rows[-1]["wall_time"],
-        "fit_seconds_this_session": time.perf_counter() - start,
-    }
-    model.save(work_dir / "model.keras")
-    (work_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-    plots.plot_run(work_dir)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    work_dir.rename(final_dir)
-    return final_dir
+    test_data = data.test_dataset(run["dataset"], max(steps.batch_size, 256))
+    _open_work_dir(folders, run)
+    fit_seconds = _fit(run, model, steps, folders, test_data)
+    _finish(folders, model, _summary(run, replicas, steps, model, folders.work, fit_seconds))
+    return folders.final
