@@ -262,9 +262,9 @@ def fixed_cost_benchmark(setting, windows, steps, calls=20):
     import tensorflow as tf
 
     import keras_adascale
-    from keras_adascale.experiments import training
+    from keras_adascale.experiments import strategies
 
-    strategy = training.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
+    strategy = strategies.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
     runners = {}
     for name in ("adascale", "sgd"):
         with strategy.scope():
