@@ -241,9 +241,7 @@ class AdaScaleMechanics:
         tf.cond(self._is_update_step(), update, tf.no_op)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if self.gradient_accumulation_steps:
-            # Reached from _update_from_accumulators only, which passes the statistic itself.
-            raise AssertionError("unreachable: accumulation updates go through _reduce_and_update")
+        # Without accumulation only: the accumulators carry their own statistic.
         local_sqr_norm_sum = gain_lib.sqr_norm_sum(grads, self._statistics_dtype)
         self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
 

@@ -213,14 +213,12 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
     @property
     def gradient_variance(self):
         """The smoothed, bias-corrected estimate of sigma^2 (0.0 before any update)."""
-        state = self._read_state()
-        return tf.math.divide_no_nan(state.variance_average, state.average_weight)
+        return self._corrected_moments()[0]
 
     @property
     def gradient_sqr_norm(self):
         """The smoothed, bias-corrected estimate of mu^2 (0.0 before any update)."""
-        state = self._read_state()
-        return tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight)
+        return self._corrected_moments()[1]
 
     @property
     def gradient_noise_scale(self):
@@ -239,7 +237,7 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
             McCandlish, Kaplan, Amodei et al. "An Empirical Model of
             Large-Batch Training", 2018, arXiv:1812.06162, Equation 2.8 (B_simple).
         """
-        return gain_lib.noise_scale(self.gradient_variance, self.gradient_sqr_norm)
+        return gain_lib.noise_scale(*self._corrected_moments())
 
     def predicted_gain(self, scale):
         """The gain a run at scale `scale` would have with the current statistics.
@@ -256,9 +254,8 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
         """
         if not tf.is_tensor(scale):
             validation.scale(scale)
-        variance = self.gradient_variance
-        scale = tf.cast(scale, variance.dtype)
-        return gain_lib.gain_ratio(variance, self.gradient_sqr_norm, scale)
+        variance, sqr_norm = self._corrected_moments()
+        return gain_lib.gain_ratio(variance, sqr_norm, tf.cast(scale, variance.dtype))
 
     @property
     def skipped_updates(self):
@@ -269,6 +266,12 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
     def effective_learning_rate(self):
         """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
         return self._read_state().effective_learning_rate
+
+    def _corrected_moments(self):
+        """(sigma^2, mu^2): the bias-corrected averages, from one read of the state."""
+        state = self._read_state()
+        return (tf.math.divide_no_nan(state.variance_average, state.average_weight),
+                tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight))
 
     def _check_strategy(self):
         if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
@@ -315,7 +318,8 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
 
     def _get_current_learning_rate(self):
         if isinstance(self._learning_rate, _LearningRateSchedule):
-            return self._learning_rate(self._read_state().tau_whole)
+            # floor(tau) alone: the schedule needs only the counters variable.
+            return self._learning_rate(self._state_counters.value[_COUNTER_FIELDS.index("tau_whole")])
         return super()._get_current_learning_rate()
 
     def update_step(self, gradient, variable, learning_rate):
