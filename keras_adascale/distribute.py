@@ -81,7 +81,7 @@ def all_reduce(gradients, local_sqr_norm_sum):
     if replica_context is None:
         if tf.distribute.get_strategy().num_replicas_in_sync > 1:
             raise RuntimeError(
-                "AdaScaleSGD.apply_gradients must be called in replica context "
+                "An AdaScale optimizer's apply_gradients must be called in replica context "
                 "(inside `strategy.run`), where each replica's gradient is a "
                 "sample: it was called in cross-replica context."
             )
@@ -116,11 +116,11 @@ class AdaScaleMechanics:
     a merge_call, the one merge_call comes first and the update branches in
     cross-replica context, with one batched all-reduce of the accumulators.
 
-    The class using it provides `_statistics_dtype`, `_statistic_words_dtype`,
+    `base.AdaScaleBase` provides `_statistics_dtype`, `_statistic_words_dtype`,
     `_read_state()`, `_state_assignments(distribution, state)`, `_state_step`
-    (the compiled `gain.step`), `samples_per_update`, `scale`, `smoothing`,
-    `_sample_sqr_norm_accumulator` (with accumulation) and the update rule
-    (`update_step`).
+    (the compiled `gain.step`), `samples_per_update`, `scale`, `smoothing` and
+    `_sample_sqr_norm_accumulator` (with accumulation); the optimizer gives the
+    update rule (`update_step`).
     """
 
     def _add_replica_local_variable(self, shape, dtype, name):
@@ -165,7 +165,7 @@ class AdaScaleMechanics:
         ]
         for grad, accumulator in zip(grads, accumulators):
             self.assign_add(accumulator, grad)
-        self.assign_add(self._sample_sqr_norm_accumulator, self._local_statistic_words(grads))
+        self.assign_add(self._sample_sqr_norm_accumulator, self._local_statistic_words(grads, trainable_variables))
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             learning_rate = self.learning_rate
             tf.cond(
@@ -192,9 +192,13 @@ class AdaScaleMechanics:
     def _is_update_step(self):
         return tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
 
-    def _local_statistic_words(self, grads):
+    def _statistic_gradients(self, grads, variables):
+        """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
+        return grads
+
+    def _local_statistic_words(self, grads, variables):
         """A micro-batch's sum of squares in the form the accumulator keeps (see `encode_statistic`)."""
-        statistic = gain_lib.sqr_norm_sum(grads, self._statistics_dtype)
+        statistic = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), self._statistics_dtype)
         words = encode_statistic(statistic, self._statistic_words_dtype)
         return statistic if words is None else words[0]
 
@@ -230,7 +234,8 @@ class AdaScaleMechanics:
             grads = [s / steps for s in sums[:-1]]
             sample_sqr_norm_sum = decode_statistic(sums[-1:], self._statistics_dtype)
             state, finite, grads, learning_rate = self._adascale_step(
-                grads, sample_sqr_norm_sum, distribution.num_replicas_in_sync, self.learning_rate
+                grads, trainable_variables, sample_sqr_norm_sum, distribution.num_replicas_in_sync,
+                self.learning_rate,
             )
             self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite)
             for accumulator in accumulators + [statistic_accumulator]:
@@ -242,7 +247,9 @@ class AdaScaleMechanics:
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # Without accumulation only: the accumulators carry their own statistic.
-        local_sqr_norm_sum = gain_lib.sqr_norm_sum(grads, self._statistics_dtype)
+        local_sqr_norm_sum = gain_lib.sqr_norm_sum(
+            self._statistic_gradients(grads, trainable_variables), self._statistics_dtype
+        )
         self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
 
     def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate):
@@ -251,7 +258,7 @@ class AdaScaleMechanics:
         # With one sample, the sample is the mean: no second pass over it.
         single_sample = self.samples_per_update == 1
         state, finite, grads, learning_rate = self._adascale_step(
-            grads, sample_sqr_norm_sum, replicas, learning_rate,
+            grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate,
             mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -263,11 +270,11 @@ class AdaScaleMechanics:
             finite,
         )
 
-    def _adascale_step(self, grads, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
-        """Algorithm 1 on reduced values: `(new state, finite, clipped grads, r * lr)`."""
+    def _adascale_step(self, grads, variables, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
+        """Algorithm 1 on reduced values: `(new state, finite, clipped grads, effective learning rate)`."""
         dtype = self._statistics_dtype
         if mean_sqr_norm is None:
-            mean_sqr_norm = gain_lib.sqr_norm_sum(grads, dtype)
+            mean_sqr_norm = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
         state, finite = self._state_step(
@@ -289,7 +296,7 @@ class AdaScaleMechanics:
             state = tf.nest.map_structure(lambda value: distribution.experimental_local_results(value)[0], state)
 
         def apply_finite_update():
-            self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+            self._apply_update(distribution, grads_and_vars, learning_rate, state)
             return tf.no_op()
 
         tf.cond(finite, apply_finite_update, tf.no_op)
@@ -298,3 +305,7 @@ class AdaScaleMechanics:
             # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.
             with tf.control_dependencies(assignments):
                 tf.debugging.Assert(finite, [f"{type(self).__name__}: NaN or Inf in the gradients (non_finite='raise')"])
+
+    def _apply_update(self, distribution, grads_and_vars, learning_rate, state):
+        """Cross-replica context, a finite update: the update rule on every variable."""
+        self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)

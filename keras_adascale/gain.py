@@ -210,7 +210,8 @@ def update_gain(
     return variance_average, sqr_norm_average, average_weight, gain
 
 
-def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing):
+def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing,
+         learning_rate_scale=tf.identity):
     """Algorithm 1's scalar path for one update: statistics, gain, learning rate, tau.
 
     Where a sum of squares is not finite (a NaN or an Inf in the gradients),
@@ -225,6 +226,8 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         samples: N, statistics dtype.
         scale: S, statistics dtype.
         smoothing: theta, statistics dtype.
+        learning_rate_scale: the learning rate's factor for a gain r, a function of the float32
+            gain: r itself (Algorithm 1; the default) or `tf.sqrt` (AdaScaleAdam).
 
     Returns:
         `(new_state, finite)`: `finite` is the boolean "apply this update".
@@ -254,7 +257,7 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         gain=gain,
         tau_whole=state.tau_whole + tf.cast(carry, tf.int64),
         tau_fraction=fraction - carry,
-        effective_learning_rate=gain * tf.cast(learning_rate, tf.float32),
+        effective_learning_rate=learning_rate_scale(gain) * tf.cast(learning_rate, tf.float32),
         skipped_updates=state.skipped_updates,
     )
     skipped = state._replace(skipped_updates=state.skipped_updates + 1)

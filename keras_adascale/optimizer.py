@@ -1,26 +1,13 @@
 """AdaScaleSGD: the paper's Algorithm 1 around Keras's SGD update."""
 
-import warnings
-
 import keras
 import tensorflow as tf
 
-from keras_adascale import distribute, keras_fixes, validation
-from keras_adascale import gain as gain_lib
-
-_LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
-
-# How `gain.AdaScaleState` is stored: the statistics-dtype fields (float32 ones held exactly
-# in it) in one variable, the int64 counters in another.
-_FLOAT_FIELDS = (
-    "variance_average", "sqr_norm_average", "average_weight", "gain", "tau_fraction", "effective_learning_rate",
-)
-_FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
-_COUNTER_FIELDS = ("tau_whole", "skipped_updates")
+from keras_adascale import base, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_adascale")
-class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
+class AdaScaleSGD(base.AdaScaleBase, keras.optimizers.SGD):
     """SGD (with momentum) that adapts its learning rate to the batch scale S.
 
     Two numbers describe an update. S (`scale`) is how many baseline batches
@@ -107,220 +94,16 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
         momentum = validation.momentum(momentum)
         if not isinstance(nesterov, bool):
             raise ValueError(f"Argument `nesterov` must be a bool. Received: nesterov={nesterov!r}")
-        scale = validation.optional(validation.scale, scale)
-        smoothing = validation.optional(validation.smoothing, smoothing)
-        if non_finite not in ("skip", "raise"):
-            raise ValueError(
-                f"Argument `non_finite` must be 'skip' or 'raise'. Received: non_finite={non_finite!r}"
-            )
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,
             nesterov=nesterov,
-            name=name or _unique_name("adascale_sgd"),
+            scale=scale,
+            smoothing=smoothing,
+            non_finite=non_finite,
+            name=name or base.unique_name("adascale_sgd"),
             **kwargs,
         )
-        self._requested_scale = scale
-        self._requested_smoothing = smoothing
-        self.non_finite = non_finite
-        # float64 statistics square any float32 gradient without overflow or
-        # underflow; TPUs have no float64.
-        self._statistics_dtype = (
-            tf.float32 if isinstance(self._distribution_strategy, tf.distribute.TPUStrategy) else tf.float64
-        )
-        # Per optimizer, not at import: a compiled function outlives a reset of TensorFlow's
-        # context (keras's tests do that) and then fails on its first call.
-        self._state_step = tf.function(gain_lib.step, jit_compile=True)
-        self._add_state_variables()
-        keras_fixes.enable_for(self._distribution_strategy)
-
-    def _add_state_variables(self):
-        # Created here rather than in build() so that `learning_rate`, which reads tau,
-        # works before the first update, as Keras's `iterations` does. Two variables,
-        # written once per update: the statistics-dtype fields and the int64 counters.
-        initial = gain_lib.AdaScaleState(0.0, 0.0, 0.0, 1.0, 0, 0.0, 0.0, 0)
-        self._state_floats = self.add_variable(
-            shape=(len(_FLOAT_FIELDS),),
-            initializer=keras.initializers.Constant([getattr(initial, f) for f in _FLOAT_FIELDS]),
-            dtype=self._statistics_dtype.name,
-            aggregation="only_first_replica",
-            name="adascale_state",
-        )
-        self._state_counters = self.add_variable(
-            shape=(len(_COUNTER_FIELDS),),
-            initializer="zeros",
-            dtype="int64",
-            aggregation="only_first_replica",
-            name="adascale_counters",
-        )
-
-    def _read_state(self):
-        """The `gain.AdaScaleState` held in the state variables."""
-        floats = tf.unstack(tf.convert_to_tensor(self._state_floats.value))
-        counters = tf.unstack(tf.convert_to_tensor(self._state_counters.value))
-        fields = dict(zip(_FLOAT_FIELDS, floats))
-        fields.update(zip(_COUNTER_FIELDS, counters))
-        for name in _FLOAT32_FIELDS:
-            fields[name] = tf.cast(fields[name], tf.float32)
-        return gain_lib.AdaScaleState(**fields)
-
-    def _state_assignments(self, distribution, state):
-        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context."""
-
-        def write(floats, counters, state):
-            dtype = self._statistics_dtype
-            return [
-                floats.assign(tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS])),
-                counters.assign(tf.stack([getattr(state, f) for f in _COUNTER_FIELDS])),
-            ]
-
-        return distribution.extended.update(
-            self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),
-            args=(state, self._state_counters.value), group=False,
-        )
-
-    @property
-    def scale(self):
-        """S, the examples per update over the baseline batch (defaults to N)."""
-        if self._requested_scale is not None:
-            return self._requested_scale
-        return self.samples_per_update
-
-    @property
-    def samples_per_update(self):
-        """N, the gradient samples per update: replicas x accumulation steps (int)."""
-        replicas = self._distribution_strategy.num_replicas_in_sync
-        return replicas * (self.gradient_accumulation_steps or 1)
-
-    @property
-    def smoothing(self):
-        """theta, the moving-average factor of the gain statistics (float)."""
-        if self._requested_smoothing is not None:
-            return self._requested_smoothing
-        return max(1.0 - self.scale / 1000.0, 0.0)
-
-    @property
-    def gain(self):
-        """The gain r of the last update (1.0 before any)."""
-        return self._read_state().gain
-
-    @property
-    def scale_invariant_iterations(self):
-        """tau, the sum of the gains of all updates so far (float64 tensor)."""
-        state = self._read_state()
-        return tf.cast(state.tau_whole, tf.float64) + tf.cast(state.tau_fraction, tf.float64)
-
-    @property
-    def gradient_variance(self):
-        """The smoothed, bias-corrected estimate of sigma^2 (0.0 before any update)."""
-        return self._corrected_moments()[0]
-
-    @property
-    def gradient_sqr_norm(self):
-        """The smoothed, bias-corrected estimate of mu^2 (0.0 before any update)."""
-        return self._corrected_moments()[1]
-
-    @property
-    def gradient_noise_scale(self):
-        """The simple gradient noise scale B_simple = sigma^2 / mu^2, in baseline batches.
-
-        sigma^2 is the variance of one baseline-batch gradient, tr(Sigma) / B0,
-        and mu^2 = |G|^2, both from the smoothed, bias-corrected averages, so
-        this is McCandlish et al.'s `B_simple = tr(Sigma) / |G|^2` divided by the
-        baseline batch B0: multiply by B0 for examples. Scaling pays while S
-        is below it or near it (the gain r = (b + 1) / (b / S + 1) for b this
-        value, i.e. a scaling efficiency r / S of 50% at S = b + 2). 0.0 before
-        any update; +inf when mu^2 = 0 < sigma^2. A float64 tensor (float32
-        under `TPUStrategy`).
-
-        References:
-            McCandlish, Kaplan, Amodei et al. "An Empirical Model of
-            Large-Batch Training", 2018, arXiv:1812.06162, Equation 2.8 (B_simple).
-        """
-        return gain_lib.noise_scale(*self._corrected_moments())
-
-    def predicted_gain(self, scale):
-        """The gain a run at scale `scale` would have with the current statistics.
-
-        `(sigma2 + mu2) / (sigma2 / scale + mu2)`, in [1, scale], from the
-        smoothed, bias-corrected averages: at the optimizer's own S it equals
-        `gain`. `predicted_gain(S') / S'` is the scaling efficiency at S'.
-
-        Args:
-            scale: number >= 1, or a float tensor of such (S').
-
-        Returns:
-            A tensor of the statistics' dtype, shaped like `scale`.
-        """
-        if not tf.is_tensor(scale):
-            validation.scale(scale)
-        variance, sqr_norm = self._corrected_moments()
-        return gain_lib.gain_ratio(variance, sqr_norm, tf.cast(scale, variance.dtype))
-
-    @property
-    def skipped_updates(self):
-        """How many updates were skipped for NaN or Inf gradients (int64 tensor)."""
-        return self._read_state().skipped_updates
-
-    @property
-    def effective_learning_rate(self):
-        """`gain * lr(floor(tau))` as used by the last update (0.0 before any)."""
-        return self._read_state().effective_learning_rate
-
-    def _corrected_moments(self):
-        """(sigma^2, mu^2): the bias-corrected averages, from one read of the state."""
-        state = self._read_state()
-        return (tf.math.divide_no_nan(state.variance_average, state.average_weight),
-                tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight))
-
-    def _check_strategy(self):
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
-            raise ValueError(
-                "AdaScaleSGD was created outside the `strategy.scope()` it is used in, so "
-                "it cannot see the replicas. Create the optimizer (and compile the model) "
-                "inside `with strategy.scope():`."
-            )
-
-    def apply(self, grads, trainable_variables=None):
-        # Built outside the scope too (a custom loop's `optimizer.build`), the first
-        # update would fail deep in tf.distribute with a bare AssertionError.
-        self._check_strategy()
-        return super().apply(grads, trainable_variables)
-
-    def build(self, variables):
-        if self.built:
-            return
-        self._check_strategy()
-        if self.samples_per_update == 1 and self.scale > 1:
-            raise ValueError(
-                f"Argument `scale` is {self.scale}, but each update sees one gradient "
-                "sample (num_replicas_in_sync=1, no gradient accumulation), and the "
-                "gain needs at least two samples to see the gradient variance. Use "
-                ">= 2 replicas or `gradient_accumulation_steps >= 2`."
-            )
-        if self.scale == 1:
-            warnings.warn(
-                "AdaScaleSGD has scale S = 1 (each update holds one baseline batch): "
-                "the gain is always 1 and it behaves as plain SGD. Use several "
-                "replicas or `gradient_accumulation_steps`, or set `scale`.",
-                stacklevel=2,
-            )
-        dtypes = {tf.as_dtype(v.dtype) for v in variables}
-        # The statistic travels in the gradients' all-reduce, in their dtype where it can.
-        self._statistic_words_dtype = dtypes.pop() if len(dtypes) == 1 else None
-        if self.gradient_accumulation_steps:
-            words = distribute.encode_statistic(tf.zeros((), self._statistics_dtype), self._statistic_words_dtype)
-            words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
-            self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
-                words.shape, words.dtype, "sample_sqr_norm_accumulator"
-            )
-        super().build(variables)
-
-    def _get_current_learning_rate(self):
-        if isinstance(self._learning_rate, _LearningRateSchedule):
-            # floor(tau) alone: the schedule needs only the counters variable.
-            return self._learning_rate(self._state_counters.value[_COUNTER_FIELDS.index("tau_whole")])
-        return super()._get_current_learning_rate()
 
     def update_step(self, gradient, variable, learning_rate):
         if self.weight_decay is not None and self._use_weight_decay(variable):
@@ -329,41 +112,3 @@ class AdaScaleSGD(distribute.AdaScaleMechanics, keras.optimizers.SGD):
             )
             self.assign_sub(variable, variable * decay)
         super().update_step(gradient, variable, learning_rate)
-
-    def load_own_variables(self, store):
-        # Keras warns and skips a mismatched optimizer: that would silently restart
-        # tau, the gain statistics and the momentum. Refuse instead.
-        saved = len(store.keys())
-        if saved != len(self.variables):
-            raise ValueError(
-                f"Cannot restore AdaScaleSGD '{self.name}': the checkpoint holds {saved} optimizer "
-                f"variables and this optimizer has {len(self.variables)}. Build it first "
-                "(`optimizer.build(model.trainable_variables)`) with the same `momentum` and "
-                "`gradient_accumulation_steps` as the saved one, or load the model with "
-                "`compile=False` to restore only the weights."
-            )
-        for index, variable in enumerate(self.variables):
-            shape = tuple(store[str(index)].shape)
-            if shape != tuple(variable.shape):
-                raise ValueError(
-                    f"Cannot restore AdaScaleSGD '{self.name}': variable {variable.path} has shape "
-                    f"{tuple(variable.shape)} but the checkpoint's has {shape}."
-                )
-        super().load_own_variables(store)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "scale": self._requested_scale,
-                "smoothing": self._requested_smoothing,
-                "non_finite": self.non_finite,
-            }
-        )
-        return config
-
-
-def _unique_name(prefix):
-    """`prefix`, then `prefix_1`, `prefix_2`...: default names unique per session, as Keras makes them."""
-    uid = keras.backend.get_uid(prefix)
-    return prefix if uid == 1 else f"{prefix}_{uid - 1}"
