@@ -1,13 +1,14 @@
-"""AdaScale SGD for Keras 3 and tf.distribute (Johnson et al., ICML 2020)."""
+"""AdaScale SGD (Johnson et al., ICML 2020) and AdaScaleAdam for Keras 3 and tf.distribute."""
 
 import importlib
 import os
 import sys
 
-__all__ = ["AdaScaleCallback", "AdaScaleSGD", "ScaleInvariantSchedule", "enable_multi_worker_fit"]
+__all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleSGD", "ScaleInvariantSchedule", "enable_multi_worker_fit"]
 __version__ = "0.1.0"
 
 _MODULES = {
+    "AdaScaleAdam": "keras_adascale.adam",
     "AdaScaleCallback": "keras_adascale.callbacks",
     "AdaScaleSGD": "keras_adascale.optimizer",
     "ScaleInvariantSchedule": "keras_adascale.schedules",
@@ -27,7 +28,7 @@ def __getattr__(name):
 def _require_tensorflow_backend():
     """Raises ImportError unless Keras runs on TensorFlow, before any TensorFlow-specific module loads."""
     requirement = (
-        "keras_adascale needs Keras's TensorFlow backend: AdaScaleSGD is built on TensorFlow and tf.distribute"
+        "keras_adascale needs Keras's TensorFlow backend: its optimizers are built on TensorFlow and tf.distribute"
     )
     try:
         import keras
@@ -62,7 +63,7 @@ def _started_as_command_line():
     return False
 
 
-# Importing the package registers AdaScaleSGD and ScaleInvariantSchedule with Keras, so that
+# Importing the package registers its optimizers and ScaleInvariantSchedule with Keras, so that
 # `keras.models.load_model` finds them. The command line defers it (TensorFlow takes ~7 s to
 # import, which `--help`, `compare` and a config error do not need); it imports them to train.
 if not _started_as_command_line():

@@ -107,8 +107,7 @@ class AdaScaleSGD(base.AdaScaleBase, keras.optimizers.SGD):
 
     def update_step(self, gradient, variable, learning_rate):
         if self.weight_decay is not None and self._use_weight_decay(variable):
-            decay = tf.cast(learning_rate, variable.dtype) * tf.cast(
-                self.weight_decay, variable.dtype
-            )
-            self.assign_sub(variable, variable * decay)
+            # Keras's own order of operations, so that S = 1 is SGD to the last bit.
+            wd, lr = tf.cast(self.weight_decay, variable.dtype), tf.cast(learning_rate, variable.dtype)
+            self.assign_sub(variable, variable * wd * lr)
         super().update_step(gradient, variable, learning_rate)

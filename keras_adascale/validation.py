@@ -1,4 +1,4 @@
-"""Argument rules shared by AdaScaleSGD, the schedules, the callback and the runner's config, so they agree.
+"""Argument rules shared by the AdaScale optimizers, the schedules, the callback and the runner's config, so they agree.
 
 Each checker returns the value as the caller stores it (a plain int or float) or
 raises `ValueError` naming the argument, in Keras's wording for Keras's own
@@ -38,6 +38,8 @@ SMOOTHING = Interval(0.0, 1.0)
 # S, the examples per update over the baseline batch: 1 (no scaling) or more, finite.
 SCALE = Interval(1.0, math.inf)
 NON_NEGATIVE = Interval(0.0, math.inf)
+# An Adam decay rate: beta = 1 would never move its moment off zero.
+BETA = Interval(0.0, 1.0)
 POSITIVE = Interval(0.0, math.inf, low_closed=False)
 
 
@@ -93,6 +95,20 @@ def smoothing(value):
     """theta: a float in [0, 1)."""
     if value not in SMOOTHING:
         raise ValueError(f"Argument `smoothing` must be a float in {SMOOTHING}. Received: smoothing={value!r}")
+    return float(value)
+
+
+def beta(value, name):
+    """An Adam decay rate (`beta_1`, `beta_2`): a float in [0, 1)."""
+    if value not in BETA:
+        raise ValueError(f"Argument `{name}` must be a float in {BETA}. Received: {name}={value!r}")
+    return float(value)
+
+
+def non_negative(value, name):
+    """A float >= 0 (Adam's `epsilon`)."""
+    if value not in NON_NEGATIVE:
+        raise ValueError(f"Argument `{name}` must be a float >= 0. Received: {name}={value!r}")
     return float(value)
 
 

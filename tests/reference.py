@@ -1,4 +1,4 @@
-"""An independent NumPy implementation of AdaScale SGD (Johnson et al., 2020, Algorithm 1).
+"""Independent NumPy implementations of AdaScale SGD (Johnson et al., 2020, Algorithm 1) and AdaScaleAdam.
 
 Written from the paper, in float64, sharing no code with keras_adascale.
 """
@@ -69,8 +69,8 @@ class AdaScaleReference:
         self.tau = 0.0
         self.gain = 1.0
 
-    def step(self, samples):
-        """One update from N flat gradient samples; returns the new parameters."""
+    def update_gain(self, samples):
+        """Algorithm 1's statistics and gain for one update's N samples; returns the gain r."""
         theta = self.smoothing
         sigma2, mu2 = gain_statistics(samples, self.scale)
         self.updates += 1
@@ -83,7 +83,11 @@ class AdaScaleReference:
             self.gain = (variance + sqr_norm) / (variance / self.scale + sqr_norm)
         else:
             self.gain = 1.0
-        rate = self.gain * self.learning_rate(math.floor(self.tau))
+        return self.gain
+
+    def step(self, samples):
+        """One update from N flat gradient samples; returns the new parameters."""
+        rate = self.update_gain(samples) * self.learning_rate(math.floor(self.tau))
         grad = np.mean(np.asarray(samples, dtype=np.float64), axis=0)
         if self.weight_decay:
             self.params = self.params - self.params * self.weight_decay * rate
@@ -97,4 +101,63 @@ class AdaScaleReference:
             self.params = self.params - rate * grad
         self.tau += self.gain
         self.effective_learning_rate = rate
+        return self.params
+
+
+class AdaScaleAdamReference(AdaScaleReference):
+    """AdaScaleAdam on a flat parameter vector: Adam with Malladi et al.'s square-root rule at kappa = r.
+
+    Written from Kingma & Ba (Adam, with Keras's "epsilon hat"), Loshchilov & Hutter (decoupled
+    weight decay) and Malladi et al. 2022 (lr x sqrt(k), 1 - beta x k, epsilon / sqrt(k)), with
+    the bias correction as the plain product of each update's decay factors.
+
+    Args:
+        statistics: "raw" (gain from the samples) or "preconditioned" (from the samples divided
+            elementwise by sqrt(v_hat) + epsilon, with Adam's moments before the update).
+        The rest as `AdaScaleReference` and keras.optimizers.Adam.
+    """
+
+    def __init__(self, params, learning_rate, scale, smoothing=None, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, amsgrad=False, weight_decay=None, statistics="raw"):
+        super().__init__(params, learning_rate, scale, smoothing=smoothing, weight_decay=weight_decay)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.amsgrad, self.statistics = amsgrad, statistics
+        self.first_moment = np.zeros_like(self.params)
+        self.second_moment = np.zeros_like(self.params)
+        self.second_moment_max = np.zeros_like(self.params)
+        self.beta_1_product = 1.0
+        self.beta_2_product = 1.0
+
+    def _measured(self, samples):
+        samples = np.asarray(samples, dtype=np.float64)
+        if self.statistics == "raw":
+            return samples
+        second = self.second_moment_max if self.amsgrad else self.second_moment
+        v_hat = second / (1.0 - self.beta_2_product) if self.beta_2_product < 1.0 else np.zeros_like(second)
+        return samples / (np.sqrt(v_hat) + self.epsilon)
+
+    def step(self, samples):
+        """One update from N flat gradient samples; returns the new parameters."""
+        r = self.update_gain(self._measured(samples))
+        lr = self.learning_rate(math.floor(self.tau))
+        grad = np.mean(np.asarray(samples, dtype=np.float64), axis=0)
+        b1 = min(1.0, r * (1.0 - self.beta_1))
+        b2 = min(1.0, r * (1.0 - self.beta_2))
+        self.beta_1_product *= 1.0 - b1
+        self.beta_2_product *= 1.0 - b2
+        if self.weight_decay:
+            self.params = self.params - self.params * self.weight_decay * r * lr
+        self.first_moment = (1.0 - b1) * self.first_moment + b1 * grad
+        self.second_moment = (1.0 - b2) * self.second_moment + b2 * grad * grad
+        second = self.second_moment
+        if self.amsgrad:
+            self.second_moment_max = np.maximum(self.second_moment_max, self.second_moment)
+            second = self.second_moment_max
+        m_hat = self.first_moment / (1.0 - self.beta_1_product)
+        v_hat = second / (1.0 - self.beta_2_product)
+        # Keras adds epsilon to sqrt(v), before the bias correction of v: sqrt(v_hat) + eps / sqrt(1 - b2^t).
+        epsilon = self.epsilon / math.sqrt(r) / math.sqrt(1.0 - self.beta_2_product)
+        self.effective_learning_rate = math.sqrt(r) * lr
+        self.params = self.params - self.effective_learning_rate * m_hat / (np.sqrt(v_hat) + epsilon)
+        self.tau += r
         return self.params

@@ -1,0 +1,210 @@
+"""AdaScaleAdam: Adam (and AdamW) with the square-root scaling rule, driven by AdaScale's gain."""
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from keras_adascale import base, validation
+
+STATISTICS = ("raw", "preconditioned")
+
+
+class _UpdateCoefficients(NamedTuple):
+    """What one update's gain r makes of Adam's hyper-parameters, shared by every variable."""
+
+    learning_rate: tf.Tensor  # float32, sqrt(r) * lr(floor(tau))
+    decay_rate: tf.Tensor  # float32, sqrt(r) * lr_t = r * lr(floor(tau)): decoupled weight decay's rate
+    one_minus_betas: tf.Tensor  # statistics dtype [2], min(1, r (1 - beta_i))
+    moment_ages: tf.Tensor  # statistics dtype [2], after this update: prod_k beta_ik = beta_i ** age_i
+    epsilon: tf.Tensor  # statistics dtype, epsilon / sqrt(r)
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale")
+class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
+    """Adam that adapts its learning rate and decay rates to the batch scale S.
+
+    S (`scale`), N (`samples_per_update`), the statistics, the gain r in
+    [1, S], tau and the schedule keyed on floor(tau) are those of
+    `AdaScaleSGD` (see there). Each update applies the square-root scaling
+    rule for adaptive methods with r as the batch ratio kappa:
+
+    ```python
+    lr_t = sqrt(r) * lr(floor(tau))
+    b1, b2 = min(1, r * (1 - beta_1)), min(1, r * (1 - beta_2))   # 1 - beta_i, scaled
+    eps_t = epsilon / sqrt(r)
+    w = w - r * lr(floor(tau)) * weight_decay * w      # decoupled, as AdaScaleSGD's
+    m = m + (g - m) * b1
+    v = v + (g**2 - v) * b2
+    a1, a2 = a1 + log(1 - b1) / log(beta_1), a2 + log(1 - b2) / log(beta_2)
+    w = w - lr_t * sqrt(1 - beta_2**a2) / (1 - beta_1**a1) * m / (sqrt(v) + eps_t)
+    tau = tau + r
+    ```
+
+    `beta_i ** a_i` is the product of the update's decay factors `1 - b_i`,
+    so the bias correction stays exact as r varies; with r = 1 at every
+    update, a_i counts updates and this is `keras.optimizers.Adam` exactly
+    (at S = 1 the gain is always 1). Weight decay is a drift in the weights
+    that does not depend on the gradients' noise: a run over the same
+    examples in 1/r as many updates needs r times the decay per update, as
+    with AdaScaleSGD's r * lr.
+
+    The statistics measure either the raw gradients (the default) or the
+    gradients divided by Adam's current `sqrt(v_hat) + epsilon` (AdaptDL's
+    `AdamScale`). The default follows the scale study in
+    docs/benchmarks.md ("AdaScaleAdam"), which compares both.
+
+    Args:
+        learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`
+            (evaluated at floor(tau)) or a callable taking no arguments. The
+            single-batch (S = 1) learning rate. Defaults to `0.001`.
+        beta_1: float in [0, 1), the first moment's decay rate at S = 1.
+            Defaults to `0.9`.
+        beta_2: float in [0, 1), the second moment's decay rate at S = 1.
+            Defaults to `0.999`.
+        epsilon: float >= 0, Keras's "epsilon hat" at S = 1. Defaults to `1e-7`.
+        amsgrad: bool, whether to use the AMSGrad variant. Defaults to `False`.
+        statistics: `"raw"` or `"preconditioned"`, what the gain's variance
+            and squared norm are measured on (see above). Defaults to `"raw"`.
+        scale: optional number >= 1, S (see `AdaScaleSGD`). Defaults to N.
+        smoothing: optional float in [0, 1), theta. Defaults to
+            `max(1 - S / 1000, 0)`.
+        non_finite: `"skip"` or `"raise"` (see `AdaScaleSGD`): a skipped
+            update leaves the weights, both moments, their ages, tau and the
+            averages as they were.
+        name: string. Defaults to `"adascale_adam"`, made unique as Keras does.
+        **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
+            (`weight_decay` makes it AdamW, `clipnorm`, `global_clipnorm`,
+            `gradient_accumulation_steps`...).
+
+    References:
+        Johnson, Agrawal, Gu, Guestrin. "AdaScale SGD: A User-Friendly
+        Algorithm for Distributed Training". ICML 2020, arXiv:2007.05105,
+        Algorithm 1.
+        Malladi, Lyu, Panigrahi, Arora. "On the SDEs and Scaling Rules for
+        Adaptive Gradient Algorithms". NeurIPS 2022, arXiv:2205.10287,
+        Definition 4.2 (the square-root scaling rule).
+    """
+
+    _learning_rate_scale = staticmethod(tf.sqrt)
+    _plain_optimizer = "Adam"
+    _shape_arguments = "`amsgrad`"
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        statistics="raw",
+        scale=None,
+        smoothing=None,
+        non_finite="skip",
+        name=None,
+        **kwargs,
+    ):
+        learning_rate = validation.learning_rate(learning_rate)
+        beta_1 = validation.beta(beta_1, "beta_1")
+        beta_2 = validation.beta(beta_2, "beta_2")
+        epsilon = validation.non_negative(epsilon, "epsilon")
+        if not isinstance(amsgrad, bool):
+            raise ValueError(f"Argument `amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
+        if statistics not in STATISTICS:
+            raise ValueError(
+                f"Argument `statistics` must be one of {STATISTICS}. Received: statistics={statistics!r}"
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            scale=scale,
+            smoothing=smoothing,
+            non_finite=non_finite,
+            name=name or base.unique_name("adascale_adam"),
+            **kwargs,
+        )
+        self.statistics = statistics
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._moment_ages = self.add_variable(
+            shape=(2,),
+            initializer="zeros",
+            dtype=self._statistics_dtype.name,
+            aggregation="only_first_replica",
+            name="adascale_moment_ages",
+        )
+
+    def _second_moment(self, variable):
+        index = self._get_variable_index(variable)
+        return self._velocity_hats[index] if self.amsgrad else self._velocities[index]
+
+    def _statistic_gradients(self, grads, variables):
+        if self.statistics == "raw":
+            return grads
+        # g / (sqrt(v_hat) + epsilon) with Adam's moments before this update (v_hat = 0 before any).
+        age = tf.convert_to_tensor(self._moment_ages.value)[1]
+        preconditioned = []
+        for grad, variable in zip(grads, variables):
+            dtype = variable.dtype
+            second_moment = tf.convert_to_tensor(self._second_moment(variable).value)
+            correction = 1.0 - tf.pow(tf.cast(self.beta_2, dtype), tf.cast(age, dtype))
+            v_hat = tf.math.divide_no_nan(second_moment, correction)
+            grad = tf.cast(tf.convert_to_tensor(grad), dtype)
+            preconditioned.append(grad / (tf.sqrt(v_hat) + tf.cast(self.epsilon, dtype)))
+        return preconditioned
+
+    def _apply_update(self, distribution, grads_and_vars, learning_rate, state):
+        dtype = self._statistics_dtype
+        gain = tf.cast(state.gain, dtype)
+        one_minus_betas = tf.constant([1.0 - self.beta_1, 1.0 - self.beta_2], dtype)
+        scaled = tf.minimum(tf.ones_like(one_minus_betas), gain * one_minus_betas)
+        # log(1 - b) / log(1 - (1 - beta)): exactly 1 at r = 1; +inf once a decay factor is 0.
+        # beta = 0 has factor 0 at every update, and any age >= 1 gives the same power 0.
+        ages = tf.convert_to_tensor(self._moment_ages.value) + tf.where(
+            one_minus_betas < 1.0, tf.math.log1p(-scaled) / tf.math.log1p(-one_minus_betas), 1.0
+        )
+        # `state` is read from one replica; so are these, for every replica's update.
+        coefficients = _UpdateCoefficients(
+            learning_rate=state.effective_learning_rate,
+            decay_rate=tf.sqrt(state.gain) * state.effective_learning_rate,
+            one_minus_betas=scaled,
+            moment_ages=ages,
+            epsilon=self.epsilon / tf.sqrt(gain),
+        )
+        self._distributed_tf_update_step(distribution, grads_and_vars, coefficients)
+        distribution.extended.update(
+            self._moment_ages.value, lambda variable, value: variable.assign(value), args=(ages,), group=False
+        )
+
+    def update_step(self, gradient, variable, coefficients):
+        dtype = variable.dtype
+        lr = tf.cast(coefficients.learning_rate, dtype)
+        gradient = tf.cast(gradient, dtype)
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            decay_rate = tf.cast(coefficients.decay_rate, dtype)
+            self.assign_sub(variable, variable * tf.cast(self.weight_decay, dtype) * decay_rate)
+        one_minus_beta_1, one_minus_beta_2 = tf.unstack(tf.cast(coefficients.one_minus_betas, dtype))
+        age_1, age_2 = tf.unstack(tf.cast(coefficients.moment_ages, dtype))
+        beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), age_1)
+        beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), age_2)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        self.assign_add(m, (gradient - m) * one_minus_beta_1)
+        self.assign_add(v, (tf.square(gradient) - v) * one_minus_beta_2)
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            self.assign(v_hat, tf.maximum(v_hat, v))
+            v = v_hat
+        self.assign_sub(variable, (m * alpha) / (tf.sqrt(v) + tf.cast(coefficients.epsilon, dtype)))
+
+    def get_config(self):
+        config = super().get_config()
+        config["statistics"] = self.statistics
+        return config
