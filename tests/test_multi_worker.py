@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from reference import AdaScaleReference
+from reference import AdaScaleAdamReference, AdaScaleReference
 
 WORKERS, BATCH, UPDATES, ROWS = 2, 8, 3, 128
 
@@ -55,13 +55,16 @@ for k in range(3):
 report(model, optimizer)
 """
 
-# model.fit: ACCUMULATION micro-batches per update, so S = 2 workers x ACCUMULATION.
+# model.fit: ACCUMULATION micro-batches per update, so S = 2 workers x ACCUMULATION; AdaScaleSGD or AdaScaleAdam.
 FIT = COMMON + r"""
 accumulation = int(sys.argv[1])
 with strategy.scope():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
-    optimizer = keras_adascale.AdaScaleSGD(
-        0.05, momentum=0.9, gradient_accumulation_steps=accumulation if accumulation > 1 else None)
+    steps = accumulation if accumulation > 1 else None
+    if sys.argv[2] == "adam":
+        optimizer = keras_adascale.AdaScaleAdam(0.05, statistics="preconditioned", gradient_accumulation_steps=steps)
+    else:
+        optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps)
     model.compile(optimizer=optimizer, loss="mse")
 
 def dataset_fn(context):
@@ -118,12 +121,15 @@ def run_workers(script, args=(), timeout=150, command=None):
     return results
 
 
-def reference(scale):
+def reference(scale, optimizer="sgd"):
     """Algorithm 1 on the blocks of 8 rows: update u averages blocks u * scale .. u * scale + scale - 1."""
     rng = np.random.RandomState(0)
     x = rng.randn(ROWS, 3).astype(np.float32).astype(np.float64)
     y = (x.astype(np.float32) @ rng.randn(3, 1) + rng.randn(ROWS, 1)).astype(np.float32)[:, 0].astype(np.float64)
-    ref = AdaScaleReference(np.zeros(4), 0.05, scale=scale, momentum=0.9)
+    if optimizer == "adam":
+        ref = AdaScaleAdamReference(np.zeros(4), 0.05, scale=scale, statistics="preconditioned")
+    else:
+        ref = AdaScaleReference(np.zeros(4), 0.05, scale=scale, momentum=0.9)
 
     def gradient(params, block):
         xb, yb = x[block * BATCH : (block + 1) * BATCH], y[block * BATCH : (block + 1) * BATCH]
@@ -137,12 +143,13 @@ def reference(scale):
 
 @pytest.mark.parametrize(
     "script, args, scale",
-    [(CUSTOM_LOOP, (), WORKERS), (FIT, ("1",), WORKERS), (FIT, ("2",), 2 * WORKERS)],
-    ids=["strategy_run_loop", "model_fit", "model_fit_accumulation_2"],
+    [(CUSTOM_LOOP, (), WORKERS), (FIT, ("1", "sgd"), WORKERS), (FIT, ("2", "sgd"), 2 * WORKERS),
+     (FIT, ("2", "adam"), 2 * WORKERS)],
+    ids=["strategy_run_loop", "model_fit", "model_fit_accumulation_2", "adam_model_fit_accumulation_2"],
 )
 def test_two_workers_agree_with_each_other_and_the_reference(script, args, scale):
     results = run_workers(script, args)
-    expected = reference(scale)
+    expected = reference(scale, *args[1:])
     assert results[0]["weights"] == results[1]["weights"] and results[0]["tau"] == results[1]["tau"]
     for result in results:
         assert result["scale"] == scale
