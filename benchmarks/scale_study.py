@@ -9,6 +9,11 @@ and LSR with gradual warm-up, over several seeds. The S gradient samples are mic
     python benchmarks/scale_study.py                 # S = 2..32, 3 seeds (about an hour on 2 CPU cores)
     python benchmarks/scale_study.py --quick         # a few minutes: small MLP, short schedule, 1 seed
 
+`--family adam` runs the same study for AdaScaleAdam (raw and preconditioned statistics) against
+Adam with Malladi et al.'s square-root rule at kappa = S, the linear rule and no change, each over
+T / S updates, from an Adam recipe (default saved_configs/mnist_adam.yaml); its runs go to
+OUTPUT_DIR/adam_scale_study.
+
 Writes its runs and plots under --output-dir (default runs/scale_study) and prints a table;
 the last line printed is a JSON summary.
 """
@@ -16,18 +21,37 @@ the last line printed is a JSON summary.
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
 
 import studies
 
-METHODS = ("adascale", "lsr", "lsr_warmup")
+# Per family: the S = 1 baseline's optimizer, then each compared method's optimizer keys by label.
+# The first method is the AdaScale one whose gain is plotted.
+FAMILIES = {
+    "sgd": ("sgd", {
+        "adascale": {"name": "adascale"},
+        "lsr": {"name": "lsr"},
+        "lsr_warmup": {"name": "lsr_warmup"},
+    }),
+    "adam": ("adam", {
+        "adascale_adam": {"name": "adascale_adam", "statistics": "raw"},
+        "adascale_adam_pre": {"name": "adascale_adam", "statistics": "preconditioned"},
+        "adam_sqrt": {"name": "adam_sqrt"},
+        "adam_linear": {"name": "adam_linear"},
+        "adam_fixed": {"name": "adam_fixed"},
+    }),
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, short schedule, one seed")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sgd",
+                        help="sgd: AdaScaleSGD vs LSR (with and without warm-up); adam: AdaScaleAdam (raw and "
+                             "preconditioned statistics) vs Adam's square-root, linear and unchanged rules")
     parser.add_argument("--scales", default=None, help="comma-separated S values (default 2,4,8,16,32; quick 2,8)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
     parser.add_argument("--total-steps", type=int, default=None, help="T_SI (default: the config's; quick 300)")
@@ -35,6 +59,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.scales = [int(s) for s in (args.scales or ("2,8" if args.quick else "2,4,8,16,32")).split(",")]
     args.seeds = args.seeds or (1 if args.quick else 3)
+    args.baseline, args.methods = FAMILIES[args.family]
+    args.experiment = "scale_study" if args.family == "sgd" else f"{args.family}_scale_study"
+    if args.family == "adam" and args.config == parser.get_default("config"):
+        args.config = str(studies.REPO / "saved_configs" / "mnist_adam.yaml")
     return args
 
 
@@ -42,7 +70,7 @@ def study_runs(args):
     """The resolved runs: the S = 1 baseline and every (method, S), for every seed."""
     from keras_adascale.experiments import config
 
-    overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", "name=scale_study"]
+    overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", f"name={args.experiment}"]
     if args.quick:
         overrides += studies.QUICK_OVERRIDES + ["evaluations=3"]
     if args.total_steps:
@@ -50,25 +78,27 @@ def study_runs(args):
     raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
     variants = []
     for seed in range(args.seeds):
-        variants.append({"name": f"baseline_s1_seed{seed}", "seed": seed, "optimizer": {"name": "sgd", "scale": 1}})
+        variants.append({"name": f"baseline_s1_seed{seed}", "seed": seed,
+                         "optimizer": {"name": args.baseline, "scale": 1}})
         for scale in args.scales:
-            for method in METHODS:
+            for method, optimizer in args.methods.items():
                 variants.append({"name": f"{method}_s{scale}_seed{seed}", "seed": seed,
-                                 "optimizer": {"name": method, "scale": scale}})
+                                 "optimizer": {**optimizer, "scale": scale}})
     raw["runs"] = variants
-    return config.resolve(raw, name="scale_study")
+    return config.resolve(raw, name=args.experiment)
 
 
 def aggregate(finals):
     """(method, S) -> mean and spread over seeds."""
     groups = {}
-    for final in finals:
-        groups.setdefault((final["optimizer"], final["scale"]), []).append(final)
+    for final in finals:  # runs are named <method>_s<S>_seed<k>, the baseline baseline_s1_seed<k>
+        method = re.fullmatch(r"(.+)_s[0-9]+_seed[0-9]+", final["run"]).group(1)
+        groups.setdefault((method, final["scale"]), []).append(final)
     rows = []
     for (method, scale), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
         accuracies = [final["test_accuracy"] for final in group]
         rows.append({
-            "method": "baseline" if method == "sgd" else method,
+            "method": method,
             "scale": scale,
             "seeds": len(group),
             "test_accuracy_mean": statistics.mean(accuracies),
@@ -91,7 +121,7 @@ def print_table(rows):
               f"{row['mean_gain']:>9.3f}")
 
 
-def plot(experiment_dir, scales, rows):
+def plot(experiment_dir, scales, rows, methods):
     """scale_study.png: test accuracy vs updates per S (seed 0), final accuracy vs S, and AdaScale's gain."""
     import matplotlib
 
@@ -108,17 +138,17 @@ def plot(experiment_dir, scales, rows):
         axis = axes[0, column]
         axis.plot([row["update"] for row in baseline], [row["test_accuracy"] for row in baseline], "k.-",
                   label="baseline S=1")
-        for method in METHODS:
+        for method in methods:
             evaluations = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "evaluations.jsonl")
             axis.plot([row["update"] for row in evaluations], [row["test_accuracy"] for row in evaluations],
                       "o-", label=method)
         axis.set(title=f"S = {scale}", xlabel="updates", ylabel="test accuracy", xscale="log")
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.legend(fontsize="small")
-        metrics = read_jsonl(experiment_dir / f"adascale_s{scale}_seed0" / "metrics.jsonl")
+        metrics = read_jsonl(experiment_dir / f"{methods[0]}_s{scale}_seed0" / "metrics.jsonl")
         axes[1, column].plot([row["update"] for row in metrics], [row["gain"] for row in metrics], label="gain")
         axes[1, column].set(xlabel="updates", ylabel="AdaScale gain r_t", ylim=(1, scale))
-        for method in METHODS:
+        for method in methods:
             metrics = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "metrics.jsonl")
             axes[2, column].plot([row["update"] for row in metrics], [row["learning_rate"] for row in metrics],
                                  label=method)
@@ -134,7 +164,7 @@ def plot(experiment_dir, scales, rows):
     axis.axhspan(base["test_accuracy_mean"] - base["test_accuracy_std"],
                  base["test_accuracy_mean"] + base["test_accuracy_std"], color="k", alpha=0.15)
     axis.axhline(base["test_accuracy_mean"], color="k", label="baseline S=1 (mean +- std)")
-    for method in METHODS:
+    for method in methods:
         mine = [row for row in rows if row["method"] == method]
         axis.errorbar([row["scale"] for row in mine], [row["test_accuracy_mean"] for row in mine],
                       yerr=[row["test_accuracy_std"] for row in mine], fmt="o-", capsize=3, label=method)
@@ -156,8 +186,8 @@ def main(argv=None):
     rows = aggregate(finals)
     print()
     print_table(rows)
-    experiment_dir = output_root / "scale_study"
-    plot(experiment_dir, args.scales, rows)
+    experiment_dir = output_root / args.experiment
+    plot(experiment_dir, args.scales, rows, list(args.methods))
     print(f"\nplots: {experiment_dir / 'scale_study.png'}, {experiment_dir / 'accuracy_vs_scale.png'}")
     summary = {
         "command": " ".join(["python", "benchmarks/scale_study.py"] + (sys.argv[1:] if argv is None else argv)),
@@ -165,6 +195,7 @@ def main(argv=None):
         "batch_size": runs[0]["dataset"]["batch_size"],
         "model": runs[0]["model"]["name"],
         "dataset": runs[0]["dataset"]["name"],
+        "family": args.family,
         "seconds": time.perf_counter() - start,
         "results": rows,
     }

@@ -76,10 +76,16 @@ class LinearScalingSchedule(LearningRateSchedule):
     lr_t = schedule(S * t) * (1 + (S - 1) * min(t / W, 1))
     ```
 
+    Another `rate_factor` k takes the place of S as the multiplier (the
+    square-root rule for Adam: k = sqrt(S); k = 1 runs the same rates in
+    T / S updates); the schedule still runs S times faster.
+
     Args:
         schedule: float or `LearningRateSchedule`, the single-batch rate.
         scale: number >= 1, S.
         warmup_steps: int >= 0, W, in updates. Defaults to `0` (no warm-up).
+        rate_factor: optional number >= 1, k, the learning rate's multiplier.
+            Defaults to S.
         name: optional string.
 
     References:
@@ -87,12 +93,13 @@ class LinearScalingSchedule(LearningRateSchedule):
         1 Hour", 2017, sections 2.1-2.2.
     """
 
-    def __init__(self, schedule, scale, warmup_steps=0, name=None):
+    def __init__(self, schedule, scale, warmup_steps=0, rate_factor=None, name=None):
         if not isinstance(schedule, LearningRateSchedule):
             schedule = validation.rate(schedule, "schedule")
         self.schedule = schedule
         self.scale = validation.scale(scale)
         self.warmup_steps = validation.count(warmup_steps, "warmup_steps")
+        self.rate_factor = validation.optional(validation.scale, rate_factor, "rate_factor")
         self.name = name
 
     def __call__(self, step):
@@ -101,16 +108,18 @@ class LinearScalingSchedule(LearningRateSchedule):
             rate = tf.cast(self.schedule(step * self.scale), tf.float32)
         else:
             rate = tf.constant(self.schedule, tf.float32)
+        factor = self.scale if self.rate_factor is None else self.rate_factor
         if self.warmup_steps == 0:
-            return rate * self.scale
+            return rate * factor
         progress = tf.minimum(step / self.warmup_steps, 1.0)
-        return rate * (1.0 + (self.scale - 1) * progress)
+        return rate * (1.0 + (factor - 1) * progress)
 
     def get_config(self):
         schedule = self.schedule
         if isinstance(schedule, LearningRateSchedule):
             schedule = keras.saving.serialize_keras_object(schedule)
-        return {"schedule": schedule, "scale": self.scale, "warmup_steps": self.warmup_steps, "name": self.name}
+        return {"schedule": schedule, "scale": self.scale, "warmup_steps": self.warmup_steps,
+                "rate_factor": self.rate_factor, "name": self.name}
 
     @classmethod
     def from_config(cls, config):

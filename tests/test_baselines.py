@@ -24,8 +24,16 @@ def test_warmup_ramps_linearly_from_the_single_batch_rate_to_s_times_it():
     np.testing.assert_allclose(rates, [0.1, 0.3, 0.5, 0.5], rtol=1e-6)
 
 
+def test_a_rate_factor_takes_the_place_of_s_as_the_multiplier_but_not_as_the_speed():
+    schedule = LinearScalingSchedule(single_batch(), scale=4, rate_factor=2)
+    rates = [float(schedule(step)) for step in (0, 25, 26)]
+    np.testing.assert_allclose(rates, [0.2, 0.2, 0.02], rtol=1e-6)
+    warming = LinearScalingSchedule(0.1, scale=16, warmup_steps=10, rate_factor=4)
+    np.testing.assert_allclose([float(warming(step)) for step in (0, 5, 10)], [0.1, 0.25, 0.4], rtol=1e-6)
+
+
 def test_config_round_trips_through_keras_serialization():
-    schedule = LinearScalingSchedule(single_batch(), scale=8, warmup_steps=3, name="lsr")
+    schedule = LinearScalingSchedule(single_batch(), scale=8, warmup_steps=3, rate_factor=3, name="lsr")
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
     assert restored.get_config() == schedule.get_config()
     assert float(restored(7)) == pytest.approx(float(schedule(7)))
@@ -39,6 +47,7 @@ def test_config_round_trips_through_keras_serialization():
         ({"scale": float("inf")}, "scale"),
         ({"scale": 2, "schedule": "0.1"}, "schedule"),
         ({"scale": 2, "schedule": -0.1}, "schedule"),
+        ({"scale": 2, "rate_factor": 0.5}, "rate_factor"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, name):

@@ -72,3 +72,17 @@ def test_advice_check_quick_compares_predicted_with_actual_updates(tfds_data_dir
         assert 30 / row["scale"] <= row["predicted_updates"] <= 30
         assert row["error"] == row["predicted_updates"] / row["actual_updates"] - 1
     assert (tmp_path / "advice_check" / "advice_check.png").stat().st_size > 0
+
+
+def test_scale_study_quick_adam_family_prints_every_method(tfds_data_dir, tmp_path):
+    summary = run_benchmark(["scale_study.py", "--quick", "--family", "adam", "--scales", "2", "--total-steps", "30",
+                             "--set", f"dataset.data_dir={tfds_data_dir}", "--set", "dataset.train_split=train[:2%]",
+                             "--set", "dataset.test_split=test[:5%]", "--output-dir", str(tmp_path)], tmp_path)
+    rows = {row["method"]: row for row in summary["results"]}
+    assert set(rows) == {"baseline", "adascale_adam", "adascale_adam_pre", "adam_sqrt", "adam_linear", "adam_fixed"}
+    assert rows["baseline"]["updates_mean"] == 30 and summary["family"] == "adam"
+    for method in ("adam_sqrt", "adam_linear", "adam_fixed"):
+        assert rows[method]["updates_mean"] == 15
+    for method in ("adascale_adam", "adascale_adam_pre"):
+        assert 15 <= rows[method]["updates_mean"] <= 30 and 1.0 <= rows[method]["mean_gain"] <= 2.0
+    assert (tmp_path / "adam_scale_study" / "accuracy_vs_scale.png").stat().st_size > 0

@@ -31,7 +31,10 @@ def test_runs_override_the_top_level_keys_deeply():
     [
         ({"optimiser": {}}, "unknown config key 'optimiser'; did you mean 'optimizer'"),
         ({"optimizer": {"scal": 2}}, "unknown config key 'optimizer.scal'; did you mean 'scale'"),
-        ({"optimizer": {"name": "adam"}}, "'optimizer.name' must be one of adascale, sgd, lsr, lsr_warmup"),
+        ({"optimizer": {"name": "adamw"}}, "'optimizer.name' must be one of adascale, sgd, lsr, lsr_warmup, "
+         "adascale_adam, adam, adam_fixed, adam_sqrt, adam_linear; got 'adamw'"),
+        ({"optimizer": {"statistics": "adaptdl"}}, "'optimizer.statistics' must be one of raw, preconditioned"),
+        ({"optimizer": {"beta_2": 1.0}}, "optimizer.beta_2 must be in \\[0, 1\\)"),
         ({"optimizer": {"scale": 0}}, "'optimizer.scale' must be >= 1"),
         ({"optimizer": {"scale": 2.5}}, "N = 2.5 gradient samples of dataset.batch_size=32; N must be a whole"),
         ({"optimizer": {"scale": True}}, "'optimizer.scale' must be a number"),

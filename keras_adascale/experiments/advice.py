@@ -7,7 +7,7 @@ import math
 import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no backend is chosen or changed for the caller
 
-from keras_adascale.experiments.config import ConfigError
+from keras_adascale.experiments.config import ADASCALE_OPTIMIZERS, ConfigError
 from keras_adascale.experiments.rundirs import read_jsonl
 
 DEFAULT_SCALES = tuple(2**k for k in range(11))  # 1 .. 1024
@@ -95,11 +95,11 @@ def advise(run_dir, scales=None, step_times=None):
         raise ConfigError(f"{run_dir}: not a finished run folder (no final.json)")
     final = json.loads(final_path.read_text())
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    if final["optimizer"] != "adascale" or not rows or "gradient_variance" not in rows[0]:
+    if final["optimizer"] not in ADASCALE_OPTIMIZERS or not rows or "gradient_variance" not in rows[0]:
         raise ConfigError(
             f"{run_dir}: advise needs an AdaScale run whose metrics.jsonl records gradient_variance and "
             f"gradient_sqr_norm (this is a '{final['optimizer']}' run"
-            + ("" if final["optimizer"] != "adascale" else ", recorded before they were; train it again")
+            + ("" if final["optimizer"] not in ADASCALE_OPTIMIZERS else ", recorded before they were; train it again")
             + ")"
         )
     config = json.loads((run_dir / "config.json").read_text())

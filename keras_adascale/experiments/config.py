@@ -11,7 +11,10 @@ import yaml
 from keras_adascale import validation
 from keras_adascale.experiments import models
 
-OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup")
+OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup", "adascale_adam", "adam", "adam_fixed", "adam_sqrt", "adam_linear")
+# The AdaScale optimizers: their updates hold N gradient samples and their schedule follows tau.
+ADASCALE_OPTIMIZERS = ("adascale", "adascale_adam")
+STATISTICS = ("raw", "preconditioned")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 MODELS = tuple(models.REGISTRY)
 SCHEDULES = ("constant", "piecewise_constant", "cosine")
@@ -83,18 +86,26 @@ SCHEMA = {
     ),
     "optimizer": _section(
         name=Key("adascale", "adascale | sgd (single-batch schedule, T updates of S*B examples) | "
-                 "lsr (linear scaling rule: lr x S, T/S updates) | lsr_warmup (lsr with gradual warm-up)",
+                 "lsr (linear scaling rule: lr x S, T/S updates) | lsr_warmup (lsr with gradual warm-up) | "
+                 "adascale_adam | adam (as sgd) | adam_fixed (T/S updates, nothing scaled) | "
+                 "adam_sqrt (square-root rule at kappa = S: lr x sqrt(S), 1 - beta x S, epsilon / sqrt(S), "
+                 "T/S updates) | adam_linear (lr x S, T/S updates)",
                  str, choices=OPTIMIZERS),
         scale=Key(1, "S: examples per update / baseline_batch_size (int or float); the gradient samples "
                   "per update are N = S x baseline_batch_size / dataset.batch_size = replicas x accumulation "
                   "steps", NUMBER, minimum=1),
         baseline_batch_size=Key(None, "B0: the batch the single-batch (S = 1) recipe was tuned for; "
                                 "default dataset.batch_size (S = N)", int, minimum=1, nullable=True),
-        momentum=Key(0.9, "SGD momentum", float, minimum=0.0),
+        momentum=Key(0.9, "SGD momentum (adascale, sgd, lsr, lsr_warmup)", float, minimum=0.0),
         nesterov=Key(False, "Nesterov momentum", bool),
         weight_decay=Key(None, "decoupled weight decay (Keras semantics)", float, minimum=0.0, nullable=True),
         smoothing=Key(None, "adascale only: theta of the moving averages; default max(1 - S/1000, 0)",
                       float, minimum=0.0, nullable=True),
+        beta_1=Key(0.9, "Adam's first-moment decay at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
+        beta_2=Key(0.999, "Adam's second-moment decay at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
+        epsilon=Key(1e-7, "Adam's epsilon at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
+        statistics=Key("raw", "adascale_adam only: raw | preconditioned, what the gain measures", str,
+                       choices=STATISTICS),
         warmup_fraction=Key(0.05, "lsr_warmup only: warm-up length, as a fraction of the run's updates",
                             float, minimum=0.0),
     ),
@@ -202,7 +213,8 @@ def _run_errors(run):
         except ConfigError as error:
             errors.append(str(error))
     # The optimizers' own rules (keras.optimizers.SGD's for momentum), in the config's words.
-    for key, interval in (("smoothing", validation.SMOOTHING), ("momentum", validation.MOMENTUM)):
+    for key, interval in (("smoothing", validation.SMOOTHING), ("momentum", validation.MOMENTUM),
+                          ("beta_1", validation.BETA), ("beta_2", validation.BETA)):
         if optimizer[key] is not None and optimizer[key] not in interval:
             errors.append(f"optimizer.{key} must be in {interval}; got {optimizer[key]}")
     if optimizer["warmup_fraction"] not in _FRACTION:
@@ -242,7 +254,7 @@ def batches_per_update(run, replicas, label=None):
     label = f"run '{run['run']}': " if label is None else label
     scale, batch, baseline = run["optimizer"]["scale"], run["dataset"]["batch_size"], baseline_batch_size(run)
     examples = scale * baseline
-    if run["optimizer"]["name"] != "adascale":
+    if run["optimizer"]["name"] not in ADASCALE_OPTIMIZERS:
         if examples != round(examples) or round(examples) % replicas:
             raise ConfigError(
                 f"{label}the global batch optimizer.scale x baseline batch = {scale} x {baseline} = "

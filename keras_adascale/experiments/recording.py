@@ -7,7 +7,7 @@ import time
 import keras
 
 from keras_adascale.experiments.rundirs import read_jsonl
-from keras_adascale.optimizer import AdaScaleSGD
+from keras_adascale.base import AdaScaleBase
 
 
 class _Progress:
@@ -59,9 +59,9 @@ class RunRecorder(keras.callbacks.Callback):
     Args:
         run_dir: `pathlib.Path` of the run folder.
         total_steps: T_SI, the length of the run in scale-invariant steps.
-        tau_per_update: for optimizers other than AdaScaleSGD, the schedule
+        tau_per_update: for optimizers other than AdaScale, the schedule
             steps one update covers (S for the linear scaling rule, else 1).
-        schedule: for optimizers other than AdaScaleSGD, the learning-rate
+        schedule: for optimizers other than AdaScale, the learning-rate
             schedule (called with the update index) or a float.
         examples_per_batch: global batch size of one `model.fit` step.
         test_data: `(dataset, steps)` to evaluate on.
@@ -83,7 +83,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.label = label
 
     def _adascale(self):
-        return isinstance(self.model.optimizer, AdaScaleSGD)
+        return isinstance(self.model.optimizer, AdaScaleBase)
 
     def _tau(self, update):
         if self._adascale():

@@ -10,7 +10,7 @@ import time
 import keras
 import tensorflow as tf
 
-from keras_adascale import AdaScaleSGD
+from keras_adascale import AdaScaleAdam, AdaScaleSGD
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots, strategies
 from keras_adascale.experiments.config import ConfigError
@@ -42,12 +42,12 @@ class RunPlan:
 
     Attributes:
         optimizer: a Keras optimizer, not built.
-        schedule: what an optimizer other than AdaScaleSGD steps with, per
-            update (None for AdaScaleSGD, which evaluates its own at tau).
+        schedule: what an optimizer other than AdaScale steps with, per
+            update (None for AdaScale, which evaluates its own at tau).
         batch_size: global examples per `model.fit` step.
         accumulation: `model.fit` steps per update.
-        tau_per_update: for optimizers other than AdaScaleSGD, the schedule
-            steps one update covers (None for AdaScaleSGD: its gain).
+        tau_per_update: for optimizers other than AdaScale, the schedule
+            steps one update covers (None for AdaScale: its gain).
         min_updates: the fewest updates the run can take.
         max_updates: the most (AdaScale's gain lies in [1, S]).
     """
@@ -72,37 +72,49 @@ def plan(run, replicas):
         A `RunPlan`.
     """
     config, total_steps = run["optimizer"], run["total_steps"]
-    scale = config["scale"]
+    name, scale = config["name"], config["scale"]
     batch_size, accumulation = config_lib.batches_per_update(run, replicas)
     single_batch = build_schedule(run)
-    common = {
-        "momentum": config["momentum"],
-        "nesterov": config["nesterov"],
-        "weight_decay": config["weight_decay"],
-    }
-    if config["name"] == "adascale":
+    adam = name.startswith("adam") or name == "adascale_adam"
+    if adam:
+        common = {"beta_1": config["beta_1"], "beta_2": config["beta_2"], "epsilon": config["epsilon"]}
+    else:
+        common = {"momentum": config["momentum"], "nesterov": config["nesterov"]}
+    common["weight_decay"] = config["weight_decay"]
+    if name in config_lib.ADASCALE_OPTIMIZERS:
+        extra = {"statistics": config["statistics"]} if adam else {}
         # Where S = N the scale is left to default, so that the saved model loads at
         # any other N (elastic resume).
-        optimizer = AdaScaleSGD(
+        optimizer = (AdaScaleAdam if adam else AdaScaleSGD)(
             ScaleInvariantSchedule(single_batch, total_steps=total_steps),
             scale=None if scale == replicas * accumulation else scale,
             smoothing=config["smoothing"],
             gradient_accumulation_steps=accumulation if accumulation > 1 else None,
             **common,
+            **extra,
         )
         return RunPlan(
             optimizer=optimizer, schedule=None, batch_size=batch_size, accumulation=accumulation,
             tau_per_update=None, min_updates=math.ceil(total_steps / scale), max_updates=total_steps,
         )
-    if config["name"] == "sgd":
+    if name in ("sgd", "adam"):
         schedule, tau_per_update = single_batch, 1
     else:
         updates = math.ceil(total_steps / scale)
-        warmup = round(config["warmup_fraction"] * updates) if config["name"] == "lsr_warmup" else 0
-        schedule, tau_per_update = LinearScalingSchedule(single_batch, scale, warmup_steps=warmup), scale
+        warmup = round(config["warmup_fraction"] * updates) if name == "lsr_warmup" else 0
+        rate_factor = {"adam_fixed": 1, "adam_sqrt": math.sqrt(scale)}.get(name, scale)
+        schedule = LinearScalingSchedule(single_batch, scale, warmup_steps=warmup, rate_factor=rate_factor)
+        tau_per_update = scale
+        if name == "adam_sqrt":  # Malladi et al. 2022's square-root rule at kappa = S
+            common.update(
+                beta_1=1.0 - min(1.0, scale * (1.0 - common["beta_1"])),
+                beta_2=1.0 - min(1.0, scale * (1.0 - common["beta_2"])),
+                epsilon=common["epsilon"] / math.sqrt(scale),
+            )
     updates = math.ceil(total_steps / tau_per_update)
+    optimizer = (keras.optimizers.Adam if adam else keras.optimizers.SGD)(schedule, **common)
     return RunPlan(
-        optimizer=keras.optimizers.SGD(schedule, **common), schedule=schedule, batch_size=batch_size,
+        optimizer=optimizer, schedule=schedule, batch_size=batch_size,
         accumulation=1, tau_per_update=tau_per_update, min_updates=updates, max_updates=updates,
     )
 
@@ -111,7 +123,7 @@ def _describe_update(run, replicas, steps):
     """One line on what an update holds: S, N and the batches."""
     scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
     baseline = config_lib.baseline_batch_size(run)
-    if run["optimizer"]["name"] == "adascale":
+    if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS:
         samples = replicas * steps.accumulation
         return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
                 f"of {batch} examples ({replicas} replicas x {steps.accumulation} accumulation steps)")
@@ -293,7 +305,7 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
         "run": run["run"],
         "optimizer": run["optimizer"]["name"],
         "scale": run["optimizer"]["scale"],
-        "samples": replicas * steps.accumulation if run["optimizer"]["name"] == "adascale" else 1,
+        "samples": replicas * steps.accumulation if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS else 1,
         "batch_size": run["dataset"]["batch_size"],
         "baseline_batch_size": config_lib.baseline_batch_size(run),
         "replicas": replicas,
