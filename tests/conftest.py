@@ -1,4 +1,5 @@
-"""Shared fixtures: quiet TensorFlow, a least-squares problem with exact per-batch gradients."""
+"""Shared fixtures and drivers: quiet TensorFlow, a least-squares problem with exact per-batch gradients,
+the runs that feed the reference comparisons, and one finished tiny experiment of the runner."""
 
 import os
 
@@ -18,6 +19,8 @@ tf.config.set_logical_device_configuration(
 
 import keras  # noqa: E402  (after the devices are set)
 
+import keras_adascale  # noqa: E402
+
 from reference import AdaScaleReference  # noqa: E402
 
 
@@ -31,6 +34,15 @@ class LeastSquares:
         self.y = (self.x @ true_w + 0.5 + rng.randn(num_examples, 1)).astype(np.float32)
         self.dim = dim
         self.initial = (0.1 * rng.randn(dim + 1)).astype(np.float32)
+
+    @classmethod
+    def from_arrays(cls, x, y, initial):
+        """The problem on given float32 data `x` (rows, dim), `y` (rows, 1), from `initial` [kernel..., bias]."""
+        problem = cls.__new__(cls)
+        problem.x, problem.y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        problem.dim = problem.x.shape[1]
+        problem.initial = np.asarray(initial, np.float32)
+        return problem
 
     def gradient(self, params, start, stop):
         """Exact gradient of the batch loss w.r.t. [kernel..., bias], float64."""
@@ -99,6 +111,41 @@ class Recorder(keras.callbacks.Callback):
         self.history.append(
             (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
         )
+
+
+def fit_accumulated(model, problem, samples, updates, first=0):
+    """`model.fit` over the rows `reference_history` takes: `updates` updates of `samples` batches of BATCH.
+
+    Returns:
+        `[(weights, gain, tau) after each update]`.
+    """
+    start, stop = first * samples * BATCH, (first + updates) * samples * BATCH
+    recorder = Recorder(every=samples)
+    model.fit(problem.x[start:stop], problem.y[start:stop], batch_size=BATCH, shuffle=False, callbacks=[recorder],
+              verbose=0)
+    return recorder.history
+
+
+def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
+    """`model.fit` on a `replicas`-replica MirroredStrategy, one global batch of `replicas` x BATCH rows an update.
+
+    Without `model`, a new one is compiled with `AdaScaleSGD(**kwargs)` in the strategy's scope.
+
+    Returns:
+        `(model, [(weights, gain, tau) after each update])`, rows taken as `reference_history` takes them.
+    """
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        if model is None:
+            model = problem.model()
+            model.compile(optimizer=keras_adascale.AdaScaleSGD(**kwargs), loss="mse")
+    start, stop = first * replicas * BATCH, (first + updates) * replicas * BATCH
+    dataset = tf.data.Dataset.from_tensor_slices((problem.x[start:stop], problem.y[start:stop])).batch(
+        replicas * BATCH
+    )
+    recorder = Recorder()
+    model.fit(dataset, callbacks=[recorder], verbose=0)
+    return model, recorder.history
 
 
 def assert_same_history(actual, expected):
