@@ -1,7 +1,10 @@
 """Shared fixtures and drivers: quiet TensorFlow, a least-squares problem with exact per-batch gradients,
 the runs that feed the reference comparisons, and one finished tiny experiment of the runner."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -189,3 +192,44 @@ def tfds_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
     tfds.builder("bundled_mnist", data_dir=str(data_dir)).download_and_prepare()
     return data_dir
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# The runner's tiny experiment on real MNIST: plain SGD, AdaScale on 2 mirrored replicas with S = N and
+# with S != N, and the linear scaling rule.
+TINY = {
+    "total_steps": 40,
+    "evaluations": 2,
+    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
+    "model": {"name": "mlp", "hidden_units": [32]},
+    "schedule": {"name": "constant", "learning_rate": 0.1},
+    "optimizer": {"scale": 2},
+    "strategy": {"name": "mirrored", "devices": 2},
+    "runs": [
+        {"name": "baseline", "optimizer": {"name": "sgd", "scale": 1}, "strategy": {"name": "default"}},
+        {"name": "adascale"},
+        {"name": "lsr", "optimizer": {"name": "lsr"}},
+        # S = 4 baseline batches of 8 from N = 2 samples of 16 (one per replica).
+        {"name": "adascale_b0", "optimizer": {"scale": 4, "baseline_batch_size": 8}},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def finished(tfds_data_dir, tmp_path_factory):
+    """TINY trained by `python -m keras_adascale train`, once per session: `(experiment folder, stdout)`."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("runner")
+    (root / "tiny.yaml").write_text("# tiny\n" + yaml.safe_dump(TINY))
+    command = [
+        sys.executable, "-m", "keras_adascale", "train", str(root / "tiny.yaml"),
+        "--output-dir", str(root / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny", result.stdout
