@@ -1,6 +1,10 @@
-"""Shared fixtures: quiet TensorFlow, a least-squares problem with exact per-batch gradients."""
+"""Shared fixtures and drivers: quiet TensorFlow, a least-squares problem with exact per-batch gradients,
+the runs that feed the reference comparisons, and one finished tiny experiment of the runner."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,6 +22,8 @@ tf.config.set_logical_device_configuration(
 
 import keras  # noqa: E402  (after the devices are set)
 
+import keras_adascale  # noqa: E402
+
 from reference import AdaScaleReference  # noqa: E402
 
 
@@ -31,6 +37,15 @@ class LeastSquares:
         self.y = (self.x @ true_w + 0.5 + rng.randn(num_examples, 1)).astype(np.float32)
         self.dim = dim
         self.initial = (0.1 * rng.randn(dim + 1)).astype(np.float32)
+
+    @classmethod
+    def from_arrays(cls, x, y, initial):
+        """The problem on given float32 data `x` (rows, dim), `y` (rows, 1), from `initial` [kernel..., bias]."""
+        problem = cls.__new__(cls)
+        problem.x, problem.y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        problem.dim = problem.x.shape[1]
+        problem.initial = np.asarray(initial, np.float32)
+        return problem
 
     def gradient(self, params, start, stop):
         """Exact gradient of the batch loss w.r.t. [kernel..., bias], float64."""
@@ -101,6 +116,41 @@ class Recorder(keras.callbacks.Callback):
         )
 
 
+def fit_accumulated(model, problem, samples, updates, first=0):
+    """`model.fit` over the rows `reference_history` takes: `updates` updates of `samples` batches of BATCH.
+
+    Returns:
+        `[(weights, gain, tau) after each update]`.
+    """
+    start, stop = first * samples * BATCH, (first + updates) * samples * BATCH
+    recorder = Recorder(every=samples)
+    model.fit(problem.x[start:stop], problem.y[start:stop], batch_size=BATCH, shuffle=False, callbacks=[recorder],
+              verbose=0)
+    return recorder.history
+
+
+def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
+    """`model.fit` on a `replicas`-replica MirroredStrategy, one global batch of `replicas` x BATCH rows an update.
+
+    Without `model`, a new one is compiled with `AdaScaleSGD(**kwargs)` in the strategy's scope.
+
+    Returns:
+        `(model, [(weights, gain, tau) after each update])`, rows taken as `reference_history` takes them.
+    """
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        if model is None:
+            model = problem.model()
+            model.compile(optimizer=keras_adascale.AdaScaleSGD(**kwargs), loss="mse")
+    start, stop = first * replicas * BATCH, (first + updates) * replicas * BATCH
+    dataset = tf.data.Dataset.from_tensor_slices((problem.x[start:stop], problem.y[start:stop])).batch(
+        replicas * BATCH
+    )
+    recorder = Recorder()
+    model.fit(dataset, callbacks=[recorder], verbose=0)
+    return model, recorder.history
+
+
 def assert_same_history(actual, expected):
     assert len(actual) == len(expected)
     for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
@@ -142,3 +192,44 @@ def tfds_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
     tfds.builder("bundled_mnist", data_dir=str(data_dir)).download_and_prepare()
     return data_dir
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# The runner's tiny experiment on real MNIST: plain SGD, AdaScale on 2 mirrored replicas with S = N and
+# with S != N, and the linear scaling rule.
+TINY = {
+    "total_steps": 40,
+    "evaluations": 2,
+    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
+    "model": {"name": "mlp", "hidden_units": [32]},
+    "schedule": {"name": "constant", "learning_rate": 0.1},
+    "optimizer": {"scale": 2},
+    "strategy": {"name": "mirrored", "devices": 2},
+    "runs": [
+        {"name": "baseline", "optimizer": {"name": "sgd", "scale": 1}, "strategy": {"name": "default"}},
+        {"name": "adascale"},
+        {"name": "lsr", "optimizer": {"name": "lsr"}},
+        # S = 4 baseline batches of 8 from N = 2 samples of 16 (one per replica).
+        {"name": "adascale_b0", "optimizer": {"scale": 4, "baseline_batch_size": 8}},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def finished(tfds_data_dir, tmp_path_factory):
+    """TINY trained by `python -m keras_adascale train`, once per session: `(experiment folder, stdout)`."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("runner")
+    (root / "tiny.yaml").write_text("# tiny\n" + yaml.safe_dump(TINY))
+    command = [
+        sys.executable, "-m", "keras_adascale", "train", str(root / "tiny.yaml"),
+        "--output-dir", str(root / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny", result.stdout

@@ -1,10 +1,12 @@
-"""AdaScaleCallback: logs in History and the progress bar, and the T_SI stopping rule."""
+"""AdaScaleCallback: logs in History, the progress bar and TensorBoard, the T_SI stopping rule, skipped updates."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_adascale
+from conftest import LeastSquares
 
 
 def compiled(problem, total_steps=None, **kwargs):
@@ -39,7 +41,9 @@ def test_stops_at_the_first_update_reaching_total_steps(least_squares):
     )
     tau, gain = float(optimizer.scale_invariant_iterations), float(optimizer.gain)
     assert tau >= 10 and tau - gain < 10
-    # The explicit argument wins over the schedule's total_steps.
+
+
+def test_an_explicit_total_steps_wins_over_the_schedules(least_squares):
     model, optimizer = compiled(least_squares, total_steps=10)
     model.fit(
         least_squares.x, least_squares.y, batch_size=8, epochs=50,
@@ -63,12 +67,22 @@ def test_rejects_a_model_without_adascale(least_squares):
         model.fit(least_squares.x, least_squares.y, callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
 
 
-def test_logs_the_noise_scale_and_the_scaling_efficiency(least_squares):
-    model, optimizer = compiled(least_squares, scale=6)
-    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=2,
+def fit_at_scale_six(problem):
+    """Two epochs at S = 6 from N = 4 samples with the callback: `(optimizer, history)`."""
+    model, optimizer = compiled(problem, scale=6)
+    history = model.fit(problem.x, problem.y, batch_size=8, epochs=2,
                         callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+    return optimizer, history
+
+
+def test_logs_the_noise_scale(least_squares):
+    optimizer, history = fit_at_scale_six(least_squares)
     variance, sqr_norm = float(optimizer.gradient_variance), float(optimizer.gradient_sqr_norm)
     assert history.history["gradient_noise_scale"][-1] == pytest.approx(variance / sqr_norm, rel=1e-6)
+
+
+def test_logs_the_scaling_efficiency(least_squares):
+    _, history = fit_at_scale_six(least_squares)
     assert history.history["scaling_efficiency"][-1] == pytest.approx(history.history["gain"][-1] / 6, rel=1e-6)
     assert 1 / 6 <= history.history["scaling_efficiency"][-1] <= 1.0
 
@@ -87,14 +101,26 @@ def read_scalars(log_dir):
     return scalars
 
 
-def test_tensorboard_gets_gain_and_tau_per_update_under_accumulation(least_squares, tmp_path):
-    model, optimizer = compiled(least_squares)
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory):
+    """Two epochs of 6 updates of 4 micro-batches, logged by the callback and Keras's TensorBoard.
+
+    Returns:
+        `(optimizer, History.history, {tag: [(step, value), ...]})`.
+    """
+    log_dir = tmp_path_factory.mktemp("tensorboard")
+    problem = LeastSquares(num_examples=192)
+    model, optimizer = compiled(problem)
     history = model.fit(
-        least_squares.x, least_squares.y, batch_size=8, epochs=2, verbose=0,
-        callbacks=[keras_adascale.AdaScaleCallback(log_dir=tmp_path),
-                   keras.callbacks.TensorBoard(tmp_path, update_freq="batch")],
+        problem.x, problem.y, batch_size=8, epochs=2, verbose=0,
+        callbacks=[keras_adascale.AdaScaleCallback(log_dir=log_dir),
+                   keras.callbacks.TensorBoard(log_dir, update_freq="batch")],
     )
-    scalars = read_scalars(tmp_path)
+    return optimizer, history.history, read_scalars(log_dir)
+
+
+def test_tensorboard_gets_gain_and_tau_per_update_under_accumulation(tensorboard_run):
+    optimizer, _, scalars = tensorboard_run
     # 192 examples in batches of 8, 4 micro-batches per update: 6 updates per epoch.
     assert int(optimizer.iterations.numpy()) == 12
     gains = scalars["update_gain"]
@@ -104,7 +130,42 @@ def test_tensorboard_gets_gain_and_tau_per_update_under_accumulation(least_squar
     # tau is the running sum of the gains (Algorithm 1), update by update.
     np.testing.assert_allclose([tau for _, tau in taus], np.cumsum([gain for _, gain in gains]), rtol=1e-5)
     assert [step for step, _ in scalars["update_effective_learning_rate"]] == list(range(1, 13))
-    # Keras's own callback logs what AdaScaleCallback put in the logs: per epoch, and per
-    # model.fit step (micro-batch) for the batch_ scalars.
-    assert [value for _, value in scalars["epoch_gain"]] == pytest.approx(history.history["gain"])
+
+
+def test_keras_tensorboard_logs_what_the_callback_put_in_the_logs(tensorboard_run):
+    # Per epoch, and per model.fit step (micro-batch) for the batch_ scalars.
+    _, history, scalars = tensorboard_run
+    assert [value for _, value in scalars["epoch_gain"]] == pytest.approx(history["gain"])
     assert len(scalars["batch_gain"]) == 48
+
+
+def fit_with_a_nan_batch(jit_compile, non_finite, callbacks=()):
+    """Two updates of 2 micro-batches of 8, the second update's first micro-batch holding a NaN."""
+    rng = np.random.RandomState(0)
+    x, y = rng.randn(32, 3).astype(np.float32), rng.randn(32, 1).astype(np.float32)
+    x[20, 0] = np.nan  # in the third micro-batch: the second update
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2, non_finite=non_finite)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    return model, optimizer, lambda: model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+                                               callbacks=[keras_adascale.AdaScaleCallback(), *callbacks])
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_a_nan_batch_skips_it_and_the_callback_counts_it(jit_compile):
+    history = keras.callbacks.History()
+    model, optimizer, fit = fit_with_a_nan_batch(jit_compile, "skip", [history])
+    fit()
+    assert history.history["skipped_updates"] == [1]
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert int(optimizer.skipped_updates) == 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_a_nan_batch_raises_under_non_finite_raise(jit_compile):
+    # Inside an XLA-compiled step the assertion cannot fire: the callback raises after the batch.
+    _, optimizer, fit = fit_with_a_nan_batch(jit_compile, "raise")
+    error = tf.errors.InvalidArgumentError if not jit_compile else FloatingPointError
+    with pytest.raises(error, match="NaN or Inf"):
+        fit()
+    assert int(optimizer.skipped_updates) == 1

@@ -1,4 +1,7 @@
-"""AdaScaleSGD under a real MirroredStrategy (logical CPU devices) against the NumPy reference."""
+"""Replica and accumulation mechanics: the statistic inside the all-reduce, per-replica accumulation, replicas
+as samples, against the NumPy reference."""
+
+import math
 
 import keras
 import numpy as np
@@ -6,79 +9,95 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import BATCH, Recorder, assert_same_history, flat_weights, mirrored, mse_replica_step, reference_history
+from conftest import (BATCH, Recorder, assert_same_history, fit_accumulated, fit_mirrored, mirrored,
+                      reference_history)
+from keras_adascale import distribute
+from reference import AdaScaleReference
 
-def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
-    strategy = mirrored(replicas)
+
+@pytest.mark.parametrize("values", [[1e-60, 3e-60], [1e-30, 2.0], [1.0, 1.0], [1e30, 5e29], [1e70, 2e70]],
+                         ids=lambda values: f"{values[0]:g}")
+def test_a_float64_statistic_summed_as_float32_words_keeps_float32_precision(values):
+    # float32 alone spans ~1e-38..3e38; the words carry a float64 sum of squares beyond both ends.
+    words = [distribute.encode_statistic(tf.constant(value, tf.float64), tf.float32) for value in values]
+    assert all(word[0].dtype == tf.float32 for word in words)
+    summed = [tf.add_n([word[0] for word in words])]  # what the all-reduce does to them
+    assert float(distribute.decode_statistic(summed, tf.float64)) == pytest.approx(sum(values), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_non_finite_statistic_stays_non_finite_through_its_words(bad):
+    words = distribute.encode_statistic(tf.constant(bad, tf.float64), tf.float32)
+    summed = [words[0] + distribute.encode_statistic(tf.constant(1.0, tf.float64), tf.float32)[0]]
+    assert not math.isfinite(float(distribute.decode_statistic(summed, tf.float64)))
+
+
+def test_a_statistic_of_the_gradients_dtype_travels_as_itself():
+    statistic = tf.constant(2.5, tf.float32)
+    (word,) = distribute.encode_statistic(statistic, tf.float32)
+    assert word is statistic
+
+
+def test_a_statistic_beside_half_precision_gradients_gets_an_all_reduce_of_its_own():
+    assert distribute.encode_statistic(tf.constant(2.5, tf.float64), tf.float16) is None
+
+
+def mirrored_gain(strategy, factor, accumulation, updates=3):
+    """The gain after `updates` updates where replica i's gradient of micro-step k is factor x a fixed sample."""
+    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
-        if model is None:
-            model = problem.model()
-            model.compile(optimizer=keras_adascale.AdaScaleSGD(**kwargs), loss="mse")
-    start, stop = first * replicas * BATCH, (first + updates) * replicas * BATCH
-    dataset = tf.data.Dataset.from_tensor_slices((problem.x[start:stop], problem.y[start:stop])).batch(
-        replicas * BATCH
-    )
-    recorder = Recorder()
-    model.fit(dataset, callbacks=[recorder], verbose=0)
-    return model, recorder.history
-
-
-def test_mirrored_fit_matches_reference_update_by_update(least_squares):
-    _, expected = reference_history(least_squares, 4, 5, learning_rate=0.05, momentum=0.9)
-    model, actual = fit_mirrored(least_squares, 4, 5, learning_rate=0.05, momentum=0.9)
-    assert model.optimizer.scale == 4
-    assert_same_history(actual, expected)
-    assert 1.0 < expected[-1][1] < 4.0
-
-
-def test_mirrored_fit_with_scale_above_the_replicas_matches_reference(least_squares):
-    # Each replica's batch holds two baseline batches: N = 4 samples, S = 8.
-    _, expected = reference_history(least_squares, 4, 5, scale=8, learning_rate=0.05, momentum=0.9)
-    model, actual = fit_mirrored(least_squares, 4, 5, learning_rate=0.05, momentum=0.9, scale=8)
-    assert model.optimizer.scale == 8 and model.optimizer.samples_per_update == 4
-    assert_same_history(actual, expected)
-    _, same_scale = reference_history(least_squares, 4, 1, learning_rate=0.05, momentum=0.9)
-    assert expected[0][1] > 1.2 * same_scale[0][1]  # S, not N, sets the gain
-
-
-def mirrored_custom_loop(problem, replicas, updates, **kwargs):
-    strategy = mirrored(replicas)
-    with strategy.scope():
-        model = problem.model()
-        optimizer = keras_adascale.AdaScaleSGD(**kwargs)
-        optimizer.build(model.trainable_variables)
-    x, y = tf.constant(problem.x), tf.constant(problem.y)
+        variable = keras.Variable(np.zeros(4, np.float32))
+        optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=accumulation)
+        optimizer.build([variable])
 
     @tf.function
-    def train_step(update):
-        replica_fn = mse_replica_step(model, optimizer, replicas * BATCH)
+    def apply(table):
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            optimizer.apply_gradients([(table[context.replica_id_in_sync_group], variable)])
 
-        def slice_for(context):  # replica i gets the i-th BATCH rows of this update's block
-            start = (update * replicas + context.replica_id_in_sync_group) * BATCH
-            return x[start : start + BATCH], y[start : start + BATCH]
+        strategy.run(replica_fn)
 
-        x_local, y_local = (
-            strategy.experimental_distribute_values_from_function(lambda ctx: slice_for(ctx)[i]) for i in (0, 1)
-        )
-        strategy.run(replica_fn, args=(x_local, y_local))
-
-    actual = []
+    micro_steps = accumulation or 1
+    sample_lists = []
     for update in range(updates):
-        train_step(tf.constant(update))
-        actual.append((flat_weights(model), float(optimizer.gain), float(optimizer.scale_invariant_iterations)))
-    return actual
+        rng = np.random.RandomState(update)
+        sample_lists.append([rng.randn(micro_steps, 4) + 0.5 for _ in range(replicas)])
+        for step in range(micro_steps):
+            apply(tf.constant(factor * np.stack([s[step] for s in sample_lists[-1]]), tf.float32))
+    return float(optimizer.gain), sample_lists
 
 
-def test_mirrored_custom_loop_matches_reference(least_squares):
-    options = {"learning_rate": 0.05, "momentum": 0.5, "nesterov": True}
-    _, expected = reference_history(least_squares, 4, 4, **options)
-    assert_same_history(mirrored_custom_loop(least_squares, 4, 4, **options), expected)
+@pytest.mark.parametrize("accumulation", [None, 2], ids=["replicas", "replicas_x_accumulation"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_the_statistic_inside_the_all_reduce_keeps_extreme_gradient_scales(magnitude, accumulation):
+    strategy = mirrored(2)
+    gain_at_one, sample_lists = mirrored_gain(strategy, 1.0, accumulation)
+    reference = AdaScaleReference(np.zeros(4), 0.1, scale=2 * (accumulation or 1))
+    for per_replica in sample_lists:  # a replica's gradient g_i / R is the sample g_i over R
+        reference.step([2 * s for micro in per_replica for s in micro])
+    assert gain_at_one == pytest.approx(reference.gain, rel=1e-5)
+    assert 1.0 < gain_at_one
+    gain_at_magnitude, _ = mirrored_gain(strategy, magnitude, accumulation)
+    assert gain_at_magnitude == pytest.approx(gain_at_one, rel=1e-5)
 
 
-def test_mirrored_custom_loop_with_scale_above_the_replicas_matches_reference(least_squares):
-    options = {"learning_rate": 0.05, "momentum": 0.9}
-    _, expected = reference_history(least_squares, 4, 4, scale=8, **options)
-    assert_same_history(mirrored_custom_loop(least_squares, 4, 4, scale=8, **options), expected)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_gradient_tensor_passed_to_every_replica_is_reduced_like_its_statistic(dtype):
+    # Keras's optimizer_distribute_test.test_ema passes one tensor object to both replicas;
+    # TF's all-reduce hands such a tensor back unsummed, unlike per-replica tensors.
+    strategy = mirrored(2)
+    with strategy.scope():
+        variable = keras.Variable(np.array([3.0, 4.0, 5.0]), dtype=dtype)
+        gradient = tf.constant([1.0, -2.0, 0.5], dtype=dtype)
+        optimizer = keras_adascale.AdaScaleSGD(0.1, smoothing=0.0)
+        optimizer.build([variable])
+        strategy.run(lambda: optimizer.apply_gradients([(gradient, variable)]))
+    # Two identical samples: no variance, gain 1; the replicas' shares sum as for
+    # per-replica tensors (keras's test_single_step), so the step is 0.1 x (g + g).
+    assert float(optimizer.gradient_variance) == 0.0
+    assert float(optimizer.gain) == 1.0
+    np.testing.assert_allclose(variable.numpy(), [3.0, 4.0, 5.0] - 0.1 * 2 * np.array([1.0, -2.0, 0.5]), rtol=1e-6)
 
 
 def test_four_replicas_match_four_accumulation_steps_on_one_device(least_squares):
@@ -88,36 +107,7 @@ def test_four_replicas_match_four_accumulation_steps_on_one_device(least_squares
     model.compile(
         optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=4), loss="mse"
     )
-    recorder = Recorder()
-    count = updates * 4 * BATCH
-    model.fit(least_squares.x[:count], least_squares.y[:count], batch_size=BATCH, shuffle=False,
-              callbacks=[recorder], verbose=0)
-    accumulated_history = recorder.history[3::4]  # the micro-steps that updated
-    assert_same_history(mirrored_history, accumulated_history)
-
-
-@pytest.mark.parametrize("new_replicas", [2, 8])
-def test_elastic_resume_keeps_tau_and_averages_and_uses_the_new_scale(least_squares, tmp_path, new_replicas):
-    options = {"learning_rate": 0.03, "momentum": 0.9, "smoothing": 0.9}
-    model, _ = fit_mirrored(least_squares, 4, 2, **options)
-    saved_tau = float(model.optimizer.scale_invariant_iterations)
-    path = tmp_path / "s4.keras"
-    model.save(path)
-
-    reference, _ = reference_history(least_squares, 4, 2, **options)
-    # The reference continues with S = new_replicas samples, from where S = 4 stopped.
-    reference.scale = new_replicas
-    rows_done = 2 * 4 * BATCH
-    assert rows_done % (new_replicas * BATCH) == 0
-    first = rows_done // (new_replicas * BATCH)
-    _, expected = reference_history(least_squares, new_replicas, 2, reference=reference, first=first)
-
-    with mirrored(new_replicas).scope():
-        resumed = keras.models.load_model(path)
-    assert resumed.optimizer.scale == new_replicas
-    assert float(resumed.optimizer.scale_invariant_iterations) == pytest.approx(saved_tau)
-    _, actual = fit_mirrored(least_squares, new_replicas, 2, first=first, model=resumed)
-    assert_same_history(actual, expected)
+    assert_same_history(mirrored_history, fit_accumulated(model, least_squares, 4, updates))
 
 
 @pytest.mark.parametrize("scale", [None, 12])
@@ -141,64 +131,10 @@ def test_two_replicas_by_two_accumulation_steps_match_the_reference(least_square
     dataset = tf.data.Dataset.from_tensor_slices((least_squares.x[:count], least_squares.y[:count])).batch(
         replicas * BATCH
     )
-    recorder = Recorder()
+    recorder = Recorder(every=steps)
     model.fit(dataset, callbacks=[recorder], verbose=0)
     assert model.optimizer.scale == (scale or 4) and model.optimizer.samples_per_update == 4
-    assert_same_history(recorder.history[steps - 1 :: steps], expected)
-
-
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_loss_scaled_step_with_inf_gradient_changes_nothing(least_squares, replicas):
-    strategy = mirrored(replicas) if replicas > 1 else tf.distribute.get_strategy()
-    with strategy.scope():
-        model = least_squares.model()
-        inner = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
-        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(inner), loss="mse")
-    x, y = least_squares.x[: 2 * replicas * BATCH], least_squares.y[: 2 * replicas * BATCH]
-    fit = lambda features: model.fit(features, y, batch_size=replicas * BATCH, shuffle=False, verbose=0)
-
-    def snapshot():
-        return flat_weights(model), [float(inner.scale_invariant_iterations), float(inner.gradient_variance),
-                                     float(inner.gradient_sqr_norm), int(inner.iterations.numpy())]
-
-    fit(x)
-    weights, state = snapshot()
-    assert state[0] > 0
-    poisoned = x.copy()
-    poisoned[:, 0] = np.inf
-    fit(poisoned)
-    poisoned_weights, poisoned_state = snapshot()
-    np.testing.assert_array_equal(poisoned_weights, weights)
-    assert poisoned_state == state
-    fit(x)
-    final_weights, final_state = snapshot()
-    assert final_state[0] > state[0] and final_state[3] == state[3] + 2
-    assert np.all(np.isfinite(final_weights)) and not np.array_equal(final_weights, weights)
-
-
-def test_optimizer_created_outside_the_strategy_scope_is_refused(least_squares):
-    strategy = mirrored(2)
-    optimizer = keras_adascale.AdaScaleSGD(0.1)
-    with strategy.scope():
-        model = least_squares.model()
-        model.compile(optimizer=optimizer, loss="mse")
-    with pytest.raises(ValueError, match="outside the `strategy.scope"):
-        model.fit(least_squares.x[:16], least_squares.y[:16], batch_size=16, verbose=0)
-
-
-@pytest.mark.parametrize("built_outside", [True, False])
-def test_optimizer_created_outside_the_strategy_scope_is_refused_in_a_custom_loop(least_squares, built_outside):
-    strategy = mirrored(2)
-    optimizer = keras_adascale.AdaScaleSGD(0.1)
-    with strategy.scope():
-        model = least_squares.model()
-    if built_outside:  # the README's custom loop builds the optimizer before the first step
-        optimizer.build(model.trainable_variables)
-    step = mse_replica_step(model, optimizer, global_batch_size=16)
-    dataset = tf.data.Dataset.from_tensor_slices((least_squares.x[:16], least_squares.y[:16])).batch(16)
-    batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
-    with pytest.raises(ValueError, match="created outside the `strategy.scope"):
-        tf.function(lambda x, y: strategy.run(step, args=(x, y)))(*batch)
+    assert_same_history(recorder.history, expected)
 
 
 def test_one_device_strategy_with_accumulation_matches_the_reference(least_squares):
@@ -208,27 +144,6 @@ def test_one_device_strategy_with_accumulation_matches_the_reference(least_squar
         model = least_squares.model()
         model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=scale),
                       loss="mse")
-    recorder = Recorder()
-    count = updates * scale * BATCH
-    model.fit(least_squares.x[:count], least_squares.y[:count], batch_size=BATCH, shuffle=False,
-              callbacks=[recorder], verbose=0)
+    actual = fit_accumulated(model, least_squares, scale, updates)
     assert model.optimizer.scale == scale
-    assert_same_history(recorder.history[scale - 1 :: scale], expected)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_one_gradient_tensor_passed_to_every_replica_is_reduced_like_its_statistic(dtype):
-    # Keras's optimizer_distribute_test.test_ema passes one tensor object to both replicas;
-    # TF's all-reduce hands such a tensor back unsummed, unlike per-replica tensors.
-    strategy = mirrored(2)
-    with strategy.scope():
-        variable = keras.Variable(np.array([3.0, 4.0, 5.0]), dtype=dtype)
-        gradient = tf.constant([1.0, -2.0, 0.5], dtype=dtype)
-        optimizer = keras_adascale.AdaScaleSGD(0.1, smoothing=0.0)
-        optimizer.build([variable])
-        strategy.run(lambda: optimizer.apply_gradients([(gradient, variable)]))
-    # Two identical samples: no variance, gain 1; the replicas' shares sum as for
-    # per-replica tensors (keras's test_single_step), so the step is 0.1 x (g + g).
-    assert float(optimizer.gradient_variance) == 0.0
-    assert float(optimizer.gain) == 1.0
-    np.testing.assert_allclose(variable.numpy(), [3.0, 4.0, 5.0] - 0.1 * 2 * np.array([1.0, -2.0, 0.5]), rtol=1e-6)
+    assert_same_history(actual, expected)

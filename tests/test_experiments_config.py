@@ -65,13 +65,21 @@ def test_bad_configs_are_refused_with_a_message_naming_the_key(raw, message):
         config.resolve(raw, name="bad")
 
 
-def test_set_overrides_parse_values_as_yaml_and_reach_one_run():
+def overridden_runs():
     raw = {"runs": [{"name": "a"}, {"name": "b"}]}
     raw = config.apply_overrides(raw, ["optimizer.scale=8", "runs.b.optimizer.name=lsr", "dataset.augment=true"])
-    a, b = config.resolve(raw, name="x")
+    return config.resolve(raw, name="x")
+
+
+def test_set_overrides_parse_values_as_yaml():
+    a, b = overridden_runs()
     assert a["optimizer"]["scale"] == b["optimizer"]["scale"] == 8
-    assert (a["optimizer"]["name"], b["optimizer"]["name"]) == ("adascale", "lsr")
     assert a["dataset"]["augment"] is True
+
+
+def test_a_set_override_of_one_run_reaches_that_run_only():
+    a, b = overridden_runs()
+    assert (a["optimizer"]["name"], b["optimizer"]["name"]) == ("adascale", "lsr")
 
 
 @pytest.mark.parametrize(
@@ -87,18 +95,27 @@ def test_bad_overrides_are_refused(override, message):
         config.apply_overrides({"seed": 0, "runs": [{"name": "a"}]}, [override])
 
 
-def test_load_reads_yaml_and_json_and_names_missing_or_broken_files(tmp_path):
+def test_load_reads_yaml_and_json(tmp_path):
     (tmp_path / "a.yaml").write_text("optimizer:\n  scale: 2\n")
     (tmp_path / "b.json").write_text(json.dumps({"optimizer": {"scale": 3}}))
-    (tmp_path / "broken.yaml").write_text("optimizer: [1,\n")
-    (tmp_path / "list.yaml").write_text("- 1\n")
     assert config.load(tmp_path / "a.yaml")[0]["optimizer"]["scale"] == 2
     assert config.load(tmp_path / "a.yaml")[0]["name"] == "a"
     assert config.load(tmp_path / "b.json", ["optimizer.scale=5"])[0]["optimizer"]["scale"] == 5
+
+
+def test_load_names_a_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="config file not found: .*missing.yaml"):
         config.load(tmp_path / "missing.yaml")
+
+
+def test_load_names_a_file_that_is_not_yaml(tmp_path):
+    (tmp_path / "broken.yaml").write_text("optimizer: [1,\n")
     with pytest.raises(config.ConfigError, match="broken.yaml: not valid YAML"):
         config.load(tmp_path / "broken.yaml")
+
+
+def test_load_refuses_a_top_level_that_is_not_a_mapping(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(config.ConfigError, match="the top level must be a mapping"):
         config.load(tmp_path / "list.yaml")
 
@@ -110,16 +127,26 @@ def test_describe_lists_every_key_with_its_default():
     assert "dataset.batch_size = 32:" in text
 
 
-def test_a_float_scale_with_a_baseline_batch_round_trips_and_sets_the_samples(tmp_path):
+def float_scale(name="adascale"):
     # Recipe tuned at B0 = 16; samples of 8 examples; S = 2.5 -> 40 examples = N = 5 samples.
-    raw = {"optimizer": {"scale": 2.5, "baseline_batch_size": 16}, "dataset": {"batch_size": 8}}
-    (run,) = config.resolve(raw, "x")
+    return {"optimizer": {"name": name, "scale": 2.5, "baseline_batch_size": 16}, "dataset": {"batch_size": 8}}
+
+
+def test_a_float_scale_with_a_baseline_batch_round_trips(tmp_path):
+    (run,) = config.resolve(float_scale(), "x")
     assert run["optimizer"]["scale"] == 2.5
     assert json.loads(json.dumps(run)) == run  # config.json keeps the float S as it is
     (tmp_path / "x.yaml").write_text("optimizer: {scale: 2.5, baseline_batch_size: 16}\ndataset: {batch_size: 8}\n")
     assert config.load(tmp_path / "x.yaml") == [run]
+
+
+def test_a_float_scale_with_a_baseline_batch_sets_the_samples():
+    (run,) = config.resolve(float_scale(), "x")
     assert config.batches_per_update(run, replicas=1) == (8, 5)
-    lsr = config.resolve({**raw, "optimizer": {**raw["optimizer"], "name": "lsr"}}, "x")[0]
+
+
+def test_a_float_scale_under_the_linear_scaling_rule_is_one_global_batch_of_s_baseline_batches():
+    (lsr,) = config.resolve(float_scale("lsr"), "x")
     assert config.batches_per_update(lsr, replicas=1) == (40, 1)  # one global batch of S x B0
 
 

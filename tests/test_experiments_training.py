@@ -1,19 +1,165 @@
-"""The runner's optimizer plans (keras_adascale/experiments/training.py `plan`) for the Adam family."""
+"""One run of the runner (`training.train`): its folder, its updates, resuming it, refusing to overwrite it;
+the optimizer plans (`training.plan`) of the Adam family."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import keras
+import numpy as np
 import pytest
+import yaml
 
 import keras_adascale
-from keras_adascale.experiments import config, training
+from conftest import TINY, read_jsonl
+from keras_adascale.experiments import config, data, models, training
 
-TOTAL_STEPS, SCALE = 400, 4
+
+def test_each_run_leaves_a_complete_folder(finished):
+    experiment, _ = finished
+    assert sorted(path.name for path in experiment.iterdir()) == [
+        "adascale", "adascale_b0", "baseline", "comparison.png", "lsr"]
+    for run in ("adascale", "adascale_b0", "baseline", "lsr"):
+        files = {path.name for path in (experiment / run).iterdir()}
+        assert files == {"config.json", "metrics.jsonl", "evaluations.jsonl", "final.json", "model.keras",
+                         "curves.png", "gain_lr.png"}
+        assert json.loads((experiment / run / "config.json").read_text())["run"] == run
+
+
+def test_update_counts_follow_each_optimizers_rule(finished):
+    experiment, _ = finished
+    finals = {run: json.loads((experiment / run / "final.json").read_text()) for run in ("adascale", "baseline", "lsr")}
+    assert finals["baseline"]["updates"] == 40  # plain SGD: T updates
+    assert finals["lsr"]["updates"] == 20  # linear scaling rule: T / S updates
+    assert 20 <= finals["adascale"]["updates"] <= 40  # gain in [1, S]
+    assert finals["adascale"]["tau"] >= 40
+    assert (finals["adascale"]["replicas"], finals["adascale"]["accumulation"]) == (2, 1)
+
+
+def test_each_run_learns_the_digits(finished):
+    experiment, _ = finished
+    for run in ("adascale", "baseline", "lsr"):
+        assert json.loads((experiment / run / "final.json").read_text())["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
+    experiment, _ = finished
+    run = config.resolve(TINY, name="tiny")[1]
+    with pytest.raises(config.ConfigError, match="exists; pass --overwrite"):
+        training.train(run, experiment.parent)
+
+
+def test_an_interrupted_run_with_another_config_is_refused_naming_the_keys_that_differ(tmp_path):
+    run = config.resolve(TINY, name="tiny")[1]
+    started = json.loads(json.dumps(run))
+    started["optimizer"]["momentum"], started["seed"] = 0.5, 7
+    (tmp_path / "tiny" / "adascale.incomplete").mkdir(parents=True)
+    (tmp_path / "tiny" / "adascale.incomplete" / "config.json").write_text(json.dumps(started))
+    with pytest.raises(config.ConfigError) as error:
+        training.train(run, tmp_path)
+    assert "another config (optimizer.momentum: 0.5 there, 0.9 now, seed: 7 there, 0 now)" in str(error.value)
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data_dir, tmp_path):
+    import signal
+    import time
+
+    recipe = {
+        "total_steps": 240, "evaluations": 8,
+        "dataset": {"train_split": "train[:5%]", "test_split": "test[:5%]", "batch_size": 16},
+        "model": {"name": "mlp", "hidden_units": [32]},
+        "schedule": {"name": "piecewise_constant", "learning_rate": 0.1, "decay_at": [0.5]},
+        "optimizer": {"scale": 2},
+    }
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(recipe))
+
+    def command(output):
+        return [sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "resume.yaml"),
+                "--output-dir", str(output), "--set", f"dataset.data_dir={tfds_data_dir}"]
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, timeout=300, env=env)
+
+    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    incomplete = tmp_path / "killed" / "resume" / "adascale.incomplete"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
+            metadata = incomplete / "backup" / "training_metadata.json"
+            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached its third epoch")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert incomplete.exists() and not (tmp_path / "killed" / "resume" / "adascale").exists()
+    epochs_backed_up = json.loads((incomplete / "backup" / "training_metadata.json").read_text())["epoch"]
+    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
+                                 timeout=300, env=env)
+    # 240 steps in 8 evaluations at S = 2: 15 updates per epoch
+    assert (f"resuming resume/adascale from epoch {epochs_backed_up} (after {epochs_backed_up} epochs, "
+            f"{15 * epochs_backed_up} updates)") in resumed_run.stdout
+
+    straight, resumed = (keras.models.load_model(tmp_path / name / "resume" / "adascale" / "model.keras")
+                         for name in ("straight", "killed"))
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    rows = [read_jsonl(tmp_path / name / "resume" / "adascale" / "metrics.jsonl") for name in ("straight", "killed")]
+    assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]  # no update logged twice
+    assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)
+
+
+def test_a_run_whose_backup_was_cut_short_is_refused_in_the_runners_words(tfds_data_dir, tmp_path):
+    recipe = {
+        "total_steps": 40, "evaluations": 2,
+        "dataset": {"train_split": "train[:5%]", "test_split": "test[:5%]", "batch_size": 16,
+                    "data_dir": str(tfds_data_dir)},
+        "model": {"name": "mlp", "hidden_units": [32]},
+        "optimizer": {"scale": 2},
+    }
+    (run,) = config.resolve(recipe, name="cut")
+    # An interrupted run of this very config, killed while Keras's BackupAndRestore wrote its weights.
+    incomplete = tmp_path / "cut" / "adascale.incomplete"
+    (incomplete / "backup").mkdir(parents=True)
+    (incomplete / "config.json").write_text(json.dumps(run))
+    model = models.build(run["model"], *data.describe(run["dataset"]))
+    model.compile(optimizer=training.plan(run, 1).optimizer, loss="sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    weights = incomplete / "backup" / "latest.weights.h5"
+    model.save_weights(weights)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (incomplete / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    with pytest.raises(config.ConfigError) as error:
+        training.train(run, tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"cannot resume from {weights}: the backup is unreadable (")
+    assert "truncated file" in message  # h5py's diagnosis, quoted
+    assert message.endswith(f"Delete {incomplete} to train the run from the start")
+
+
+def test_a_baseline_batch_sets_scale_apart_from_samples(finished):
+    experiment, stdout = finished
+    final = json.loads((experiment / "adascale_b0" / "final.json").read_text())
+    assert (final["scale"], final["samples"], final["batch_size"], final["baseline_batch_size"]) == (4, 2, 16, 8)
+    assert "S = 4 baseline batches of 8 per update: N = 2 gradient samples of 16 examples" in stdout
+    gains = [row["gain"] for row in read_jsonl(experiment / "adascale_b0" / "metrics.jsonl")]
+    assert all(1.0 <= gain <= 4.0 for gain in gains) and max(gains) > 2.0  # only S = 4, not N = 2, allows it
+    assert 10 <= final["updates"] <= 40  # T_SI = 40 at a gain in [1, 4]
+
+
+PLAN_STEPS, PLAN_SCALE = 400, 4
 
 
 def planned(name, replicas=1, **optimizer):
-    raw = {"total_steps": TOTAL_STEPS, "schedule": {"name": "constant", "learning_rate": 0.002},
-           "optimizer": {"name": name, "scale": SCALE, **optimizer}}
+    raw = {"total_steps": PLAN_STEPS, "schedule": {"name": "constant", "learning_rate": 0.002},
+           "optimizer": {"name": name, "scale": PLAN_SCALE, **optimizer}}
     (run,) = config.resolve(raw, name="plan")
     return training.plan(run, replicas)
 
@@ -22,18 +168,18 @@ def test_adascale_adam_takes_n_samples_and_its_statistics():
     steps = planned("adascale_adam", statistics="preconditioned", beta_2=0.99)
     assert isinstance(steps.optimizer, keras_adascale.AdaScaleAdam)
     assert steps.optimizer.statistics == "preconditioned" and steps.optimizer.beta_2 == 0.99
-    assert (steps.accumulation, steps.batch_size) == (SCALE, 32)
-    assert (steps.min_updates, steps.max_updates) == (TOTAL_STEPS // SCALE, TOTAL_STEPS)
+    assert (steps.accumulation, steps.batch_size) == (PLAN_SCALE, 32)
+    assert (steps.min_updates, steps.max_updates) == (PLAN_STEPS // PLAN_SCALE, PLAN_STEPS)
 
 
 @pytest.mark.parametrize(
     "name, rate, beta_1, beta_2, epsilon, updates",
     [
-        ("adam", 0.002, 0.9, 0.999, 1e-7, TOTAL_STEPS),
-        ("adam_fixed", 0.002, 0.9, 0.999, 1e-7, TOTAL_STEPS // SCALE),
-        ("adam_linear", 0.002 * SCALE, 0.9, 0.999, 1e-7, TOTAL_STEPS // SCALE),
+        ("adam", 0.002, 0.9, 0.999, 1e-7, PLAN_STEPS),
+        ("adam_fixed", 0.002, 0.9, 0.999, 1e-7, PLAN_STEPS // PLAN_SCALE),
+        ("adam_linear", 0.002 * PLAN_SCALE, 0.9, 0.999, 1e-7, PLAN_STEPS // PLAN_SCALE),
         # Malladi et al.'s square-root rule at kappa = S = 4: 1 - beta x 4, epsilon / 2.
-        ("adam_sqrt", 0.002 * 2, 0.6, 0.996, 5e-8, TOTAL_STEPS // SCALE),
+        ("adam_sqrt", 0.002 * 2, 0.6, 0.996, 5e-8, PLAN_STEPS // PLAN_SCALE),
     ],
 )
 def test_each_adam_baseline_scales_as_its_rule_says(name, rate, beta_1, beta_2, epsilon, updates):
@@ -44,9 +190,9 @@ def test_each_adam_baseline_scales_as_its_rule_says(name, rate, beta_1, beta_2, 
     assert (optimizer.beta_1, optimizer.beta_2) == (pytest.approx(beta_1), pytest.approx(beta_2))
     assert optimizer.epsilon == pytest.approx(epsilon)
     assert steps.min_updates == steps.max_updates == updates
-    assert steps.batch_size == SCALE * 32 and steps.accumulation == 1
+    assert steps.batch_size == PLAN_SCALE * 32 and steps.accumulation == 1
 
 
 def test_the_square_root_rule_caps_one_minus_beta_at_one():
     optimizer = planned("adam_sqrt", beta_1=0.5).optimizer  # 1 - beta_1 = 0.5 x 4 > 1
-    assert optimizer.beta_1 == 0.0 and optimizer.epsilon == pytest.approx(1e-7 / math.sqrt(SCALE))
+    assert optimizer.beta_1 == 0.0 and optimizer.epsilon == pytest.approx(1e-7 / math.sqrt(PLAN_SCALE))

@@ -1,4 +1,9 @@
-"""The pure gain math against NumPy and its limits."""
+"""The pure gain math against NumPy and its limits, in float64 as the optimizer runs it on CPU and GPU.
+
+float32 appears only where a test is about the TPU path, where the statistics are float32.
+"""
+
+import math
 
 import numpy as np
 import pytest
@@ -7,21 +12,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_adascale import gain
-from reference import gain_statistics
+from reference import AdaScaleReference, gain_statistics
 
 
-def run_update_gain(samples_sequence, scale, smoothing):
-    state = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+def run_update_gain(samples_sequence, scale, smoothing, dtype=tf.float64):
+    """The gains `gain.update_gain` gives over a sequence of (N, dim) sample arrays, its scalars in `dtype`."""
+    constant = lambda value: tf.constant(value, dtype)  # noqa: E731
+    state = [constant(0.0), constant(0.0), constant(0.0)]
     gains = []
     for samples in samples_sequence:
         samples = np.asarray(samples, np.float64)
         mean = samples.mean(axis=0)
         *state, value = gain.update_gain(
-            tf.constant(np.sum(samples**2), tf.float32),
-            tf.constant(mean @ mean, tf.float32),
-            tf.constant(float(len(samples))),
-            tf.constant(float(scale)),
-            tf.constant(smoothing, tf.float32),
+            constant(np.sum(samples**2)),
+            constant(mean @ mean),
+            constant(float(len(samples))),
+            constant(float(scale)),
+            constant(smoothing),
             *state,
         )
         gains.append(float(value))
@@ -40,18 +47,30 @@ def numpy_gains(samples_sequence, scale, smoothing):
     return gains
 
 
+def noisy_sequence(samples, seed, updates=12, dim=7):
+    rng = np.random.RandomState(seed)
+    return [rng.randn(samples, dim) * rng.uniform(0.1, 3) + rng.randn(dim) for _ in range(updates)]
+
+
 @pytest.mark.parametrize("scale, smoothing", [(2, 0.0), (4, 0.9), (16, 0.984), (32, 0.5)])
 def test_update_gain_matches_numpy_over_a_sequence(scale, smoothing):
-    rng = np.random.RandomState(scale)
-    sequence = [rng.randn(scale, 7) * rng.uniform(0.1, 3) + rng.randn(7) for _ in range(12)]
+    sequence = noisy_sequence(scale, seed=scale)
     np.testing.assert_allclose(
-        run_update_gain(sequence, scale, smoothing), numpy_gains(sequence, scale, smoothing), rtol=1e-5
+        run_update_gain(sequence, scale, smoothing), numpy_gains(sequence, scale, smoothing), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("scale, smoothing", [(2, 0.0), (4, 0.9), (16, 0.984), (32, 0.5)])
+def test_update_gain_in_float32_as_on_a_tpu_matches_numpy_over_a_sequence(scale, smoothing):
+    sequence = noisy_sequence(scale, seed=scale)
+    np.testing.assert_allclose(
+        run_update_gain(sequence, scale, smoothing, tf.float32), numpy_gains(sequence, scale, smoothing), rtol=1e-5
     )
 
 
 def test_gain_is_one_for_identical_samples():
     samples = [np.tile(np.array([1.0, -2.0, 0.5]), (8, 1))] * 3
-    assert run_update_gain(samples, 8, 0.9) == pytest.approx([1.0] * 3, abs=1e-5)
+    assert run_update_gain(samples, 8, 0.9) == pytest.approx([1.0] * 3, abs=1e-12)
 
 
 def test_gain_tends_to_scale_for_pure_noise():
@@ -60,55 +79,147 @@ def test_gain_tends_to_scale_for_pure_noise():
     for _ in range(30):
         half = rng.randn(4, 50)
         sequence.append(np.concatenate([half, -half]))  # mean exactly 0
-    assert run_update_gain(sequence, 8, 0.9)[-1] == pytest.approx(8.0, rel=1e-5)
+    assert run_update_gain(sequence, 8, 0.9)[-1] == pytest.approx(8.0, rel=1e-12)
 
 
-def test_gain_is_one_for_zero_gradients_and_for_scale_one():
+def test_gain_is_one_for_zero_gradients():
     assert run_update_gain([np.zeros((4, 3))] * 2, 4, 0.5) == [1.0, 1.0]
+
+
+def test_gain_is_one_at_scale_one():
     rng = np.random.RandomState(1)
     assert run_update_gain([rng.randn(1, 5) for _ in range(3)], 1, 0.5) == [1.0] * 3
 
 
-def test_gradient_moments_are_clipped_at_zero():
-    four = tf.constant(4.0)
-    variance, sqr_norm = gain.gradient_moments(tf.constant(1.0), tf.constant(2.0), four, four)
-    assert float(variance) == 0.0 and float(sqr_norm) > 0.0
-    variance, sqr_norm = gain.gradient_moments(tf.constant(100.0), tf.constant(0.0), four, four)
-    assert float(variance) == pytest.approx(100.0 / 3) and float(sqr_norm) == 0.0
+def f64(value):
+    return tf.constant(value, tf.float64)
+
+
+def test_a_negative_sample_variance_is_clipped_at_zero():
+    # sum_i |g_i|^2 = 1 < N |g|^2 = 8: the sample variance (1 - 8) / 3 is negative.
+    variance, sqr_norm = gain.gradient_moments(f64(1.0), f64(2.0), f64(4.0), f64(4.0))
+    assert float(variance) == 0.0
+    assert float(sqr_norm) == pytest.approx(2.0 + 7.0 / 12, rel=1e-15)  # |g|^2 - sample_var / N, unclipped
+
+
+def test_a_negative_squared_norm_estimate_is_clipped_at_zero():
+    # |g|^2 = 0 < sample_var / N: the estimate of mu^2 is negative.
+    variance, sqr_norm = gain.gradient_moments(f64(100.0), f64(0.0), f64(4.0), f64(4.0))
+    assert float(sqr_norm) == 0.0
+    assert float(variance) == pytest.approx(100.0 / 3, rel=1e-15)
 
 
 @pytest.mark.parametrize("samples, scale", [(4, 8), (4, 6.5), (8, 2), (2, 16), (3, 1.5)])
 def test_update_gain_matches_numpy_when_scale_differs_from_samples(samples, scale):
-    rng = np.random.RandomState(samples)
-    sequence = [rng.randn(samples, 7) * rng.uniform(0.1, 3) + rng.randn(7) for _ in range(12)]
-    gains = run_update_gain(sequence, scale, 0.5)
-    np.testing.assert_allclose(gains, numpy_gains(sequence, scale, 0.5), rtol=1e-5)
-    assert all(1.0 <= g <= scale * (1 + 1e-6) for g in gains)
+    sequence = noisy_sequence(samples, seed=samples)
+    np.testing.assert_allclose(run_update_gain(sequence, scale, 0.5), numpy_gains(sequence, scale, 0.5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("samples, scale", [(4, 8), (4, 6.5), (8, 2), (2, 16), (3, 1.5)])
+def test_the_gain_stays_between_one_and_scale_when_scale_differs_from_samples(samples, scale):
+    gains = run_update_gain(noisy_sequence(samples, seed=samples), scale, 0.5)
+    assert all(1.0 <= g <= scale for g in gains)
 
 
 def test_baseline_batch_variance_is_the_sample_variance_times_batches_per_sample():
     # Two samples, each two baseline batches (S = 4, N = 2): sample variance 2 -> sigma2 4.
-    variance, sqr_norm = gain.gradient_moments(
-        tf.constant(1.0**2 + 3.0**2, tf.float64), tf.constant(2.0**2, tf.float64),
-        tf.constant(2.0, tf.float64), tf.constant(4.0, tf.float64),
-    )
+    variance, sqr_norm = gain.gradient_moments(f64(1.0**2 + 3.0**2), f64(2.0**2), f64(2.0), f64(4.0))
     assert float(variance) == pytest.approx(4.0) and float(sqr_norm) == pytest.approx(4.0 - 2.0 / 2)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+random_problems = given(
     scale=st.integers(min_value=2, max_value=64),
     dim=st.integers(min_value=1, max_value=20),
     magnitude=st.floats(min_value=1e-6, max_value=1e6),
     smoothing=st.floats(min_value=0.0, max_value=0.999),
     seed=st.integers(min_value=0, max_value=2**16),
 )
-def test_gain_matches_numpy_and_stays_in_bounds(scale, dim, magnitude, smoothing, seed):
+
+
+def random_sequence(scale, dim, magnitude, seed):
     rng = np.random.RandomState(seed)
-    sequence = [magnitude * (rng.randn(scale, dim) + rng.uniform(-1, 1) * rng.randn(dim)) for _ in range(3)]
-    gains = run_update_gain(sequence, scale, smoothing)
+    return [magnitude * (rng.randn(scale, dim) + rng.uniform(-1, 1) * rng.randn(dim)) for _ in range(3)]
+
+
+@settings(max_examples=40, deadline=None)
+@random_problems
+def test_gain_matches_numpy(scale, dim, magnitude, smoothing, seed):
+    sequence = random_sequence(scale, dim, magnitude, seed)
+    np.testing.assert_allclose(run_update_gain(sequence, scale, smoothing),
+                               numpy_gains(sequence, scale, smoothing), rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@random_problems
+def test_gain_stays_between_one_and_scale(scale, dim, magnitude, smoothing, seed):
+    gains = run_update_gain(random_sequence(scale, dim, magnitude, seed), scale, smoothing)
     assert all(1.0 <= g <= scale for g in gains)
-    np.testing.assert_allclose(gains, numpy_gains(sequence, scale, smoothing), rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32])
+def test_sums_of_squares_keep_float32_precision_whatever_the_gradient_dtype_and_range(dtype):
+    values = tf.cast(tf.constant(np.random.RandomState(0).randn(1000) * 1000.0 if dtype != tf.bfloat16
+                                 else np.random.RandomState(0).randn(1000) * 1e30), dtype)
+    expected = float(np.sum(values.numpy().astype(np.float64) ** 2))
+    result = gain.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
+    assert result.dtype == tf.float64
+    dense = np.zeros(1000)
+    np.add.at(dense, [0, 0, 5], values.numpy()[:3].astype(np.float64))
+    # bfloat16 at 1e30 overflows float32 squares: that sum is redone in float64.
+    assert float(result) == pytest.approx(expected + float(dense @ dense), rel=1e-6)
+
+
+def test_the_float32_sum_of_squares_of_a_tpu_is_a_float32_sum():
+    values = tf.constant(np.random.RandomState(0).randn(1000) * 1000.0, tf.float32)
+    result = gain.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))],
+                               dtype=tf.float32)
+    assert result.dtype == tf.float32
+    dense = np.zeros(1000)
+    np.add.at(dense, [0, 0, 5], values.numpy()[:3].astype(np.float64))
+    expected = float(np.sum(values.numpy().astype(np.float64) ** 2)) + float(dense @ dense)
+    assert float(result) == pytest.approx(expected, rel=1e-5)
+
+
+extreme_samples = given(
+    scale=st.integers(min_value=2, max_value=32),
+    dim=st.integers(min_value=1, max_value=50),
+    exponent=st.integers(min_value=-30, max_value=30),
+    noise=st.floats(min_value=0.0, max_value=10.0),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+
+
+def extreme_moments(scale, dim, exponent, noise, seed):
+    """float32 samples of magnitude 10^exponent and `gain.gradient_moments` of them: `(samples, sigma2, mu2)`."""
+    rng = np.random.RandomState(seed)
+    sample_list = (10.0**exponent * (rng.randn(dim) + noise * rng.randn(scale, dim))).astype(np.float32)
+    mean = sample_list.astype(np.float64).mean(axis=0)
+    variance, sqr_norm = gain.gradient_moments(
+        gain.sqr_norm_sum([tf.constant(sample_list)]), gain.sqr_norm_sum([tf.constant(mean)]),
+        f64(float(scale)), f64(float(scale)),
+    )
+    return sample_list, variance, sqr_norm
+
+
+@settings(max_examples=40, deadline=None)
+@extreme_samples
+def test_statistics_match_numpy_from_1e_minus_30_to_1e30(scale, dim, exponent, noise, seed):
+    sample_list, variance, sqr_norm = extreme_moments(scale, dim, exponent, noise, seed)
+    expected_variance, expected_sqr_norm = gain_statistics(sample_list)
+    # Sums of squares carry float32 rounding (~1e-7 of the samples' total), which the
+    # difference in sigma^2 turns into an absolute error of that size.
+    tolerance = 1e-5 * float(np.sum(sample_list.astype(np.float64) ** 2))
+    assert math.isfinite(float(variance)) and math.isfinite(float(sqr_norm))
+    assert float(variance) == pytest.approx(expected_variance, rel=1e-5, abs=tolerance)
+    assert float(sqr_norm) == pytest.approx(expected_sqr_norm, rel=1e-5, abs=tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@extreme_samples
+def test_the_gain_stays_between_one_and_scale_from_1e_minus_30_to_1e30(scale, dim, exponent, noise, seed):
+    _, variance, sqr_norm = extreme_moments(scale, dim, exponent, noise, seed)
+    ratio = gain.gain_ratio(variance, sqr_norm, f64(float(scale)))
+    assert 1.0 <= float(ratio) <= scale
 
 
 def initial_state(dtype=tf.float64):
@@ -119,20 +230,17 @@ def initial_state(dtype=tf.float64):
 
 @pytest.mark.parametrize("samples, scale", [(4, 4), (4, 8), (8, 2.5)])
 def test_the_state_step_matches_the_reference_without_keras(samples, scale):
-    from reference import AdaScaleReference
-
     rng = np.random.RandomState(samples)
     learning_rate = lambda step: 0.1 / (1 + step // 3)  # noqa: E731  (a schedule keyed on floor(tau))
     reference = AdaScaleReference(np.zeros(5), learning_rate, scale=scale, smoothing=0.7)
     step = tf.function(gain.step, jit_compile=True)
     state = initial_state()
-    f64 = lambda value: tf.constant(float(value), tf.float64)  # noqa: E731
     for _ in range(10):
         batch = rng.randn(samples, 5) + rng.randn(5)
         mean = batch.mean(axis=0)
         rate = learning_rate(int(state.tau_whole))
         state, finite = step(state, f64(np.sum(batch**2)), f64(mean @ mean), tf.constant(rate, tf.float32),
-                             f64(samples), f64(scale), f64(0.7))
+                             f64(float(samples)), f64(float(scale)), f64(0.7))
         reference.step(list(batch))
         assert bool(finite)
         assert float(state.gain) == pytest.approx(reference.gain, rel=1e-6)
@@ -142,12 +250,20 @@ def test_the_state_step_matches_the_reference_without_keras(samples, scale):
     assert int(state.skipped_updates) == 0 and reference.tau > 10  # tau crossed several schedule steps
 
 
+def non_finite_step(bad):
+    """`(state after one finite update, (state, finite) after a second update whose sum of squares is `bad`)`."""
+    state, _ = gain.step(initial_state(), f64(10.0), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
+    return state, gain.step(state, f64(bad), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_the_state_step_keeps_the_state_and_counts_a_non_finite_update(bad):
-    state = initial_state()
-    f64 = lambda value: tf.constant(value, tf.float64)  # noqa: E731
-    state, _ = gain.step(state, f64(10.0), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
-    kept, finite = gain.step(state, f64(bad), f64(1.0), tf.constant(0.1), f64(4.0), f64(4.0), f64(0.5))
+def test_the_state_step_keeps_the_state_on_a_non_finite_update(bad):
+    state, (kept, finite) = non_finite_step(bad)
     assert not bool(finite)
     assert [float(v) for v in kept[:-1]] == [float(v) for v in state[:-1]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_state_step_counts_a_non_finite_update(bad):
+    state, (kept, _) = non_finite_step(bad)
     assert int(kept.skipped_updates) == int(state.skipped_updates) + 1

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from reference import AdaScaleAdamReference, AdaScaleReference
+from conftest import LeastSquares, read_jsonl, reference_history
+from reference import AdaScaleAdamReference
 
-WORKERS, BATCH, UPDATES, ROWS = 2, 8, 3, 128
+WORKERS, UPDATES, ROWS = 2, 3, 128
 
 # Worker i's k-th batch is rows [(k * 2 + i) * 8, +8), from data made with a fixed seed.
 COMMON = r"""
@@ -122,35 +123,37 @@ def run_workers(script, args=(), timeout=150, command=None):
 
 
 def reference(scale, optimizer="sgd"):
-    """Algorithm 1 on the blocks of 8 rows: update u averages blocks u * scale .. u * scale + scale - 1."""
+    """Algorithm 1 on the workers' data: update u averages the blocks of 8 rows u * scale .. u * scale + scale - 1."""
     rng = np.random.RandomState(0)
-    x = rng.randn(ROWS, 3).astype(np.float32).astype(np.float64)
-    y = (x.astype(np.float32) @ rng.randn(3, 1) + rng.randn(ROWS, 1)).astype(np.float32)[:, 0].astype(np.float64)
+    x = rng.randn(ROWS, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 1) + rng.randn(ROWS, 1)).astype(np.float32)
+    problem = LeastSquares.from_arrays(x, y, np.zeros(4))
     if optimizer == "adam":
-        ref = AdaScaleAdamReference(np.zeros(4), 0.05, scale=scale, statistics="preconditioned")
+        adam = AdaScaleAdamReference(problem.initial, 0.05, scale=scale, statistics="preconditioned")
+        reference, _ = reference_history(problem, scale, UPDATES, reference=adam)
     else:
-        ref = AdaScaleReference(np.zeros(4), 0.05, scale=scale, momentum=0.9)
-
-    def gradient(params, block):
-        xb, yb = x[block * BATCH : (block + 1) * BATCH], y[block * BATCH : (block + 1) * BATCH]
-        residual = xb @ params[:-1] + params[-1] - yb
-        return np.concatenate([2.0 / BATCH * xb.T @ residual, [2.0 / BATCH * residual.sum()]])
-
-    for update in range(UPDATES):
-        ref.step([gradient(ref.params, update * scale + j) for j in range(scale)])
-    return ref
+        reference, _ = reference_history(problem, scale, UPDATES, learning_rate=0.05, momentum=0.9)
+    return reference
 
 
-@pytest.mark.parametrize(
-    "script, args, scale",
-    [(CUSTOM_LOOP, (), WORKERS), (FIT, ("1", "sgd"), WORKERS), (FIT, ("2", "sgd"), 2 * WORKERS),
-     (FIT, ("2", "adam"), 2 * WORKERS)],
-    ids=["strategy_run_loop", "model_fit", "model_fit_accumulation_2", "adam_model_fit_accumulation_2"],
-)
-def test_two_workers_agree_with_each_other_and_the_reference(script, args, scale):
-    results = run_workers(script, args)
-    expected = reference(scale, *args[1:])
+@pytest.fixture(scope="module", params=[(CUSTOM_LOOP, (), WORKERS), (FIT, ("1", "sgd"), WORKERS),
+                                        (FIT, ("2", "sgd"), 2 * WORKERS), (FIT, ("2", "adam"), 2 * WORKERS)],
+                ids=["strategy_run_loop", "model_fit", "model_fit_accumulation_2", "adam_model_fit_accumulation_2"])
+def two_workers(request):
+    """`(each worker's result, S, optimizer)` of a 2-worker job: a strategy.run loop, model.fit, model.fit
+    accumulating 2, and AdaScaleAdam's model.fit accumulating 2."""
+    script, args, scale = request.param
+    return run_workers(script, args), scale, (args[1:] or ("sgd",))[0]
+
+
+def test_two_workers_agree_with_each_other(two_workers):
+    results = two_workers[0]
     assert results[0]["weights"] == results[1]["weights"] and results[0]["tau"] == results[1]["tau"]
+
+
+def test_two_workers_match_the_reference(two_workers):
+    results, scale, optimizer = two_workers
+    expected = reference(scale, optimizer)
     for result in results:
         assert result["scale"] == scale
         np.testing.assert_allclose(result["weights"], expected.params, rtol=2e-5, atol=1e-6)
@@ -217,6 +220,6 @@ def test_a_job_with_a_killed_worker_restarts_and_ends_where_an_uninterrupted_job
     for a, b in zip(straight.get_weights() + straight.optimizer.variables,
                     restarted.get_weights() + restarted.optimizer.variables):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    rows = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in finished]
+    rows = [read_jsonl(path / "metrics.jsonl") for path in finished]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
     assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)

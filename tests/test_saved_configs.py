@@ -3,6 +3,7 @@
 import pathlib
 
 import keras
+import numpy as np
 import pytest
 
 from keras_adascale import AdaScaleSGD
@@ -10,22 +11,43 @@ from keras_adascale.experiments import config, data, models, training
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "saved_configs").glob("*.yaml"))
 
+SMALL_CNN_ON_MNIST = (
+    (3 * 3 * 1 * 32 + 32)  # conv 3x3, 32 filters
+    + (3 * 3 * 32 * 64 + 64)  # conv 3x3, 64 filters
+    + (5 * 5 * 64 * 64 + 64)  # dense on the 5x5x64 map that two valid convs and pools leave of 28x28
+    + (64 * 10 + 10)  # logits
+)
+# Trainable parameters of each (model, input shape, classes) a saved config builds, counted apart from the
+# builder: small_cnn by hand, the CIFAR ResNet-18 (3x3 stem, no max-pool) as kuangliu/pytorch-cifar's
+# ResNet18 counts them, ResNet-50 as Keras's summary of keras.applications.ResNet50 does.
+TRAINABLE_PARAMETERS = {
+    ("small_cnn", (28, 28, 1), 10): SMALL_CNN_ON_MNIST,
+    ("resnet18", (32, 32, 3), 10): 11_173_962,
+    ("resnet50", (224, 224, 3), 1000): 25_583_592,
+}
+
 
 def test_there_are_saved_configs():
     assert {path.stem for path in CONFIGS} >= {"demo", "cifar10_resnet18", "imagenet_resnet50"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_every_saved_config_starts_with_a_header_comment(path):
+    assert path.read_text().startswith("#"), "each saved config starts with a header comment"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_every_run_of_a_saved_config_builds(path):
     runs = config.load(path)
-    assert path.read_text().startswith("#"), "each saved config starts with a header comment"
     built = {}
     for run in runs:
         input_shape, num_classes = data.describe(run["dataset"])
-        key = (run["model"]["name"], input_shape)
+        key = (run["model"]["name"], tuple(input_shape), num_classes)
         if key not in built:  # models are the same across runs; build each once
-            built[key] = models.build(run["model"], input_shape, num_classes).count_params()
-        assert built[key] > 0
+            model = models.build(run["model"], input_shape, num_classes)
+            built[key] = (sum(int(np.prod(w.shape)) for w in model.trainable_weights), model.output_shape)
+        assert key in TRAINABLE_PARAMETERS, f"no independent parameter count for {key}"
+        assert built[key] == (TRAINABLE_PARAMETERS[key], (None, num_classes))
         replicas = run["strategy"]["devices"] if run["strategy"]["name"] == "mirrored" else 1
         steps = training.plan(run, replicas)
         scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]

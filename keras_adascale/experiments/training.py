@@ -155,6 +155,15 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(backup_dir)
         self.is_chief = is_chief
 
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except OSError as error:  # h5py's, for a backup cut short (a run killed while it was written)
+            raise ConfigError(
+                f"cannot resume from {self._weights_path}: the backup is unreadable ({error}). Delete "
+                f"{pathlib.Path(self.backup_dir).parent} to train the run from the start"
+            ) from error
+
     def on_epoch_end(self, epoch, logs=None):
         if self.is_chief:
             super().on_epoch_end(epoch, logs)
@@ -356,8 +365,9 @@ def train(run, output_root, overwrite=False):
 
     Raises:
         ConfigError: if the dataset cannot be used, the finished folder exists
-            and `overwrite` is false, or an interrupted run with a different
-            config is in the way (the message lists the keys that differ).
+            and `overwrite` is false, an interrupted run with a different
+            config is in the way (the message lists the keys that differ), or
+            the backup of an interrupted run cannot be read.
     """
     strategy = strategies.make_strategy(run["strategy"])
     folders = _run_folders(run, strategy, output_root, overwrite)
