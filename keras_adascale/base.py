@@ -205,9 +205,37 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """The learning rate the last update used, the gain's factor times lr(floor(tau)) (0.0 before any)."""
         return self._read_state().effective_learning_rate
 
+    def snapshot(self):
+        """Every statistic of the last update as Python numbers, from one read of the state.
+
+        Eager only (it calls `.numpy()`): for callbacks and logging, which
+        would otherwise read the state once per property.
+
+        Returns:
+            A dict with `gain`, `scale_invariant_iterations`, `effective_learning_rate`,
+            `skipped_updates` (int), `gradient_variance`, `gradient_sqr_norm`,
+            `gradient_noise_scale` and `scaling_efficiency` (gain / S).
+        """
+        state = self._read_state()
+        variance, sqr_norm = self._moments(state)
+        gain = float(state.gain.numpy())
+        return {
+            "gain": gain,
+            "scale_invariant_iterations": float(state.tau_whole.numpy()) + float(state.tau_fraction.numpy()),
+            "effective_learning_rate": float(state.effective_learning_rate.numpy()),
+            "skipped_updates": int(state.skipped_updates.numpy()),
+            "gradient_variance": float(variance.numpy()),
+            "gradient_sqr_norm": float(sqr_norm.numpy()),
+            "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm).numpy()),
+            "scaling_efficiency": gain / float(self.scale),
+        }
+
     def _corrected_moments(self):
         """(sigma^2, mu^2): the bias-corrected averages, from one read of the state."""
-        state = self._read_state()
+        return self._moments(self._read_state())
+
+    @staticmethod
+    def _moments(state):
         return (tf.math.divide_no_nan(state.variance_average, state.average_weight),
                 tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight))
 

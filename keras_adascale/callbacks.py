@@ -6,8 +6,13 @@ import keras
 import tensorflow as tf
 
 from keras_adascale import validation
-from keras_adascale.optimizer import AdaScaleSGD
+from keras_adascale.base import AdaScaleBase
 from keras_adascale.schedules import ScaleInvariantSchedule
+
+
+# What goes into the logs (and, with log_dir, TensorBoard as update_<name>): from `snapshot()`.
+_LOGGED = ("gain", "scale_invariant_iterations", "effective_learning_rate", "skipped_updates",
+           "gradient_noise_scale", "scaling_efficiency")
 
 
 class AdaScaleCallback(keras.callbacks.Callback):
@@ -32,7 +37,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
     update, at step `optimizer.iterations` (the update count, as Keras's own
     `evaluation_*_vs_iterations`), into the `train` run of that log directory.
 
-    With `AdaScaleSGD(non_finite="raise")` it also raises after a batch whose
+    With `non_finite="raise"` on the optimizer it also raises after a batch whose
     update was skipped: inside an XLA-compiled step (`jit_compile=True`) the
     optimizer's own check cannot fail the step, so this is where it fails.
 
@@ -57,10 +62,10 @@ class AdaScaleCallback(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         # LossScaleOptimizer (mixed precision) wraps the optimizer.
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        if not isinstance(optimizer, AdaScaleSGD):
+        if not isinstance(optimizer, AdaScaleBase):
             raise ValueError(
-                "AdaScaleCallback needs a model compiled with an AdaScaleSGD "
-                f"optimizer. Received: {type(optimizer).__name__}"
+                "AdaScaleCallback needs a model compiled with an AdaScale optimizer (AdaScaleSGD or "
+                f"AdaScaleAdam). Received: {type(optimizer).__name__}"
             )
         return optimizer
 
@@ -89,41 +94,34 @@ class AdaScaleCallback(keras.callbacks.Callback):
             self._writer = None
 
     def _log(self, logs):
+        """Adds the optimizer's snapshot to `logs` (one state read), stops at T_SI; returns the snapshot."""
         optimizer = self._optimizer()
-        tau = float(optimizer.scale_invariant_iterations)
+        snapshot = optimizer.snapshot()
         if logs is not None:
-            logs["gain"] = float(optimizer.gain)
-            logs["scale_invariant_iterations"] = tau
-            logs["effective_learning_rate"] = float(optimizer.effective_learning_rate)
-            logs["skipped_updates"] = int(optimizer.skipped_updates)
-            logs["gradient_noise_scale"] = float(optimizer.gradient_noise_scale)
-            logs["scaling_efficiency"] = float(optimizer.gain) / float(optimizer.scale)
+            logs.update({name: snapshot[name] for name in _LOGGED})
         total_steps = self._resolved_total_steps(optimizer)
-        if total_steps is not None and tau >= total_steps:
+        if total_steps is not None and snapshot["scale_invariant_iterations"] >= total_steps:
             self.model.stop_training = True
+        return snapshot
 
-    def _write_update(self, optimizer):
+    def _write_update(self, optimizer, snapshot):
         update = int(optimizer.iterations.numpy())
         if update == self._logged_update:
             return  # a micro-batch of gradient accumulation: no update yet
         self._logged_update = update
         with self._writer.as_default(step=update):
-            tf.summary.scalar("update_gain", optimizer.gain)
-            tf.summary.scalar("update_scale_invariant_iterations", optimizer.scale_invariant_iterations)
-            tf.summary.scalar("update_effective_learning_rate", optimizer.effective_learning_rate)
-            tf.summary.scalar("update_skipped_updates", optimizer.skipped_updates)
-            tf.summary.scalar("update_gradient_noise_scale", optimizer.gradient_noise_scale)
-            tf.summary.scalar("update_scaling_efficiency", float(optimizer.gain) / float(optimizer.scale))
+            for name in _LOGGED:
+                tf.summary.scalar(f"update_{name}", snapshot[name])
 
     def on_train_batch_end(self, batch, logs=None):
-        self._log(logs)
+        snapshot = self._log(logs)
         optimizer = self._optimizer()
         if self._writer is not None:
-            self._write_update(optimizer)
-        skipped = int(optimizer.skipped_updates)
+            self._write_update(optimizer, snapshot)
+        skipped = snapshot["skipped_updates"]
         if skipped > self._skipped and optimizer.non_finite == "raise":
             raise FloatingPointError(
-                f"AdaScaleSGD skipped an update for NaN or Inf gradients at batch {batch} "
+                f"{type(optimizer).__name__} skipped an update for NaN or Inf gradients at batch {batch} "
                 "(non_finite='raise'); weights, tau and the averages are as before it."
             )
         self._skipped = skipped

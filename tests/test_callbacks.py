@@ -43,6 +43,30 @@ def test_stops_at_the_first_update_reaching_total_steps(least_squares):
     assert tau >= 10 and tau - gain < 10
 
 
+def test_with_adascale_adam_it_stops_at_total_steps_and_logs_the_square_root_rate(least_squares):
+    model = least_squares.model()
+    optimizer = keras_adascale.AdaScaleAdam(keras_adascale.ScaleInvariantSchedule(0.02, total_steps=10),
+                                            gradient_accumulation_steps=4)
+    model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=50,
+                        callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+    tau, gain = float(optimizer.scale_invariant_iterations), float(optimizer.gain)
+    assert tau >= 10 and tau - gain < 10
+    assert history.history["effective_learning_rate"][-1] == pytest.approx(0.02 * np.sqrt(gain), rel=1e-6)
+
+
+def test_the_snapshot_holds_what_the_properties_say(least_squares):
+    model, optimizer = compiled(least_squares)
+    model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=1, verbose=0)
+    snapshot = optimizer.snapshot()
+    for name in ("gain", "scale_invariant_iterations", "effective_learning_rate", "gradient_variance",
+                 "gradient_sqr_norm", "gradient_noise_scale"):
+        assert snapshot[name] == float(getattr(optimizer, name)), name
+    assert snapshot["skipped_updates"] == int(optimizer.skipped_updates) == 0
+    assert snapshot["scaling_efficiency"] == snapshot["gain"] / 4
+    assert snapshot["gain"] > 1.0
+
+
 def test_an_explicit_total_steps_wins_over_the_schedules(least_squares):
     model, optimizer = compiled(least_squares, total_steps=10)
     model.fit(
