@@ -12,7 +12,7 @@ from keras_adascale.schedules import ScaleInvariantSchedule
 
 # What goes into the logs (and, with log_dir, TensorBoard as update_<name>): from `snapshot()`.
 _LOGGED = ("gain", "scale_invariant_iterations", "effective_learning_rate", "skipped_updates",
-           "gradient_noise_scale", "scaling_efficiency")
+           "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale", "scaling_efficiency")
 
 
 class AdaScaleCallback(keras.callbacks.Callback):
@@ -21,6 +21,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
     Adds `gain`, `scale_invariant_iterations`, `effective_learning_rate`
     (the gain times the scheduled rate, as used by the last update) and
     `skipped_updates` (updates skipped for NaN or Inf gradients),
+    `gradient_variance` and `gradient_sqr_norm` (the smoothed sigma^2 and mu^2),
     `gradient_noise_scale` (sigma^2 / mu^2 in baseline batches, see
     `AdaScaleSGD.gradient_noise_scale`) and `scaling_efficiency` (gain / S:
     the share of the S-fold batch that turns into progress) to the
@@ -32,8 +33,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
     Keras's `TensorBoard(update_freq="batch")` indexes its `batch_*` scalars by
     `model.fit` step, which under `gradient_accumulation_steps` is a
     micro-batch, not an update. With `log_dir`, this callback writes
-    `update_gain`, `update_scale_invariant_iterations`,
-    `update_effective_learning_rate` and `update_skipped_updates` once per
+    `update_<name>` for each of those values once per
     update, at step `optimizer.iterations` (the update count, as Keras's own
     `evaluation_*_vs_iterations`), into the `train` run of that log directory.
 

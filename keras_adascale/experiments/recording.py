@@ -6,8 +6,13 @@ import time
 
 import keras
 
-from keras_adascale.experiments.rundirs import read_jsonl
 from keras_adascale.base import AdaScaleBase
+from keras_adascale.callbacks import AdaScaleCallback
+from keras_adascale.experiments.rundirs import read_jsonl
+
+
+# AdaScale's smoothed statistics, recorded per update for `keras-adascale advise`.
+_STATISTICS = ("gradient_variance", "gradient_sqr_norm", "gradient_noise_scale")
 
 
 class _Progress:
@@ -34,6 +39,12 @@ class _Progress:
 
 class RunRecorder(keras.callbacks.Callback):
     """Writes one JSON line per update and per test evaluation, shows progress, stops the run.
+
+    For an AdaScale optimizer, `callbacks()` puts an `AdaScaleCallback` before
+    it: that callback stops the run at tau >= T_SI and puts the optimizer's
+    statistics into the batch logs, which this one records. For the other
+    optimizers it stops the run itself, once `update * tau_per_update`
+    reaches T_SI.
 
     The test split is evaluated each time tau passes another
     `total_steps / evaluations`, so runs at every scale are evaluated at the
@@ -82,13 +93,11 @@ class RunRecorder(keras.callbacks.Callback):
         self.evaluation_period = total_steps / evaluations
         self.label = label
 
-    def _adascale(self):
-        return isinstance(self.model.optimizer, AdaScaleBase)
-
-    def _tau(self, update):
-        if self._adascale():
-            return float(self.model.optimizer.scale_invariant_iterations)
-        return float(update * self.tau_per_update)
+    def callbacks(self, optimizer):
+        """The callbacks to pass to `model.fit` for a run with `optimizer`: this one, after
+        an `AdaScaleCallback` for an AdaScale optimizer."""
+        self.adascale = isinstance(optimizer, AdaScaleBase)
+        return [AdaScaleCallback(), self] if self.adascale else [self]
 
     def _truncate(self, path, update):
         rows = [row for row in read_jsonl(path) if row["update"] <= update]
@@ -104,7 +113,8 @@ class RunRecorder(keras.callbacks.Callback):
         self.examples = rows[-1]["examples"] if rows else 0
         self.start = time.perf_counter()
         self.progress = _Progress(self.total_steps, self.label)
-        self._check_stop()
+        if not self.adascale and self.update * self.tau_per_update >= self.total_steps:
+            self.model.stop_training = True
 
     def _reset_means(self):
         self.previous_means = {}
@@ -129,17 +139,16 @@ class RunRecorder(keras.callbacks.Callback):
         if update == self.update:
             return  # a micro-batch of gradient accumulation
         self.update = update
-        row = {"update": update, "tau": self._tau(update)}
-        if self._adascale():
-            row["gain"] = float(self.model.optimizer.gain)
-            row["learning_rate"] = float(self.model.optimizer.effective_learning_rate)
-            row["gradient_variance"] = float(self.model.optimizer.gradient_variance)
-            row["gradient_sqr_norm"] = float(self.model.optimizer.gradient_sqr_norm)
-            row["gradient_noise_scale"] = float(self.model.optimizer.gradient_noise_scale)
+        if self.adascale:  # from AdaScaleCallback, which ran before this callback
+            row = {"update": update, "tau": logs["scale_invariant_iterations"], "gain": logs["gain"],
+                   "learning_rate": logs["effective_learning_rate"]}
+            row.update({name: logs[name] for name in _STATISTICS})
         else:
-            row["gain"] = 1.0
             schedule = self.schedule
-            row["learning_rate"] = float(schedule(update - 1) if callable(schedule) else schedule)
+            row = {"update": update, "tau": float(update * self.tau_per_update), "gain": 1.0,
+                   "learning_rate": float(schedule(update - 1) if callable(schedule) else schedule)}
+            if row["tau"] >= self.total_steps:
+                self.model.stop_training = True
         for name in ("loss", "accuracy"):
             row[name] = sum(values[name] for values in self.pending) / len(self.pending)
         row["examples"] = self.examples
@@ -150,11 +159,6 @@ class RunRecorder(keras.callbacks.Callback):
         self.progress.update(row["tau"], [("loss", row["loss"]), ("gain", row["gain"])])
         if row["tau"] >= self.next_evaluation - 1e-6:
             self._evaluate(row)
-        self._check_stop()
-
-    def _check_stop(self):
-        if self._tau(self.update) >= self.total_steps:
-            self.model.stop_training = True
 
     def _evaluate(self, row):
         paused = time.perf_counter()

@@ -298,7 +298,8 @@ def _fit(run, model, steps, folders, test_data):
         train_data,
         epochs=math.ceil(steps.max_updates / updates_per_epoch) + 1,
         steps_per_epoch=steps_per_epoch,
-        callbacks=[_ChiefBackupAndRestore(str(folders.backup), is_chief=folders.is_chief), recorder],
+        callbacks=[_ChiefBackupAndRestore(str(folders.backup), is_chief=folders.is_chief),
+                   *recorder.callbacks(model.optimizer)],
         shuffle=False,  # the dataset shuffles itself
         verbose=0,
     )
