@@ -28,21 +28,29 @@ _COLUMNS = (
 def comparison_table(finals):
     """The side-by-side table of finished runs, as text.
 
+    A `test bpc` column (test bits per character) comes after `test acc`
+    when a run is a language model's.
+
     Args:
         finals: the runs' `final.json` contents.
     """
+    columns = list(_COLUMNS)
+    bits = any("test_bits_per_character" in final for final in finals)
+    if bits:
+        columns.insert(-1, ("test bpc", "{:.4f}"))
     rows = [
         [
             final["run"], final["optimizer"], final["scale"], f"{final['replicas']} x {final['accumulation']}",
             final["updates"], final["tau"], final["mean_gain"], final["final_train_loss"],
-            final["test_accuracy"], final["wall_time"],
+            final["test_accuracy"], *([final.get("test_bits_per_character", float("nan"))] if bits else []),
+            final["wall_time"],
         ]
         for final in finals
     ]
-    cells = [[name for name, _ in _COLUMNS]] + [
-        [template.format(value) for (_, template), value in zip(_COLUMNS, row)] for row in rows
+    cells = [[name for name, _ in columns]] + [
+        [template.format(value) for (_, template), value in zip(columns, row)] for row in rows
     ]
-    widths = [max(len(row[index]) for row in cells) for index in range(len(_COLUMNS))]
+    widths = [max(len(row[index]) for row in cells) for index in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -56,10 +56,13 @@ SCHEMA = {
     "jit_compile": Key(False, "compile the train step with XLA (helps on GPU/TPU; slower on CPU)", bool),
     "evaluations": Key(10, "how many times the test split is evaluated during training", int, minimum=1),
     "dataset": _section(
-        name=Key("bundled_mnist", "tensorflow-datasets name (bundled_mnist ships offline)", str),
+        name=Key("bundled_mnist", "tensorflow-datasets name (bundled_mnist and python_chars ship offline)", str),
         data_dir=Key(None, "tfds data_dir; default: tfds's own (~/tensorflow_datasets)", str, nullable=True),
         train_split=Key("train", "tfds split to train on", str),
         test_split=Key("test", "tfds split to evaluate on", str),
+        input_feature=Key("image", "the feature the model reads: an image, or token ids (language model)", str),
+        target_feature=Key("label", "the feature it predicts: a class label, or the next token at each "
+                           "position (language model: test bits per character are recorded too)", str),
         batch_size=Key(32, "B: examples per gradient sample (per replica and micro-batch)", int, minimum=1),
         image_size=Key(None, "resize images to this square size (e.g. 224 for imagenet2012)", int,
                        minimum=1, nullable=True),

@@ -25,28 +25,74 @@ def _ships_offline(builder):
     return type(builder).__module__.startswith("keras_adascale.datasets.")
 
 
+def _is_token_sequence(feature):
+    return (isinstance(feature, tfds.features.Tensor) and len(feature.shape) == 1
+            and feature.shape[0] is not None and tf.as_dtype(feature.dtype).is_integer)
+
+
+def _features(config):
+    """`(builder, input feature, target feature)` as the config's `input_feature` / `target_feature` name them."""
+    builder = _builder(config)
+    features = builder.info.features
+    chosen = []
+    for key in ("input_feature", "target_feature"):
+        if config[key] not in features:
+            raise ConfigError(f"dataset.{key}: '{config['name']}' has no feature '{config[key]}'; "
+                              f"it has {', '.join(features)}")
+        chosen.append(features[config[key]])
+    return builder, *chosen
+
+
+def is_language_model(config):
+    """True for a token-sequence task: inputs are token ids, targets one token id per input position.
+
+    The runner then evaluates bits per character: the test loss (nats per
+    token) over ln 2.
+    """
+    _, inputs, targets = _features(config)
+    return _is_token_sequence(inputs) and _is_token_sequence(targets) and inputs.shape == targets.shape
+
+
 def describe(config):
     """Reads what the model needs to know about a dataset, without preparing it.
+
+    Two tasks are known: an image (`tfds.features.Image`) with a
+    `ClassLabel` target, and a language model, whose input and target are
+    integer token sequences of one length (targets = inputs shifted by one)
+    and whose vocabulary the dataset's metadata names (`vocabulary_size`).
 
     Args:
         config: the `dataset` section of a resolved config.
 
     Returns:
-        `(input_shape, num_classes)` of the model's input and output.
+        `(input_shape, num_classes)` of the model's input and output: for a
+        language model `((sequence_length,), vocabulary_size)`.
 
     Raises:
-        ConfigError: if the dataset is unknown, is not (image, label)
-            classification, or has images of varying size and no `image_size`.
+        ConfigError: if the dataset or a feature is unknown, the features fit
+            neither task, or it has images of varying size and no `image_size`.
     """
-    features = _builder(config).info.features
-    if "image" not in features or "label" not in features:
-        raise ConfigError(f"dataset.name: '{config['name']}' has no 'image' and 'label' features")
-    height, width, channels = features["image"].shape
+    builder, inputs, targets = _features(config)
+    name = config["name"]
+    if is_language_model(config):
+        vocabulary = builder.info.metadata.get("vocabulary_size") if builder.info.metadata else None
+        if vocabulary is None:
+            raise ConfigError(f"dataset.name: '{name}' has token sequences but no 'vocabulary_size' in its metadata")
+        for key in ("image_size", "augment"):
+            if config[key]:
+                raise ConfigError(f"dataset.{key}: only for images; '{name}' holds token sequences")
+        return tuple(inputs.shape), vocabulary
+    if not isinstance(inputs, tfds.features.Image) or not isinstance(targets, tfds.features.ClassLabel):
+        raise ConfigError(
+            f"dataset: '{name}' features '{config['input_feature']}' and '{config['target_feature']}' are "
+            "neither an image and a class label nor token sequences of one length"
+        )
+    height, width, channels = inputs.shape
     if config["image_size"] is not None:
         height = width = config["image_size"]
     if height is None or width is None:
-        raise ConfigError(f"dataset.image_size: '{config['name']}' has images of varying size; set a size")
-    return (height, width, channels), features["label"].num_classes
+        raise ConfigError(f"dataset.image_size: '{name}' has images of varying size; set a size")
+    return (height, width, channels), targets.num_classes
 
 
 def prepare(config):
@@ -62,7 +108,10 @@ def prepare(config):
     """
     builder = _builder(config)
     if _ships_offline(builder):
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except ValueError as error:  # e.g. prepared from another version of the package it reads
+            raise ConfigError(f"dataset.name: {error}") from error
     elif not builder.is_prepared():
         name, root = config["name"], builder.data_dir_root
         raise ConfigError(
@@ -102,16 +151,23 @@ def check(configs):
         raise ConfigError(f"{len(errors)} datasets cannot be used:\n" + "\n".join(f"  {error}" for error in errors))
 
 
-def _preprocess(config):
-    size = config["image_size"]
+def _load(config, split, **kwargs):
+    """`(inputs, targets)` of a split, converted for the model: images to floats in [0, 1], tokens to int32."""
+    dataset = tfds.load(config["name"], split=split, data_dir=config["data_dir"],
+                        download=False, **kwargs)  # prepare() did what may be done
+    input_key, target_key, size = config["input_feature"], config["target_feature"], config["image_size"]
+    tokens = is_language_model(config)
 
-    def convert(image, label):
-        image = tf.cast(image, tf.float32) / 255.0
+    def convert(example):
+        inputs, targets = example[input_key], example[target_key]
+        if tokens:
+            return tf.cast(inputs, tf.int32), tf.cast(targets, tf.int32)
+        inputs = tf.cast(inputs, tf.float32) / 255.0
         if size is not None:
-            image = tf.image.resize(image, (size, size))
-        return image, label
+            inputs = tf.image.resize(inputs, (size, size))
+        return inputs, targets
 
-    return convert
+    return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _augment(image, label):
@@ -139,14 +195,10 @@ def train_dataset(config, global_batch_size, seed):
         seed: shuffle (and augmentation) seed.
 
     Returns:
-        A `tf.data.Dataset` of `(images, labels)`; `model.fit` distributes it.
+        A `tf.data.Dataset` of `(inputs, targets)`; `model.fit` distributes it.
     """
-    dataset = tfds.load(
-        config["name"], split=config["train_split"], data_dir=config["data_dir"],
-        as_supervised=True, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=seed),
-        download=False,  # prepare() did what may be done
-    )
-    dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = _load(config, config["train_split"], shuffle_files=True,
+                    read_config=tfds.ReadConfig(shuffle_seed=seed))
     if config["cache"]:
         dataset = dataset.cache()
     dataset = dataset.shuffle(config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=True).repeat()
@@ -163,11 +215,7 @@ def test_dataset(config, global_batch_size):
         `(dataset, steps)`: pass `steps` to `model.evaluate`, which cannot
         count the batches of a distributed dataset itself.
     """
-    dataset, info = tfds.load(
-        config["name"], split=config["test_split"], data_dir=config["data_dir"], as_supervised=True,
-        with_info=True, download=False,
-    )
-    examples = info.splits[config["test_split"]].num_examples
-    dataset = dataset.map(_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE)
+    examples = _builder(config).info.splits[config["test_split"]].num_examples
+    dataset = _load(config, config["test_split"])
     dataset = _with_sharding(dataset.batch(global_batch_size).cache().prefetch(tf.data.AUTOTUNE))
     return dataset, -(-examples // global_batch_size)

@@ -1,6 +1,7 @@
 """RunRecorder: per-update and per-evaluation metrics as JSON lines, a progress bar, stopping."""
 
 import json
+import math
 import sys
 import time
 
@@ -59,7 +60,9 @@ class RunRecorder(keras.callbacks.Callback):
     `gradient_noise_scale` (B_simple = sigma^2 / mu^2, in baseline batches),
     the smoothed estimates after the update, which `keras-adascale advise`
     replays. Per epoch (`evaluations.jsonl`): `update`, `tau`,
-    `test_loss`, `test_accuracy`, `wall_time` (evaluation time excluded).
+    `test_loss`, `test_accuracy` (per character for a language model), for a
+    language model `test_bits_per_character` (test_loss / ln 2), and
+    `wall_time` (evaluation time excluded).
 
     Keras reports running means since the metrics were last reset; the value
     of the k-th batch since then is recovered as
@@ -78,10 +81,12 @@ class RunRecorder(keras.callbacks.Callback):
         test_data: `(dataset, steps)` to evaluate on.
         evaluations: how many evaluations over the run.
         label: the run's name, for the progress lines.
+        bits_per_character: record `test_bits_per_character` (a language model,
+            whose loss is in nats per character).
     """
 
     def __init__(self, run_dir, total_steps, tau_per_update, schedule, examples_per_batch, test_data,
-                 evaluations, label):
+                 evaluations, label, bits_per_character=False):
         super().__init__()
         self.metrics_path = run_dir / "metrics.jsonl"
         self.evaluations_path = run_dir / "evaluations.jsonl"
@@ -92,6 +97,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.test_data = test_data
         self.evaluation_period = total_steps / evaluations
         self.label = label
+        self.bits_per_character = bits_per_character
 
     def callbacks(self, optimizer):
         """The callbacks to pass to `model.fit` for a run with `optimizer`: this one, after
@@ -172,8 +178,10 @@ class RunRecorder(keras.callbacks.Callback):
             "tau": row["tau"],
             "test_loss": float(test_loss),
             "test_accuracy": float(test_accuracy),
-            "wall_time": row["wall_time"],
         }
+        if self.bits_per_character:
+            evaluation["test_bits_per_character"] = float(test_loss) / math.log(2)
+        evaluation["wall_time"] = row["wall_time"]
         with self.evaluations_path.open("a") as stream:
             stream.write(json.dumps(evaluation) + "\n")
         while self.next_evaluation <= row["tau"] + 1e-6:

@@ -246,9 +246,14 @@ def _compiled_model(run, strategy):
     """The run's model and plan, compiled in the strategy's scope after its dataset has been checked.
 
     Raises:
-        ConfigError: if the dataset cannot be used.
+        ConfigError: if the dataset cannot be used, or the model is not for its task.
     """
     input_shape, num_classes = data.describe(run["dataset"])
+    language_model = data.is_language_model(run["dataset"])
+    model_name = run["model"]["name"]
+    if (model_name in models.LANGUAGE_MODELS) != language_model:
+        has = "token sequences" if language_model else "images"
+        raise ConfigError(f"model.name: '{model_name}' does not fit dataset '{run['dataset']['name']}', which has {has}")
     data.prepare(run["dataset"])
     keras.utils.set_random_seed(run["seed"])
     with strategy.scope():
@@ -292,6 +297,7 @@ def _fit(run, model, steps, folders, test_data):
     recorder = RunRecorder(
         folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
         steps.batch_size, test_data, run["evaluations"], label=run["run"],
+        bits_per_character=data.is_language_model(run["dataset"]),
     )
     start = time.perf_counter()
     model.fit(
@@ -310,6 +316,7 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
     """`final.json`: what the run was and where it ended."""
     rows = read_jsonl(work_dir / "metrics.jsonl")
     last = read_jsonl(work_dir / "evaluations.jsonl")[-1]  # at tau >= T_SI
+    bits = {"test_bits_per_character": last["test_bits_per_character"]} if "test_bits_per_character" in last else {}
     return {
         "experiment": run["name"],
         "run": run["run"],
@@ -327,6 +334,7 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
         "final_train_loss": rows[-1]["loss"],
         "test_loss": last["test_loss"],
         "test_accuracy": last["test_accuracy"],
+        **bits,
         "wall_time": rows[-1]["wall_time"],
         "fit_seconds_this_session": fit_seconds,
     }
