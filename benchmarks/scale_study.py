@@ -97,12 +97,15 @@ def aggregate(finals):
     rows = []
     for (method, scale), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
         accuracies = [final["test_accuracy"] for final in group]
+        bits = [final["test_bits_per_character"] for final in group if "test_bits_per_character" in final]
         rows.append({
             "method": method,
             "scale": scale,
             "seeds": len(group),
             "test_accuracy_mean": statistics.mean(accuracies),
             "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            **({"test_bits_per_character_mean": statistics.mean(bits),
+                "test_bits_per_character_std": statistics.stdev(bits) if len(bits) > 1 else 0.0} if bits else {}),
             "train_loss_mean": statistics.mean(final["final_train_loss"] for final in group),
             "updates_mean": statistics.mean(final["updates"] for final in group),
             "wall_time_mean": statistics.mean(final["wall_time"] for final in group),
@@ -117,12 +120,17 @@ def print_table(rows):
     for row in rows:
         print(f"{row['method']:>10} {row['scale']:>3} {row['seeds']:>5} "
               f"{row['test_accuracy_mean']:>14.4f} +- {row['test_accuracy_std']:.4f} "
+              + (f"bits/char {row['test_bits_per_character_mean']:.4f} +- {row['test_bits_per_character_std']:.4f} "
+                 if "test_bits_per_character_mean" in row else "") +
               f"{row['train_loss_mean']:>10.4f} {row['updates_mean']:>8.0f} {row['wall_time_mean']:>7.1f} "
               f"{row['mean_gain']:>9.3f}")
 
 
 def plot(experiment_dir, scales, rows, methods):
-    """scale_study.png: test accuracy vs updates per S (seed 0), final accuracy vs S, and AdaScale's gain."""
+    """scale_study.png: the test metric vs updates per S (seed 0), its final value vs S, and AdaScale's gain.
+
+    The metric is bits per character where the runs record it (a language model), else test accuracy.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,18 +139,20 @@ def plot(experiment_dir, scales, rows, methods):
 
     from keras_adascale.experiments.rundirs import read_jsonl
 
+    metric = "test_bits_per_character" if "test_bits_per_character_mean" in rows[0] else "test_accuracy"
+    label = metric.replace("_", " ")
     columns = len(scales)
     figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns, 9.5), constrained_layout=True, squeeze=False)
     baseline = read_jsonl(experiment_dir / "baseline_s1_seed0" / "evaluations.jsonl")
     for column, scale in enumerate(scales):
         axis = axes[0, column]
-        axis.plot([row["update"] for row in baseline], [row["test_accuracy"] for row in baseline], "k.-",
+        axis.plot([row["update"] for row in baseline], [row[metric] for row in baseline], "k.-",
                   label="baseline S=1")
         for method in methods:
             evaluations = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "evaluations.jsonl")
-            axis.plot([row["update"] for row in evaluations], [row["test_accuracy"] for row in evaluations],
+            axis.plot([row["update"] for row in evaluations], [row[metric] for row in evaluations],
                       "o-", label=method)
-        axis.set(title=f"S = {scale}", xlabel="updates", ylabel="test accuracy", xscale="log")
+        axis.set(title=f"S = {scale}", xlabel="updates", ylabel=label, xscale="log")
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.legend(fontsize="small")
         metrics = read_jsonl(experiment_dir / f"{methods[0]}_s{scale}_seed0" / "metrics.jsonl")
@@ -161,14 +171,14 @@ def plot(experiment_dir, scales, rows, methods):
 
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     base = next(row for row in rows if row["method"] == "baseline")
-    axis.axhspan(base["test_accuracy_mean"] - base["test_accuracy_std"],
-                 base["test_accuracy_mean"] + base["test_accuracy_std"], color="k", alpha=0.15)
-    axis.axhline(base["test_accuracy_mean"], color="k", label="baseline S=1 (mean +- std)")
+    axis.axhspan(base[f"{metric}_mean"] - base[f"{metric}_std"],
+                 base[f"{metric}_mean"] + base[f"{metric}_std"], color="k", alpha=0.15)
+    axis.axhline(base[f"{metric}_mean"], color="k", label="baseline S=1 (mean +- std)")
     for method in methods:
         mine = [row for row in rows if row["method"] == method]
-        axis.errorbar([row["scale"] for row in mine], [row["test_accuracy_mean"] for row in mine],
-                      yerr=[row["test_accuracy_std"] for row in mine], fmt="o-", capsize=3, label=method)
-    axis.set(xscale="log", xlabel="scale S", ylabel="final test accuracy", xticks=scales)
+        axis.errorbar([row["scale"] for row in mine], [row[f"{metric}_mean"] for row in mine],
+                      yerr=[row[f"{metric}_std"] for row in mine], fmt="o-", capsize=3, label=method)
+    axis.set(xscale="log", xlabel="scale S", ylabel=f"final {label}", xticks=scales)
     axis.set_xticklabels([str(scale) for scale in scales])
     axis.xaxis.set_minor_formatter(NullFormatter())
     axis.legend(fontsize="small")
