@@ -51,8 +51,10 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
 
     The statistics measure either the raw gradients (the default) or the
     gradients divided by Adam's current `sqrt(v_hat) + epsilon` (AdaptDL's
-    `AdamScale`). The default follows the scale study in
-    docs/benchmarks.md ("AdaScaleAdam"), which compares both.
+    `AdamScale`). The default follows the scale study in docs/benchmarks.md
+    (section 4): on MNIST both kept the S = 1 accuracy at S = 4 and 16, and
+    the raw statistics gave the larger gain (4.6 against 3.5 at S = 16), so
+    the same quality in 23% fewer updates.
 
     Args:
         learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`
