@@ -142,3 +142,15 @@ def tfds_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
     tfds.builder("bundled_mnist", data_dir=str(data_dir)).download_and_prepare()
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def python_chars_data_dir(tmp_path_factory):
+    """A tfds data_dir with python_chars prepared once per session (from keras's sources, offline)."""
+    import tensorflow_datasets as tfds
+
+    import keras_adascale.datasets  # noqa: F401  (registers python_chars)
+
+    data_dir = tmp_path_factory.mktemp("tensorflow_datasets_python_chars")
+    tfds.builder("python_chars", data_dir=str(data_dir)).download_and_prepare()
+    return data_dir

@@ -1,6 +1,7 @@
 """The `keras-adascale` command end to end on real MNIST: a tiny config, three runs, run folders."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from keras_adascale.experiments import config, training
+from keras_adascale.experiments import cli, config, training
 
 TINY = {
     "total_steps": 40,
@@ -288,3 +289,29 @@ def test_advise_uses_measured_step_times_and_refuses_other_runs(finished):
     assert result.returncode == 2 and "advise needs an AdaScale run" in result.stderr
     result = advise(experiment / "adascale", "--step-time", "8")
     assert result.returncode == 2 and "expected S=SECONDS" in result.stderr
+
+
+def test_char_lm_trains_on_python_chars_and_records_bits_per_character(python_chars_data_dir, tmp_path, capsys):
+    lm = {
+        "total_steps": 6, "evaluations": 2,
+        "dataset": {"name": "python_chars", "data_dir": str(python_chars_data_dir), "train_split": "train[:1000]",
+                    "test_split": "validation[:200]", "input_feature": "inputs", "target_feature": "targets",
+                    "batch_size": 8, "shuffle_buffer": 100},
+        "model": {"name": "char_lm"},
+        "schedule": {"name": "constant", "learning_rate": 0.03},
+        "optimizer": {"name": "sgd"},
+    }
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(lm))
+    assert cli.main(["train", str(tmp_path / "lm.yaml"), "--output-dir", str(tmp_path / "runs")]) == 0
+    run_dir = tmp_path / "runs" / "lm" / "sgd"
+    final = json.loads((run_dir / "final.json").read_text())
+    evaluations = read_jsonl(run_dir / "evaluations.jsonl")
+    assert final["updates"] == 6 and len(evaluations) == 2 and final["test_loss"] == evaluations[-1]["test_loss"]
+    for row in evaluations + [final]:
+        assert row["test_bits_per_character"] == pytest.approx(row["test_loss"] / math.log(2), rel=1e-12)
+        assert 0 < row["test_accuracy"] < 1  # per character
+        assert 0 < row["test_bits_per_character"] < 9  # ~8 = log2(256) for the untrained model
+    stdout = capsys.readouterr().out
+    header, _, row = stdout[stdout.index("run  optimizer"):].splitlines()[:3]
+    assert header.split()[-4:] == ["test", "bpc", "wall", "s"]
+    assert row.split()[0] == "sgd" and row.split()[-2] == f"{final['test_bits_per_character']:.4f}"
