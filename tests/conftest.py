@@ -233,3 +233,15 @@ def finished(tfds_data_dir, tmp_path_factory):
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "tiny", result.stdout
+
+
+@pytest.fixture(scope="session")
+def python_chars_data_dir(tmp_path_factory):
+    """A tfds data_dir with python_chars prepared once per session (from keras's sources, offline)."""
+    import tensorflow_datasets as tfds
+
+    import keras_adascale.datasets  # noqa: F401  (registers python_chars)
+
+    data_dir = tmp_path_factory.mktemp("tensorflow_datasets_python_chars")
+    tfds.builder("python_chars", data_dir=str(data_dir)).download_and_prepare()
+    return data_dir

@@ -226,4 +226,4 @@ def test_the_model_choices_are_the_model_registrys_names():
         config.resolve({"model": {"name": "vgg"}}, name="x")
     assert str(error.value) == (
         "config key 'model.name' must be one of " + ", ".join(models.REGISTRY) + "; got 'vgg'")
-    assert set(models.REGISTRY) == {"mlp", "small_cnn", "resnet20", "resnet18", "resnet50"}
+    assert set(models.REGISTRY) == {"mlp", "small_cnn", "resnet20", "resnet18", "resnet50", "char_lm"}

@@ -14,7 +14,7 @@ import yaml
 
 import keras_adascale
 from conftest import TINY, read_jsonl
-from keras_adascale.experiments import config, data, models, training
+from keras_adascale.experiments import cli, config, data, models, training
 
 
 def test_each_run_leaves_a_complete_folder(finished):
@@ -152,6 +152,32 @@ def test_a_baseline_batch_sets_scale_apart_from_samples(finished):
     gains = [row["gain"] for row in read_jsonl(experiment / "adascale_b0" / "metrics.jsonl")]
     assert all(1.0 <= gain <= 4.0 for gain in gains) and max(gains) > 2.0  # only S = 4, not N = 2, allows it
     assert 10 <= final["updates"] <= 40  # T_SI = 40 at a gain in [1, 4]
+
+
+def test_char_lm_trains_on_python_chars_and_records_bits_per_character(python_chars_data_dir, tmp_path, capsys):
+    lm = {
+        "total_steps": 6, "evaluations": 2,
+        "dataset": {"name": "python_chars", "data_dir": str(python_chars_data_dir), "train_split": "train[:1000]",
+                    "test_split": "validation[:200]", "input_feature": "inputs", "target_feature": "targets",
+                    "batch_size": 8, "shuffle_buffer": 100},
+        "model": {"name": "char_lm"},
+        "schedule": {"name": "constant", "learning_rate": 0.03},
+        "optimizer": {"name": "sgd"},
+    }
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(lm))
+    assert cli.main(["train", str(tmp_path / "lm.yaml"), "--output-dir", str(tmp_path / "runs")]) == 0
+    run_dir = tmp_path / "runs" / "lm" / "sgd"
+    final = json.loads((run_dir / "final.json").read_text())
+    evaluations = read_jsonl(run_dir / "evaluations.jsonl")
+    assert final["updates"] == 6 and len(evaluations) == 2 and final["test_loss"] == evaluations[-1]["test_loss"]
+    for row in evaluations + [final]:
+        assert row["test_bits_per_character"] == pytest.approx(row["test_loss"] / math.log(2), rel=1e-12)
+        assert 0 < row["test_accuracy"] < 1  # per character
+        assert 0 < row["test_bits_per_character"] < 9  # ~8 = log2(256) for the untrained model
+    stdout = capsys.readouterr().out
+    header, _, row = stdout[stdout.index("run  optimizer"):].splitlines()[:3]
+    assert header.split()[-4:] == ["test", "bpc", "wall", "s"]
+    assert row.split()[0] == "sgd" and row.split()[-2] == f"{final['test_bits_per_character']:.4f}"
 
 
 PLAN_STEPS, PLAN_SCALE = 400, 4

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adascale import AdaScaleSGD
+from keras_adascale import AdaScaleAdam, AdaScaleSGD
 from keras_adascale.experiments import config, data, models, training
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "saved_configs").glob("*.yaml"))
@@ -17,13 +17,22 @@ SMALL_CNN_ON_MNIST = (
     + (5 * 5 * 64 * 64 + 64)  # dense on the 5x5x64 map that two valid convs and pools leave of 28x28
     + (64 * 10 + 10)  # logits
 )
-# Trainable parameters of each (model, input shape, classes) a saved config builds, counted apart from the
-# builder: small_cnn by hand, the CIFAR ResNet-18 (3x3 stem, no max-pool) as kuangliu/pytorch-cifar's
-# ResNet18 counts them, ResNet-50 as Keras's summary of keras.applications.ResNet50 does.
+CHAR_LM_ON_BYTES = (
+    256 * 64  # embedding of 256 byte values
+    + (64 * 128 + 128)  # projection to 128 channels
+    + 4 * ((2 * 128) + (3 * 128 * 128 + 128))  # per dilation: LayerNorm, causal conv 3 x 128 -> 128
+    + 2 * 128  # final LayerNorm
+    + (128 * 256 + 256)  # logits per position
+)
+# Trainable parameters and output shape of each (model, input shape, classes) a saved config builds,
+# counted apart from the builder: small_cnn and char_lm by hand, the CIFAR ResNet-18 (3x3 stem, no
+# max-pool) as kuangliu/pytorch-cifar's ResNet18 counts them, ResNet-50 as Keras's summary of
+# keras.applications.ResNet50 does.
 TRAINABLE_PARAMETERS = {
-    ("small_cnn", (28, 28, 1), 10): SMALL_CNN_ON_MNIST,
-    ("resnet18", (32, 32, 3), 10): 11_173_962,
-    ("resnet50", (224, 224, 3), 1000): 25_583_592,
+    ("small_cnn", (28, 28, 1), 10): (SMALL_CNN_ON_MNIST, (None, 10)),
+    ("resnet18", (32, 32, 3), 10): (11_173_962, (None, 10)),
+    ("resnet50", (224, 224, 3), 1000): (25_583_592, (None, 1000)),
+    ("char_lm", (128,), 256): (CHAR_LM_ON_BYTES, (None, 128, 256)),  # logits at every position
 }
 
 
@@ -47,20 +56,22 @@ def test_every_run_of_a_saved_config_builds(path):
             model = models.build(run["model"], input_shape, num_classes)
             built[key] = (sum(int(np.prod(w.shape)) for w in model.trainable_weights), model.output_shape)
         assert key in TRAINABLE_PARAMETERS, f"no independent parameter count for {key}"
-        assert built[key] == (TRAINABLE_PARAMETERS[key], (None, num_classes))
+        assert built[key] == TRAINABLE_PARAMETERS[key]
         replicas = run["strategy"]["devices"] if run["strategy"]["name"] == "mirrored" else 1
         steps = training.plan(run, replicas)
         scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
         baseline = run["optimizer"]["baseline_batch_size"] or batch
-        if run["optimizer"]["name"] == "adascale":
-            assert isinstance(steps.optimizer, AdaScaleSGD)
+        if run["optimizer"]["name"] in config.ADASCALE_OPTIMIZERS:
+            expected = AdaScaleAdam if run["optimizer"]["name"] == "adascale_adam" else AdaScaleSGD
+            assert type(steps.optimizer) is expected
             # S x B0 examples per update, from N = replicas x accumulation samples of B.
             assert replicas * steps.accumulation * batch == scale * baseline
             # S is left to default (N) where they agree, so the saved model resumes at any N.
             assert (steps.optimizer.get_config()["scale"] or replicas * steps.accumulation) == scale
             assert steps.min_updates * scale >= run["total_steps"]
         else:
-            assert isinstance(steps.optimizer, keras.optimizers.SGD)
+            adam = run["optimizer"]["name"].startswith("adam")
+            assert type(steps.optimizer) is (keras.optimizers.Adam if adam else keras.optimizers.SGD)
             assert steps.batch_size == scale * baseline
 
 

@@ -27,7 +27,7 @@ def _ships_offline(builder):
 
 def _is_token_sequence(feature):
     return (isinstance(feature, tfds.features.Tensor) and len(feature.shape) == 1
-            and feature.shape[0] is not None and tf.as_dtype(feature.dtype).is_integer)
+            and feature.shape[0] is not None and feature.tf_dtype.is_integer)
 
 
 def _features(config):
