@@ -42,7 +42,8 @@ def test_a_run_with_bad_data_writes_nothing_so_its_corrected_retry_runs(offline,
     assert not (tmp_path / "tfds").exists() or list((tmp_path / "tfds").iterdir()) == []
 
 
-LANGUAGE_MODEL = {"name": "python_chars", "input_feature": "inputs", "target_feature": "targets", "test_split": "validation"}
+LANGUAGE_MODEL = {"name": "python_chars", "input_feature": "inputs", "target_feature": "targets",
+                  "test_split": "validation"}
 
 
 def test_a_token_dataset_gives_its_sequence_length_and_vocabulary():

@@ -253,7 +253,9 @@ def _compiled_model(run, strategy):
     model_name = run["model"]["name"]
     if (model_name in models.LANGUAGE_MODELS) != language_model:
         has = "token sequences" if language_model else "images"
-        raise ConfigError(f"model.name: '{model_name}' does not fit dataset '{run['dataset']['name']}', which has {has}")
+        raise ConfigError(
+            f"model.name: '{model_name}' does not fit dataset '{run['dataset']['name']}', which has {has}"
+        )
     data.prepare(run["dataset"])
     keras.utils.set_random_seed(run["seed"])
     with strategy.scope():
