@@ -192,7 +192,7 @@ def main(argv=None):
     runs = study_runs(args)
     output_root = pathlib.Path(args.output_dir)
     start = time.perf_counter()
-    finals = studies.train_all(runs, output_root)
+    finals = studies.train_all(runs, output_root, args.retrain)
     rows = aggregate(finals)
     print()
     print_table(rows)

@@ -17,10 +17,17 @@ def add_recipe_arguments(parser, study):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the recipe, as in keras-adascale train")
     parser.add_argument("--output-dir", default="runs", help=f"run folders go to OUTPUT_DIR/{study}")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every run again (by default a run finished from the same config is kept)")
 
 
-def train_all(runs, output_dir):
-    """Trains every resolved run (replacing earlier results) and returns their `final.json` contents."""
+def train_all(runs, output_dir, retrain=False):
+    """Trains every resolved run and returns their `final.json` contents.
+
+    A run already finished under `output_dir` from the same config is kept
+    (unless `retrain`), and an interrupted one resumes, so a study that was
+    stopped, or is extended with more scales or seeds, trains only what it lacks.
+    """
     import tensorflow_datasets as tfds
 
     from keras_adascale.experiments import training
@@ -28,7 +35,11 @@ def train_all(runs, output_dir):
     tfds.disable_progress_bar()
     finals = []
     for index, run in enumerate(runs):
-        print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
-        run_dir = training.train(run, pathlib.Path(output_dir), overwrite=True)
+        run_dir = None if retrain else training.finished_run(run, pathlib.Path(output_dir))
+        if run_dir:
+            print(f"[{index + 1}/{len(runs)}] {run['run']}: finished earlier from the same config, kept", flush=True)
+        else:
+            print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
+            run_dir = training.train(run, pathlib.Path(output_dir), overwrite=True)
         finals.append(json.loads((run_dir / "final.json").read_text()))
     return finals

@@ -51,6 +51,16 @@ def test_an_existing_finished_run_is_not_overwritten_without_asking(finished):
         training.train(run, experiment.parent)
 
 
+def test_a_finished_run_is_found_only_for_the_config_it_was_trained_from(finished):
+    experiment, _ = finished
+    run = json.loads((experiment / "adascale" / "config.json").read_text())
+    assert training.finished_run(run, experiment.parent) == experiment / "adascale"
+    other = json.loads(json.dumps(run))
+    other["optimizer"]["momentum"] = 0.5
+    assert training.finished_run(other, experiment.parent) is None
+    assert training.finished_run({**run, "run": "not_trained"}, experiment.parent) is None
+
+
 def test_an_interrupted_run_with_another_config_is_refused_naming_the_keys_that_differ(tmp_path):
     run = config.resolve(TINY, name="tiny")[1]
     started = json.loads(json.dumps(run))

@@ -207,6 +207,19 @@ def _config_differences(run_dir, run):
     )
 
 
+def finished_run(run, output_root):
+    """The finished folder of `run` under `output_root` if it was trained from this same config, else None.
+
+    A study uses it to keep the runs it has already trained: nothing that
+    `train` would write differently is kept, since every key of the resolved
+    run is compared with the `config.json` the folder was trained from.
+    """
+    final_dir = pathlib.Path(output_root) / run["name"] / run["run"]
+    if (final_dir / "final.json").exists() and not _config_differences(final_dir, run):
+        return final_dir
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _RunFolders:
     """Where a run is written: `work` (`<run>.incomplete`) while it trains, `final` once finished."""
