@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pytest-xdist workers for `make test`: one per core of the 2-core CI machine. Each test file runs
+# whole on one worker (--dist loadscope), so a module's fixtures are made once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test clean
 
@@ -24,7 +27,7 @@ demo: $(VENV)/.examples
 	$(VENV)/bin/keras-adascale train saved_configs/demo.yaml --overwrite
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(VENV) runs

