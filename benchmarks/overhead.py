@@ -1,16 +1,19 @@
-"""AdaScaleSGD's cost against keras.optimizers.SGD (same momentum), measured side by side in one run.
+"""AdaScaleSGD's cost against keras.optimizers.SGD (same momentum), measured side by side in one run;
+with `--family adam`, AdaScaleAdam's (raw statistics) against keras.optimizers.Adam (same learning rate,
+betas and epsilon).
 
 For each model and setting, two identical models (one per optimizer) train on the same
 batches; timed windows alternate A/B/B/A... after a warm-up, and the report gives the
-median ratio of AdaScale's step time to SGD's over the windows, with its spread, and the
+median ratio of AdaScale's step time to the plain optimizer's over the windows, with its spread, and the
 number of ops traced for one update of each (the train step's graph and every function it
-calls). Also `apply_gradients` alone on the 5.8M-parameter MLP beside its floor: SGD's
-`apply_gradients` plus the passes over the gradients that AdaScale cannot avoid (the
+calls). Also `apply_gradients` alone on the 5.8M-parameter MLP beside its floor: the plain
+optimizer's `apply_gradients` plus the passes over the gradients that AdaScale cannot avoid (the
 squared norm of each replica's sample and of the mean gradient), and the optimizers' state size.
 
     python benchmarks/overhead.py                        # full: 3 models x 3 settings, 20 windows each
     python benchmarks/overhead.py --batch 32             # per-replica batch 32 (the demo's) for every model
     python benchmarks/overhead.py --quick                # a few minutes on 2 CPU cores
+    python benchmarks/overhead.py --family adam          # AdaScaleAdam against Adam, in every part
 
 Settings: `default` (one device), `mirrored4` (4 replicas), `accumulation4` (4 accumulation
 steps on one device). `mirrored4` at --batch 32 with small_cnn is the demo's setting.
@@ -25,13 +28,35 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 REPLICAS = 4
+
+
+class Family(NamedTuple):
+    """An optimizer pair: a keras_adascale optimizer and the plain Keras one it is compared with."""
+
+    key: str  # the family's name, and the plain optimizer's in the results: "<key>_ms", traced_ops["<key>"]...
+    plain: str  # the keras.optimizers class, also its printed name
+    adascale: str  # the keras_adascale class
+    label: str  # the AdaScale optimizer's printed name
+    shared: dict  # the hyper-parameters both get
+    own: dict  # AdaScale's own arguments
+
+
+FAMILIES = {
+    "sgd": Family("sgd", "SGD", "AdaScaleSGD", "AdaScale", {"learning_rate": 0.01, "momentum": 0.9}, {}),
+    "adam": Family("adam", "Adam", "AdaScaleAdam", "AdaScaleAdam",
+                   {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+                   {"statistics": "raw"}),  # the raw statistics' passes are those `make_floor` counts
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, few windows (smoke test)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sgd",
+                        help="sgd: AdaScaleSGD vs SGD (default); adam: AdaScaleAdam vs Adam")
     parser.add_argument("--windows", type=int, default=None, help="timed windows per optimizer (default 20; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per window (default 10; quick 3)")
     parser.add_argument("--models", default=None, help="comma-separated subset of small_cnn,mlp_5m,resnet20")
@@ -80,11 +105,22 @@ def traced_ops(function, *args):
     return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
 
 
-def make_pair(spec, setting, strategy):
-    """Two models with the same initial weights, compiled with AdaScaleSGD and with SGD."""
+def make_optimizer(family, name, **kwargs):
+    """The family's AdaScale optimizer (name "adascale") or its plain Keras one (name `family.key`),
+    with the family's hyper-parameters; call inside the strategy's scope."""
     import keras
 
     import keras_adascale
+
+    if name == "adascale":
+        return getattr(keras_adascale, family.adascale)(**family.shared, **family.own, **kwargs)
+    return getattr(keras.optimizers, family.plain)(**family.shared, **kwargs)
+
+
+def make_pair(family, spec, setting, strategy):
+    """Two models with the same initial weights, compiled with the family's AdaScale optimizer and its
+    plain one (keys "adascale" and `family.key`)."""
+    import keras
 
     build, input_shape, _ = spec
     accumulation = 4 if setting == "accumulation4" else None
@@ -92,13 +128,10 @@ def make_pair(spec, setting, strategy):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         reference = build(input_shape, 10)
-        for name in ("adascale", "sgd"):
+        for name in ("adascale", family.key):
             model = keras.models.clone_model(reference)
             model.set_weights(reference.get_weights())
-            if name == "adascale":
-                optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=accumulation)
-            else:
-                optimizer = keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=accumulation)
+            optimizer = make_optimizer(family, name, gradient_accumulation_steps=accumulation)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             pair[name] = model
     return pair
@@ -127,12 +160,12 @@ def time_windows(runners, windows, steps):
     return times
 
 
-def summarize(times):
-    ratios = [a / b for a, b in zip(times["adascale"], times["sgd"])]
+def summarize(times, plain):
+    ratios = [a / b for a, b in zip(times["adascale"], times[plain])]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {
         "adascale_ms": 1000 * statistics.median(times["adascale"]),
-        "sgd_ms": 1000 * statistics.median(times["sgd"]),
+        f"{plain}_ms": 1000 * statistics.median(times[plain]),
         "ratio_median": statistics.median(ratios),
         "ratio_q1": quartiles[0],
         "ratio_q3": quartiles[2],
@@ -140,13 +173,13 @@ def summarize(times):
     }
 
 
-def train_step_benchmark(spec, setting, windows, steps):
+def train_step_benchmark(family, spec, setting, windows, steps):
     import tensorflow as tf
 
     from keras_adascale.experiments import strategies
 
     strategy = strategies.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
-    pair = make_pair(spec, setting, strategy)
+    pair = make_pair(family, spec, setting, strategy)
     global_batch = spec[2] * strategy.num_replicas_in_sync
     data = dataset(spec, global_batch)
     runners, ops = {}, {}
@@ -162,7 +195,7 @@ def train_step_benchmark(spec, setting, windows, steps):
             model.optimizer.iterations.numpy()  # wait for the last step
 
         runners[name] = run
-    result = summarize(time_windows(runners, windows, steps))
+    result = summarize(time_windows(runners, windows, steps), family.key)
     result["traced_ops"] = ops
     result["batch_per_replica"] = spec[2]
     result["params"] = pair["adascale"].count_params()
@@ -189,8 +222,9 @@ def make_apply(strategy, optimizer, variables, calls=1):
 
 
 def make_floor(strategy, optimizer, variables):
-    """SGD's `apply_gradients` plus the passes AdaScale cannot avoid: each replica's squared
-    norm of its sample, and one of the mean gradient (taken here over a tensor of its size)."""
+    """The plain optimizer's `apply_gradients` plus the passes AdaScale cannot avoid: each replica's
+    squared norm of its sample, and one of the mean gradient (taken here over a tensor of its size).
+    The same for both families: AdaScaleAdam's raw statistics are those of AdaScaleSGD."""
     import tensorflow as tf
 
     gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
@@ -212,15 +246,15 @@ def make_floor(strategy, optimizer, variables):
     return apply
 
 
-def apply_only_benchmark(spec, windows, steps):
+def apply_only_benchmark(family, spec, windows, steps):
     """`apply_gradients` alone, under a 4-replica MirroredStrategy (all-reduce included for both),
-    beside the floor (see `make_floor`)."""
+    beside the floor (see `make_floor`) built on a third instance of the plain optimizer."""
     import keras
 
     from keras_adascale.experiments import strategies
 
     strategy = strategies.make_strategy(MIRRORED)  # one instance per kind, reused
-    pair = make_pair(spec, "mirrored4", strategy)
+    pair = make_pair(family, spec, "mirrored4", strategy)
     runners = {}
     for name, model in pair.items():
         variables = model.trainable_variables
@@ -236,8 +270,8 @@ def apply_only_benchmark(spec, windows, steps):
 
         runners[name] = run
     with strategy.scope():
-        floor_model = keras.models.clone_model(pair["sgd"])
-        floor_optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        floor_model = keras.models.clone_model(pair[family.key])
+        floor_optimizer = make_optimizer(family, family.key)
         floor_optimizer.build(floor_model.trainable_variables)
     floor = make_floor(strategy, floor_optimizer, floor_model.trainable_variables)
     floor()
@@ -249,31 +283,27 @@ def apply_only_benchmark(spec, windows, steps):
 
     runners["floor"] = run_floor
     times = time_windows(runners, windows, steps)
-    result = summarize(times)
+    result = summarize(times, family.key)
     ratios = [a / b for a, b in zip(times["adascale"], times["floor"])]
     result["floor_ms"] = 1000 * statistics.median(times["floor"])
     result["ratio_to_floor_median"] = statistics.median(ratios)
     return result
 
 
-def fixed_cost_benchmark(setting, windows, steps, calls=20):
-    """The fixed part of an update: `apply_gradients` on one 1,000-float variable, SGD vs AdaScale,
+def fixed_cost_benchmark(family, setting, windows, steps, calls=20):
+    """The fixed part of an update: `apply_gradients` on one 1,000-float variable, plain vs AdaScale,
     in microseconds per update (`calls` updates per timed call, so Python is not timed)."""
     import keras
     import tensorflow as tf
 
-    import keras_adascale
     from keras_adascale.experiments import strategies
 
     strategy = strategies.make_strategy(MIRRORED) if setting == "mirrored4" else tf.distribute.get_strategy()
     runners = {}
-    for name in ("adascale", "sgd"):
+    for name in ("adascale", family.key):
         with strategy.scope():
             variable = keras.Variable(tf.zeros([1000]))
-            if name == "adascale":
-                optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9)
-            else:
-                optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+            optimizer = make_optimizer(family, name)
             optimizer.build([variable])
         apply = make_apply(strategy, optimizer, [variable], calls)
         apply()
@@ -310,32 +340,39 @@ def main(argv=None):
     specs = model_specs(args.quick, args.batch)
     model_names = args.models.split(",") if args.models else list(specs)
     settings = args.settings.split(",") if args.settings else ["default", "mirrored4", "accumulation4"]
+    family = FAMILIES[args.family]
+    key, plain, adascale = family.key, family.plain, family.label
     results = {"machine": machine(), "command": " ".join(["python", "benchmarks/overhead.py"] + sys.argv[1:]),
+               "family": args.family, "optimizers": {"adascale": family.adascale, key: plain},
                "windows": args.windows, "steps_per_window": args.steps, "train_step": [], "apply_only": None}
-    print(f"{'model':>10} {'setting':>14} {'batch':>5} {'params':>9} {'SGD ms':>8} {'AdaScale ms':>11} "
-          f"{'ratio':>6} {'(q1 - q3)':>15} {'ops SGD/AdaScale':>17}", flush=True)
+    ms_width = max(11, len(adascale) + 3)  # SGD's columns: 8 and 11 wide, ops 8/8
+    ops_label = f"ops {plain}/{adascale}"
+    ops_width = max(8, len(ops_label) - len(adascale))  # the rows' "/" under the label's
+    print(f"{'model':>10} {'setting':>14} {'batch':>5} {'params':>9} {plain + ' ms':>8} {adascale + ' ms':>{ms_width}} "
+          f"{'ratio':>6} {'(q1 - q3)':>15} {ops_label:>{ops_width + 1 + len(adascale)}}", flush=True)
     for model_name in [] if args.apply_only else model_names:
         for setting in settings:
-            row = train_step_benchmark(specs[model_name], setting, args.windows, args.steps)
+            row = train_step_benchmark(family, specs[model_name], setting, args.windows, args.steps)
             row.update(model=model_name, setting=setting)
             results["train_step"].append(row)
             print(f"{model_name:>10} {setting:>14} {row['batch_per_replica']:>5} {row['params']:>9,} "
-                  f"{row['sgd_ms']:>8.2f} {row['adascale_ms']:>11.2f} {row['ratio_median']:>6.3f} "
+                  f"{row[key + '_ms']:>8.2f} {row['adascale_ms']:>{ms_width}.2f} {row['ratio_median']:>6.3f} "
                   f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f}) "
-                  f"{row['traced_ops']['sgd']:>8}/{row['traced_ops']['adascale']:<8}", flush=True)
+                  f"{row['traced_ops'][key]:>{ops_width}}/{row['traced_ops']['adascale']:<{len(adascale)}}", flush=True)
     results["fixed_cost_us"] = {}
     for setting in ("default", "mirrored4") if "mlp_5m" in model_names else ():
-        row = fixed_cost_benchmark(setting, args.windows, args.steps)
+        row = fixed_cost_benchmark(family, setting, args.windows, args.steps)
         results["fixed_cost_us"][setting] = row
-        print(f"fixed cost per update ({setting}, apply_gradients on 1,000 floats): SGD {row['sgd']:.0f} us, "
-              f"AdaScale {row['adascale']:.0f} us, AdaScale's own {row['adascale'] - row['sgd']:.0f} us", flush=True)
+        print(f"fixed cost per update ({setting}, apply_gradients on 1,000 floats): {plain} {row[key]:.0f} us, "
+              f"{adascale} {row['adascale']:.0f} us, {adascale}'s own {row['adascale'] - row[key]:.0f} us",
+              flush=True)
     if "mlp_5m" in model_names:
-        row = apply_only_benchmark(specs["mlp_5m"], args.windows, args.steps)
+        row = apply_only_benchmark(family, specs["mlp_5m"], args.windows, args.steps)
         results["apply_only"] = row
-        print(f"apply_gradients alone, mlp_5m, 4 replicas: SGD {row['sgd_ms']:.2f} ms, AdaScale "
+        print(f"apply_gradients alone, mlp_5m, 4 replicas: {plain} {row[key + '_ms']:.2f} ms, {adascale} "
               f"{row['adascale_ms']:.2f} ms, ratio {row['ratio_median']:.3f} "
               f"({row['ratio_q1']:.3f} - {row['ratio_q3']:.3f}); floor {row['floor_ms']:.2f} ms, "
-              f"AdaScale / floor {row['ratio_to_floor_median']:.3f}", flush=True)
+              f"{adascale} / floor {row['ratio_to_floor_median']:.3f}", flush=True)
     print(json.dumps(results))
 
 

@@ -13,18 +13,24 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_benchmark(arguments, cwd):
+def run_script(arguments, cwd):
+    """A benchmark's printed lines."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / arguments[0]), *arguments[1:]],
                             capture_output=True, text=True, timeout=600, cwd=cwd,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout.strip().splitlines()
+
+
+def run_benchmark(arguments, cwd):
+    """A benchmark's JSON summary, its last line."""
+    return json.loads(run_script(arguments, cwd)[-1])
 
 
 def test_overhead_quick_prints_ratios(tmp_path):
     summary = run_benchmark(["overhead.py", "--quick", "--models", "small_cnn", "--settings",
                              "default,mirrored4,accumulation4", "--windows", "2", "--steps", "2"], tmp_path)
-    assert summary["machine"]["tensorflow"] and summary["windows"] == 2
+    assert summary["machine"]["tensorflow"] and summary["windows"] == 2 and summary["family"] == "sgd"
     assert [row["setting"] for row in summary["train_step"]] == ["default", "mirrored4", "accumulation4"]
     for row in summary["train_step"]:
         assert row["adascale_ms"] > 0 and row["sgd_ms"] > 0
@@ -32,6 +38,26 @@ def test_overhead_quick_prints_ratios(tmp_path):
         assert row["state_bytes"]["adascale"] - row["state_bytes"]["sgd"] < 200  # O(1) extra state
         assert row["traced_ops"]["adascale"] > row["traced_ops"]["sgd"] > 0 and row["batch_per_replica"] == 32
     assert summary["apply_only"] is None  # only measured on mlp_5m
+
+
+def test_overhead_adam_family_prints_adascale_adam_against_adam(tmp_path):
+    lines = run_script(["overhead.py", "--family", "adam", "--quick", "--models", "small_cnn", "--settings", "default",
+                        "--windows", "2", "--steps", "2"], tmp_path)
+    summary = json.loads(lines[-1])
+    assert summary["family"] == "adam" and summary["optimizers"] == {"adascale": "AdaScaleAdam", "adam": "Adam"}
+    [row] = summary["train_step"]
+    assert row["setting"] == "default" and "sgd_ms" not in row and row["adam_ms"] > 0 and row["adascale_ms"] > 0
+    assert 0 < row["ratio_median"] < math.inf and row["ratio_q1"] <= row["ratio_median"] <= row["ratio_q3"]
+    assert row["traced_ops"]["adascale"] > row["traced_ops"]["adam"] > 0
+    assert row["state_bytes"]["adam"] >= 2 * 4 * row["params"]  # both of Adam's moments, so not SGD's state
+    assert 0 < row["state_bytes"]["adascale"] - row["state_bytes"]["adam"] < 200  # O(1) extra state
+    assert summary["apply_only"] is None and summary["fixed_cost_us"] == {}  # only measured on mlp_5m
+    header = next(line for line in lines if line.split()[:1] == ["model"])
+    assert "Adam ms" in header and "AdaScaleAdam ms" in header and "ops Adam/AdaScaleAdam" in header
+    assert "SGD" not in header
+    printed = next(line for line in lines if line.split()[:2] == ["small_cnn", "default"]).split()
+    assert printed[4:7] == [f"{row['adam_ms']:.2f}", f"{row['adascale_ms']:.2f}", f"{row['ratio_median']:.3f}"]
+    assert printed[-1] == f"{row['traced_ops']['adam']}/{row['traced_ops']['adascale']}"
 
 
 def test_overhead_apply_only_reports_the_floor(tmp_path):
