@@ -15,7 +15,9 @@ T / S updates, from an Adam recipe (default saved_configs/mnist_adam.yaml); its 
 OUTPUT_DIR/adam_scale_study.
 
 Writes its runs and plots under --output-dir (default runs/scale_study) and prints a table;
-the last line printed is a JSON summary.
+the last line printed is a JSON summary. A run already finished there from the same config is
+kept and an interrupted one resumes, so a stopped study, or one given more scales or seeds,
+trains only what it lacks (`--retrain` trains every run again).
 """
 
 import argparse
