@@ -342,7 +342,8 @@ def main(argv=None):
     settings = args.settings.split(",") if args.settings else ["default", "mirrored4", "accumulation4"]
     family = FAMILIES[args.family]
     key, plain, adascale = family.key, family.plain, family.label
-    results = {"machine": machine(), "command": " ".join(["python", "benchmarks/overhead.py"] + sys.argv[1:]),
+    command = " ".join(["python", "benchmarks/overhead.py"] + (sys.argv[1:] if argv is None else argv))
+    results = {"machine": machine(), "command": command,
                "family": args.family, "optimizers": {"adascale": family.adascale, key: plain},
                "windows": args.windows, "steps_per_window": args.steps, "train_step": [], "apply_only": None}
     ms_width = max(11, len(adascale) + 3)  # SGD's columns: 8 and 11 wide, ops 8/8
