@@ -110,8 +110,7 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         beta_1 = validation.beta(beta_1, "beta_1")
         beta_2 = validation.beta(beta_2, "beta_2")
         epsilon = validation.non_negative(epsilon, "epsilon")
-        if not isinstance(amsgrad, bool):
-            raise ValueError(f"Argument `amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
+        amsgrad = validation.flag(amsgrad, "amsgrad")
         if statistics not in STATISTICS:
             raise ValueError(
                 f"Argument `statistics` must be one of {STATISTICS}. Received: statistics={statistics!r}"

@@ -92,8 +92,7 @@ class AdaScaleSGD(base.AdaScaleBase, keras.optimizers.SGD):
     ):
         learning_rate = validation.learning_rate(learning_rate)
         momentum = validation.momentum(momentum)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"Argument `nesterov` must be a bool. Received: nesterov={nesterov!r}")
+        nesterov = validation.flag(nesterov, "nesterov")
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,

@@ -121,6 +121,13 @@ def positive(value, name):
     return value
 
 
+def flag(value, name):
+    """A bool (`nesterov`, `amsgrad`); 0 and 1 are not bools."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")
+    return value
+
+
 def count(value, name):
     """An int >= 0 (a number of steps)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
