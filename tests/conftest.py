@@ -185,6 +185,22 @@ def mirrored(replicas):
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
 
 
+def sample_applier(optimizer, dim):
+    """A zero variable of size `dim` that `optimizer` is built on, and `update(samples)`: one micro-step a sample."""
+    variable = keras.Variable(np.zeros(dim, np.float32))
+    optimizer.build([variable])
+
+    @tf.function
+    def apply(gradient):
+        optimizer.apply_gradients([(gradient, variable)])
+
+    def update(sample_list):
+        for sample in sample_list:
+            apply(tf.constant(sample, tf.float32))
+
+    return variable, update
+
+
 def made_once(tmp_path_factory, name, make):
     """The folder `name`, filled by `make(folder)` once per test session, however many xdist workers ask.
 

@@ -5,10 +5,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_adascale
-from conftest import BATCH, Recorder, assert_same_history, flat_weights, mirrored, reference_history
+from conftest import (BATCH, Recorder, assert_same_history, flat_weights, mirrored, reference_history,
+                      sample_applier)
 from reference import AdaScaleAdamReference, piecewise_constant
 
 SCALE = 4
@@ -195,20 +195,11 @@ def test_bad_arguments_raise_naming_the_argument(arguments, message):
 
 
 def test_an_update_with_a_nan_is_skipped_and_training_goes_on():
-    variable = keras.Variable(np.zeros(4, np.float32))
     optimizer = keras_adascale.AdaScaleAdam(0.1, gradient_accumulation_steps=SCALE, statistics="preconditioned")
-    optimizer.build([variable])
+    variable, update = sample_applier(optimizer, 4)
     reference = AdaScaleAdamReference(np.zeros(4), 0.1, scale=SCALE, statistics="preconditioned")
     rng = np.random.default_rng(0)
     batches = [rng.normal(1.0, 0.5, size=(SCALE, 4)) for _ in range(3)]
-
-    @tf.function
-    def apply(gradient):
-        optimizer.apply_gradients([(gradient, variable)])
-
-    def update(samples):
-        for sample in samples:
-            apply(tf.constant(sample, tf.float32))
 
     def state():
         kept = [v for v in optimizer.variables if v.name not in ("iteration", "adascale_counters")]

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import (BATCH, LeastSquares, assert_same_history, fit_accumulated, flat_weights,
+from conftest import (BATCH, LeastSquares, assert_same_history, fit_accumulated, flat_weights, sample_applier,
                       reference_history)
 from reference import AdaScaleReference, piecewise_constant
 
@@ -283,23 +283,7 @@ def test_an_optimizer_made_after_a_context_reset_trains():
     assert int(updates) == 2 and float(tau) >= 2
 
 
-# Gradient samples applied one by one, outside model.fit.
-
-
-def sample_applier(optimizer, dim):
-    """A zero variable of size `dim` that `optimizer` is built on, and `update(samples)`: one micro-step a sample."""
-    variable = keras.Variable(np.zeros(dim, np.float32))
-    optimizer.build([variable])
-
-    @tf.function
-    def apply(gradient):
-        optimizer.apply_gradients([(gradient, variable)])
-
-    def update(sample_list):
-        for sample in sample_list:
-            apply(tf.constant(sample, tf.float32))
-
-    return variable, update
+# Gradient samples applied one by one, outside model.fit (conftest.sample_applier).
 
 
 def samples(update):
