@@ -17,7 +17,9 @@ OUTPUT_DIR/adam_scale_study.
 Writes its runs and plots under --output-dir (default runs/scale_study) and prints a table;
 the last line printed is a JSON summary. A run already finished there from the same config is
 kept and an interrupted one resumes, so a stopped study, or one given more scales or seeds,
-trains only what it lacks (`--retrain` trains every run again).
+trains only what it lacks (`--retrain` trains every run again). `--report` trains nothing: it
+prints the table and draws the plots from the runs already finished, so a study still under way
+(or stopped) can be read; each row says how many seeds it holds.
 """
 
 import argparse
@@ -58,7 +60,11 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
     parser.add_argument("--total-steps", type=int, default=None, help="T_SI (default: the config's; quick 300)")
     studies.add_recipe_arguments(parser, "scale_study")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the table and plots from the runs already finished under OUTPUT_DIR")
     args = parser.parse_args(argv)
+    if args.report and args.retrain:
+        parser.error("--report trains nothing, so it cannot be given with --retrain")
     args.scales = [int(s) for s in (args.scales or ("2,8" if args.quick else "2,4,8,16,32")).split(",")]
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.baseline, args.methods = FAMILIES[args.family]
@@ -132,6 +138,7 @@ def plot(experiment_dir, scales, rows, methods):
     """scale_study.png: the test metric vs updates per S (seed 0), its final value vs S, and AdaScale's gain.
 
     The metric is bits per character where the runs record it (a language model), else test accuracy.
+    A run not finished (a `--report` on a study under way) is left out of the curves.
     """
     import matplotlib
 
@@ -145,23 +152,28 @@ def plot(experiment_dir, scales, rows, methods):
     label = metric.replace("_", " ")
     columns = len(scales)
     figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns, 9.5), constrained_layout=True, squeeze=False)
-    baseline = read_jsonl(experiment_dir / "baseline_s1_seed0" / "evaluations.jsonl")
+    def seed0(method, scale, records):
+        """The seed-0 run's records, or [] where that run is not finished."""
+        run_dir = experiment_dir / f"{method}_s{scale}_seed0"
+        return read_jsonl(run_dir / records) if (run_dir / "final.json").exists() else []
+
+    baseline = seed0("baseline", 1, "evaluations.jsonl")
     for column, scale in enumerate(scales):
         axis = axes[0, column]
         axis.plot([row["update"] for row in baseline], [row[metric] for row in baseline], "k.-",
                   label="baseline S=1")
         for method in methods:
-            evaluations = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "evaluations.jsonl")
+            evaluations = seed0(method, scale, "evaluations.jsonl")
             axis.plot([row["update"] for row in evaluations], [row[metric] for row in evaluations],
                       "o-", label=method)
         axis.set(title=f"S = {scale}", xlabel="updates", ylabel=label, xscale="log")
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.legend(fontsize="small")
-        metrics = read_jsonl(experiment_dir / f"{methods[0]}_s{scale}_seed0" / "metrics.jsonl")
+        metrics = seed0(methods[0], scale, "metrics.jsonl")
         axes[1, column].plot([row["update"] for row in metrics], [row["gain"] for row in metrics], label="gain")
         axes[1, column].set(xlabel="updates", ylabel="AdaScale gain r_t", ylim=(1, scale))
         for method in methods:
-            metrics = read_jsonl(experiment_dir / f"{method}_s{scale}_seed0" / "metrics.jsonl")
+            metrics = seed0(method, scale, "metrics.jsonl")
             axes[2, column].plot([row["update"] for row in metrics], [row["learning_rate"] for row in metrics],
                                  label=method)
         axes[2, column].set(xlabel="updates", ylabel="learning rate", yscale="log")
@@ -172,10 +184,10 @@ def plot(experiment_dir, scales, rows, methods):
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    base = next(row for row in rows if row["method"] == "baseline")
-    axis.axhspan(base[f"{metric}_mean"] - base[f"{metric}_std"],
-                 base[f"{metric}_mean"] + base[f"{metric}_std"], color="k", alpha=0.15)
-    axis.axhline(base[f"{metric}_mean"], color="k", label="baseline S=1 (mean +- std)")
+    for base in (row for row in rows if row["method"] == "baseline"):
+        axis.axhspan(base[f"{metric}_mean"] - base[f"{metric}_std"],
+                     base[f"{metric}_mean"] + base[f"{metric}_std"], color="k", alpha=0.15)
+        axis.axhline(base[f"{metric}_mean"], color="k", label="baseline S=1 (mean +- std)")
     for method in methods:
         mine = [row for row in rows if row["method"] == method]
         axis.errorbar([row["scale"] for row in mine], [row[f"{metric}_mean"] for row in mine],
@@ -194,7 +206,9 @@ def main(argv=None):
     runs = study_runs(args)
     output_root = pathlib.Path(args.output_dir)
     start = time.perf_counter()
-    finals = studies.train_all(runs, output_root, args.retrain)
+    finals = studies.train_all(runs, output_root, args.retrain, report=args.report)
+    if not finals:
+        sys.exit(f"scale_study.py: no run of this study is finished under {output_root / args.experiment}")
     rows = aggregate(finals)
     print()
     print_table(rows)

@@ -21,12 +21,14 @@ def add_recipe_arguments(parser, study):
                         help="train every run again (by default a run finished from the same config is kept)")
 
 
-def train_all(runs, output_dir, retrain=False):
+def train_all(runs, output_dir, retrain=False, report=False):
     """Trains every resolved run and returns their `final.json` contents.
 
     A run already finished under `output_dir` from the same config is kept
     (unless `retrain`), and an interrupted one resumes, so a study that was
     stopped, or is extended with more scales or seeds, trains only what it lacks.
+    With `report`, nothing is trained: only the finished runs are returned, and
+    the others are named as left out.
     """
     import tensorflow_datasets as tfds
 
@@ -38,6 +40,9 @@ def train_all(runs, output_dir, retrain=False):
         run_dir = None if retrain else training.finished_run(run, pathlib.Path(output_dir))
         if run_dir:
             print(f"[{index + 1}/{len(runs)}] {run['run']}: finished earlier from the same config, kept", flush=True)
+        elif report:
+            print(f"[{index + 1}/{len(runs)}] {run['run']}: not finished from this config, left out", flush=True)
+            continue
         else:
             print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
             run_dir = training.train(run, pathlib.Path(output_dir), overwrite=True)

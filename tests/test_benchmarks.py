@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -70,10 +72,18 @@ def test_overhead_apply_only_reports_the_floor(tmp_path):
     assert all(row["sgd"] > 0 and row["adascale"] > 0 for row in summary["fixed_cost_us"].values())
 
 
-def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path):
-    summary = run_benchmark(["scale_study.py", "--quick", "--scales", "2", "--total-steps", "30",
-                             "--set", f"dataset.data_dir={tfds_data_dir}", "--set", "dataset.train_split=train[:2%]",
-                             "--set", "dataset.test_split=test[:5%]", "--output-dir", str(tmp_path)], tmp_path)
+@pytest.fixture(scope="module")
+def quick_study(tfds_data_dir, tmp_path_factory):
+    """The quick SGD study at S = 2 on slices of MNIST: its folder, its arguments and its JSON summary."""
+    output = tmp_path_factory.mktemp("quick_study")
+    arguments = ["scale_study.py", "--quick", "--scales", "2", "--total-steps", "30",
+                 "--set", f"dataset.data_dir={tfds_data_dir}", "--set", "dataset.train_split=train[:2%]",
+                 "--set", "dataset.test_split=test[:5%]", "--output-dir", str(output)]
+    return output, arguments, run_benchmark(arguments, output)
+
+
+def test_scale_study_quick_prints_every_method_and_scale(quick_study):
+    tmp_path, _, summary = quick_study
     assert {(row["method"], row["scale"]) for row in summary["results"]} == {
         ("baseline", 1), ("adascale", 2), ("lsr", 2), ("lsr_warmup", 2)}
     for row in summary["results"]:
@@ -83,6 +93,26 @@ def test_scale_study_quick_prints_every_method_and_scale(tfds_data_dir, tmp_path
     assert 15 <= rows["adascale"]["updates_mean"] <= 30
     assert (tmp_path / "scale_study" / "scale_study.png").stat().st_size > 0
     assert (tmp_path / "scale_study" / "accuracy_vs_scale.png").stat().st_size > 0
+
+
+def test_scale_study_report_reads_the_finished_runs_and_trains_none(quick_study):
+    output, arguments, trained = quick_study
+    folders = sorted(path.name for path in (output / "scale_study").iterdir())
+    lines = run_script(arguments + ["--report", "--scales", "2,4", "--seeds", "2"], output)
+    assert json.loads(lines[-1])["results"] == trained["results"]  # the S = 2, seed 0 rows, read back
+    assert sorted(path.name for path in (output / "scale_study").iterdir()) == folders  # nothing trained
+    left_out = {line.split()[1].rstrip(":") for line in lines if line.endswith("not finished from this config, left out")}
+    assert left_out == {"baseline_s1_seed1", "adascale_s4_seed0", "lsr_s4_seed0", "lsr_warmup_s4_seed0",
+                        "adascale_s2_seed1", "lsr_s2_seed1", "lsr_warmup_s2_seed1",
+                        "adascale_s4_seed1", "lsr_s4_seed1", "lsr_warmup_s4_seed1"}
+
+
+def test_scale_study_report_on_an_empty_folder_says_nothing_is_finished(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_study.py"), "--quick", "--report",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode != 0
+    assert f"no run of this study is finished under {tmp_path / 'scale_study'}" in result.stderr
 
 
 def test_advice_check_quick_compares_predicted_with_actual_updates(tfds_data_dir, tmp_path):
