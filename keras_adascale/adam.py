@@ -54,7 +54,11 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
     `AdamScale`). The default follows the scale study in docs/benchmarks.md
     (section 4): on MNIST both kept the S = 1 accuracy at every S from 2 to
     32, and the raw statistics gave the larger gain (5.7 against 3.9 at
-    S = 32), so the same quality in up to 31% fewer updates.
+    S = 32), so the same quality in up to 31% fewer updates. On a character
+    language model the preconditioned statistics ended 0.02 - 0.06 bits per
+    character lower but barely scaled (gain about 1.03, nearly every one of
+    the baseline's updates), while the raw ones still ended below the S = 1
+    baseline in up to 1.7x fewer updates.
 
     Args:
         learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`
