@@ -107,6 +107,14 @@ def test_scale_study_report_reads_the_finished_runs_and_trains_none(quick_study)
                         "adascale_s4_seed1", "lsr_s4_seed1", "lsr_warmup_s4_seed1"}
 
 
+def test_scale_study_report_with_retrain_is_a_usage_error(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_study.py"), "--report", "--retrain",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--report trains nothing, so it cannot be given with --retrain" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_scale_study_report_on_an_empty_folder_says_nothing_is_finished(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_study.py"), "--quick", "--report",
                              "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
