@@ -134,11 +134,12 @@ def print_table(rows):
               f"{row['mean_gain']:>9.3f}")
 
 
-def plot(experiment_dir, scales, rows, methods):
+def plot(experiment_dir, scales, rows, methods, finished):
     """scale_study.png: the test metric vs updates per S (seed 0), its final value vs S, and AdaScale's gain.
 
     The metric is bits per character where the runs record it (a language model), else test accuracy.
-    A run not finished (a `--report` on a study under way) is left out of the curves.
+    Only the runs in `finished` (the names `train_all` returned) are drawn, so a `--report`
+    on a study under way leaves out the same runs from the curves as from the table.
     """
     import matplotlib
 
@@ -154,8 +155,8 @@ def plot(experiment_dir, scales, rows, methods):
     figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns, 9.5), constrained_layout=True, squeeze=False)
     def seed0(method, scale, records):
         """The seed-0 run's records, or [] where that run is not finished."""
-        run_dir = experiment_dir / f"{method}_s{scale}_seed0"
-        return read_jsonl(run_dir / records) if (run_dir / "final.json").exists() else []
+        run = f"{method}_s{scale}_seed0"
+        return read_jsonl(experiment_dir / run / records) if run in finished else []
 
     baseline = seed0("baseline", 1, "evaluations.jsonl")
     for column, scale in enumerate(scales):
@@ -213,7 +214,7 @@ def main(argv=None):
     print()
     print_table(rows)
     experiment_dir = output_root / args.experiment
-    plot(experiment_dir, args.scales, rows, list(args.methods))
+    plot(experiment_dir, args.scales, rows, list(args.methods), {final["run"] for final in finals})
     print(f"\nplots: {experiment_dir / 'scale_study.png'}, {experiment_dir / 'accuracy_vs_scale.png'}")
     summary = {
         "command": " ".join(["python", "benchmarks/scale_study.py"] + (sys.argv[1:] if argv is None else argv)),
