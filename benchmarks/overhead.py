@@ -1,6 +1,6 @@
 """AdaScaleSGD's cost against keras.optimizers.SGD (same momentum), measured side by side in one run;
 with `--family adam`, AdaScaleAdam's (raw statistics) against keras.optimizers.Adam (same learning rate,
-betas and epsilon).
+betas and epsilon); with `--family adam-preconditioned`, AdaScaleAdam's with preconditioned statistics.
 
 For each model and setting, two identical models (one per optimizer) train on the same
 batches; timed windows alternate A/B/B/A... after a warm-up, and the report gives the
@@ -14,6 +14,7 @@ squared norm of each replica's sample and of the mean gradient), and the optimiz
     python benchmarks/overhead.py --batch 32             # per-replica batch 32 (the demo's) for every model
     python benchmarks/overhead.py --quick                # a few minutes on 2 CPU cores
     python benchmarks/overhead.py --family adam          # AdaScaleAdam against Adam, in every part
+    python benchmarks/overhead.py --family adam-preconditioned   # the same, statistics="preconditioned"
 
 Settings: `default` (one device), `mirrored4` (4 replicas), `accumulation4` (4 accumulation
 steps on one device). `mirrored4` at --batch 32 with small_cnn is the demo's setting.
@@ -36,7 +37,7 @@ REPLICAS = 4
 class Family(NamedTuple):
     """An optimizer pair: a keras_adascale optimizer and the plain Keras one it is compared with."""
 
-    key: str  # the family's name, and the plain optimizer's in the results: "<key>_ms", traced_ops["<key>"]...
+    key: str  # the plain optimizer's name in the results: "<key>_ms", traced_ops["<key>"]...
     plain: str  # the keras.optimizers class, also its printed name
     adascale: str  # the keras_adascale class
     label: str  # the AdaScale optimizer's printed name
@@ -44,11 +45,13 @@ class Family(NamedTuple):
     own: dict  # AdaScale's own arguments
 
 
+ADAM = {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
 FAMILIES = {
     "sgd": Family("sgd", "SGD", "AdaScaleSGD", "AdaScale", {"learning_rate": 0.01, "momentum": 0.9}, {}),
-    "adam": Family("adam", "Adam", "AdaScaleAdam", "AdaScaleAdam",
-                   {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
-                   {"statistics": "raw"}),  # the raw statistics' passes are those `make_floor` counts
+    # AdaScaleAdam's raw statistics make the passes AdaScaleSGD makes; preconditioned ones one more (`make_floor`)
+    "adam": Family("adam", "Adam", "AdaScaleAdam", "AdaScaleAdam", ADAM, {"statistics": "raw"}),
+    "adam-preconditioned": Family("adam", "Adam", "AdaScaleAdam", "AdaScaleAdam(pre)", ADAM,
+                                  {"statistics": "preconditioned"}),
 }
 
 
@@ -56,7 +59,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, few windows (smoke test)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="sgd",
-                        help="sgd: AdaScaleSGD vs SGD (default); adam: AdaScaleAdam vs Adam")
+                        help="sgd: AdaScaleSGD vs SGD (default); adam: AdaScaleAdam vs Adam; "
+                        "adam-preconditioned: AdaScaleAdam(statistics='preconditioned') vs Adam")
     parser.add_argument("--windows", type=int, default=None, help="timed windows per optimizer (default 20; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per window (default 10; quick 3)")
     parser.add_argument("--models", default=None, help="comma-separated subset of small_cnn,mlp_5m,resnet20")
@@ -221,16 +225,21 @@ def make_apply(strategy, optimizer, variables, calls=1):
     return apply
 
 
-def make_floor(strategy, optimizer, variables):
+def make_floor(family, strategy, optimizer, variables):
     """The plain optimizer's `apply_gradients` plus the passes AdaScale cannot avoid: each replica's
     squared norm of its sample, and one of the mean gradient (taken here over a tensor of its size).
-    The same for both families: AdaScaleAdam's raw statistics are those of AdaScaleSGD."""
+    AdaScaleAdam's raw statistics are those of AdaScaleSGD; preconditioned ones first divide each
+    tensor by sqrt(v_hat) + epsilon, one more elementwise pass (v_hat's stand-in: a tensor of its size)."""
     import tensorflow as tf
 
     gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
     means = [tf.random.normal(v.shape, seed=2) * 1e-3 for v in variables]  # the mean gradient's stand-in
+    preconditioned = family.own.get("statistics") == "preconditioned"
+    denominators = [tf.abs(tf.random.normal(v.shape, seed=3)) + 1e-7 for v in variables]
 
     def sqr_norm(tensors):  # one fused pass per tensor, as AdaScale's float32 fast path
+        if preconditioned:
+            tensors = [t / d for t, d in zip(tensors, denominators)]
         return tf.add_n([tf.nn.l2_loss(t) for t in tensors])
 
     @tf.function
@@ -273,7 +282,7 @@ def apply_only_benchmark(family, spec, windows, steps):
         floor_model = keras.models.clone_model(pair[family.key])
         floor_optimizer = make_optimizer(family, family.key)
         floor_optimizer.build(floor_model.trainable_variables)
-    floor = make_floor(strategy, floor_optimizer, floor_model.trainable_variables)
+    floor = make_floor(family, strategy, floor_optimizer, floor_model.trainable_variables)
     floor()
 
     def run_floor(count):

@@ -62,6 +62,23 @@ def test_overhead_adam_family_prints_adascale_adam_against_adam(tmp_path):
     assert printed[-1] == f"{row['traced_ops']['adam']}/{row['traced_ops']['adascale']}"
 
 
+def test_overhead_adam_preconditioned_family_traces_the_extra_pass(tmp_path):
+    def run(family):
+        lines = run_script(["overhead.py", "--family", family, "--quick", "--models", "small_cnn",
+                            "--settings", "default", "--windows", "1", "--steps", "1"], tmp_path)
+        return lines, json.loads(lines[-1])
+
+    lines, summary = run("adam-preconditioned")
+    _, raw = run("adam")
+    assert summary["family"] == "adam-preconditioned"
+    assert summary["optimizers"] == {"adascale": "AdaScaleAdam", "adam": "Adam"}
+    [row], [raw_row] = summary["train_step"], raw["train_step"]
+    assert row["adam_ms"] > 0 and row["adascale_ms"] > 0
+    assert row["traced_ops"]["adam"] == raw_row["traced_ops"]["adam"]  # the same plain Adam
+    assert row["traced_ops"]["adascale"] > raw_row["traced_ops"]["adascale"]  # g / (sqrt(v_hat) + epsilon)
+    assert "AdaScaleAdam(pre) ms" in next(line for line in lines if line.split()[:1] == ["model"])
+
+
 def test_overhead_apply_only_reports_the_floor(tmp_path):
     summary = run_benchmark(["overhead.py", "--quick", "--models", "mlp_5m", "--settings", "default",
                              "--batch", "8", "--windows", "2", "--steps", "1"], tmp_path)
