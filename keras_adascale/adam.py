@@ -58,7 +58,10 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
     language model the preconditioned statistics ended 0.02 - 0.06 bits per
     character lower but barely scaled (gain about 1.03, nearly every one of
     the baseline's updates), while the raw ones still ended below the S = 1
-    baseline in up to 1.7x fewer updates.
+    baseline in up to 1.7x fewer updates. Raw statistics also cost less:
+    preconditioning is one more pass over every gradient sample (on 2 CPU
+    cores, a 5.8M-parameter MLP's step cost 1.18 - 1.40x Adam's with it,
+    1.05 - 1.12x without; docs/benchmarks.md section 1c).
 
     Args:
         learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`
