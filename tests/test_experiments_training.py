@@ -154,6 +154,36 @@ def test_a_run_whose_backup_was_cut_short_is_refused_in_the_runners_words(tfds_d
     assert message.endswith(f"Delete {incomplete} to train the run from the start")
 
 
+def test_a_backup_cut_between_its_weights_and_its_metadata_resumes_the_epoch_it_names(tmp_path, monkeypatch):
+    def compiled():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    model = compiled()
+    saving = training._ChiefBackupAndRestore(str(tmp_path / "backup"), is_chief=True)
+    saving.set_model(model)
+    saving.on_epoch_end(1)  # the backup after epoch 2
+    after_two = model.get_weights()
+    model.set_weights([w + 1.0 for w in after_two])
+
+    def killed(*args):  # the process dies once epoch 3's weights are written, before its metadata is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        saving.on_epoch_end(2)
+    monkeypatch.undo()
+
+    resumed = compiled()
+    restoring = training._ChiefBackupAndRestore(str(tmp_path / "backup"), is_chief=True)
+    restoring.set_model(resumed)
+    restoring.on_train_begin()
+    assert resumed._initial_epoch == 2
+    for restored, saved in zip(resumed.get_weights(), after_two):
+        np.testing.assert_array_equal(restored, saved)  # epoch 2's weights, not epoch 3's
+
+
 def test_a_baseline_batch_sets_scale_apart_from_samples(finished):
     experiment, stdout = finished
     final = json.loads((experiment / "adascale_b0" / "final.json").read_text())

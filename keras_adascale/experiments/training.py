@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -148,7 +149,7 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     Keras 3's callback would let every worker of a multi-worker job write and
     delete the same files, and workers killed at different moments would
     restore different epochs and deadlock; the weights are the same on every
-    worker.
+    worker. A save is also atomic here (see `_save_model`).
     """
 
     def __init__(self, backup_dir, is_chief):
@@ -163,6 +164,30 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"cannot resume from {self._weights_path}: the backup is unreadable ({error}). Delete "
                 f"{pathlib.Path(self.backup_dir).parent} to train the run from the start"
             ) from error
+
+    def _save_model(self):
+        # Keras writes the weights, then the metadata, in place: a process killed between the
+        # two resumes the new weights at the old epoch (and that epoch's data). Here the metadata
+        # is the commit: each save writes its weights under a new name, then atomically replaces
+        # the metadata that names them, then deletes the older weights.
+        backup = pathlib.Path(self.backup_dir)
+        backup.mkdir(parents=True, exist_ok=True)
+        weights = f"epoch{self._current_epoch}_batch{self._last_batch_seen}.weights.h5"
+        self.model.save_weights(str(backup / weights), overwrite=True)
+        staged = backup / "training_metadata.json.staged"
+        staged.write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                      "weights": weights}))
+        os.replace(staged, self._training_metadata_path)
+        for older in backup.glob("*.weights.h5"):
+            if older.name != weights:
+                older.unlink()
+
+    def _load_model(self):
+        metadata = pathlib.Path(self._training_metadata_path)
+        named = json.loads(metadata.read_text()).get("weights") if metadata.exists() else None
+        if named:  # written by `_save_model` above (Keras's own layout has only latest.weights.h5)
+            self._weights_path = str(pathlib.Path(self.backup_dir) / named)
+        super()._load_model()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.is_chief:
