@@ -234,11 +234,12 @@ def make_floor(family, strategy, optimizer, variables):
 
     gradients = [tf.random.normal(v.shape, seed=1) * 1e-3 for v in variables]
     means = [tf.random.normal(v.shape, seed=2) * 1e-3 for v in variables]  # the mean gradient's stand-in
-    preconditioned = family.own.get("statistics") == "preconditioned"
-    denominators = [tf.abs(tf.random.normal(v.shape, seed=3)) + 1e-7 for v in variables]
+    denominators = None
+    if family.own.get("statistics") == "preconditioned":
+        denominators = [tf.abs(tf.random.normal(v.shape, seed=3)) + 1e-7 for v in variables]
 
     def sqr_norm(tensors):  # one fused pass per tensor, as AdaScale's float32 fast path
-        if preconditioned:
+        if denominators:
             tensors = [t / d for t, d in zip(tensors, denominators)]
         return tf.add_n([tf.nn.l2_loss(t) for t in tensors])
 
