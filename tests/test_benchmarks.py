@@ -42,9 +42,15 @@ def test_overhead_quick_prints_ratios(tmp_path):
     assert summary["apply_only"] is None  # only measured on mlp_5m
 
 
-def test_overhead_adam_family_prints_adascale_adam_against_adam(tmp_path):
-    lines = run_script(["overhead.py", "--family", "adam", "--quick", "--models", "small_cnn", "--settings", "default",
-                        "--windows", "2", "--steps", "2"], tmp_path)
+@pytest.fixture(scope="module")
+def adam_overhead(tmp_path_factory):
+    """The printed lines of a quick `--family adam` run on the small CNN, one device."""
+    return run_script(["overhead.py", "--family", "adam", "--quick", "--models", "small_cnn", "--settings", "default",
+                       "--windows", "2", "--steps", "2"], tmp_path_factory.mktemp("adam_overhead"))
+
+
+def test_overhead_adam_family_prints_adascale_adam_against_adam(adam_overhead):
+    lines = adam_overhead
     summary = json.loads(lines[-1])
     assert summary["family"] == "adam" and summary["optimizers"] == {"adascale": "AdaScaleAdam", "adam": "Adam"}
     [row] = summary["train_step"]
@@ -62,14 +68,10 @@ def test_overhead_adam_family_prints_adascale_adam_against_adam(tmp_path):
     assert printed[-1] == f"{row['traced_ops']['adam']}/{row['traced_ops']['adascale']}"
 
 
-def test_overhead_adam_preconditioned_family_traces_the_extra_pass(tmp_path):
-    def run(family):
-        lines = run_script(["overhead.py", "--family", family, "--quick", "--models", "small_cnn",
-                            "--settings", "default", "--windows", "1", "--steps", "1"], tmp_path)
-        return lines, json.loads(lines[-1])
-
-    lines, summary = run("adam-preconditioned")
-    _, raw = run("adam")
+def test_overhead_adam_preconditioned_family_traces_the_extra_pass(adam_overhead, tmp_path):
+    lines = run_script(["overhead.py", "--family", "adam-preconditioned", "--quick", "--models", "small_cnn",
+                        "--settings", "default", "--windows", "1", "--steps", "1"], tmp_path)
+    summary, raw = json.loads(lines[-1]), json.loads(adam_overhead[-1])
     assert summary["family"] == "adam-preconditioned"
     assert summary["optimizers"] == {"adascale": "AdaScaleAdam", "adam": "Adam"}
     [row], [raw_row] = summary["train_step"], raw["train_step"]
