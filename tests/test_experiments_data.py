@@ -1,4 +1,7 @@
-"""The runner's datasets: checked before a run writes anything, never downloaded."""
+"""The runner's datasets: checked before a run writes anything, never downloaded; a training stream
+that depends on its seed only."""
+
+import hashlib
 
 import pytest
 import tensorflow_datasets as tfds
@@ -73,3 +76,41 @@ def test_a_model_for_another_task_is_refused_before_anything_is_written(offline,
     with pytest.raises(config.ConfigError, match=message):
         training.train(run, tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def _hashes(iterator, batches):
+    """Each example of the next `batches` batches, as a digest of its image (one list per batch)."""
+    return [[hashlib.md5(image.tobytes()).hexdigest()[:12] for image in next(iterator)[0].numpy()]
+            for _ in range(batches)]
+
+
+@pytest.fixture
+def mnist_stream_config(tfds_data_dir):
+    # 600 examples: a pass over the split is 30 batches of 20; the window holds 250.
+    return config.defaults()["dataset"] | {"train_split": "train[:1%]", "data_dir": str(tfds_data_dir),
+                                          "shuffle_buffer": 250}
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_every_iterator_of_the_training_stream_yields_the_same_batches_whatever_others_read(
+        mnist_stream_config, augment):
+    # Under a tf.distribute strategy, Keras's fit reads a batch from an iterator it then drops,
+    # which goes on prefetching while the training iterator starts; a resumed run also skips
+    # whole passes. The stream must not depend on either.
+    stream_config = mnist_stream_config | {"augment": augment}
+    stream = data.train_dataset(stream_config, 20, seed=3)
+    first = _hashes(iter(stream), 70)
+    other = iter(stream)
+    _hashes(other, 95)  # three passes and more, left open
+    assert _hashes(iter(stream), 70) == first
+    assert _hashes(iter(data.train_dataset(stream_config, 20, seed=3)), 70) == first
+    assert _hashes(iter(data.train_dataset(stream_config, 20, seed=4)), 70) != first
+
+
+def test_each_pass_over_the_split_holds_every_example_once_in_a_new_order(mnist_stream_config):
+    passes = _hashes(iter(data.train_dataset(mnist_stream_config, 20, seed=3)), 90)
+    orders = [sum(passes[start:start + 30], []) for start in (0, 30, 60)]
+    assert len(set(orders[0])) == 600
+    assert all(sorted(order) == sorted(orders[0]) for order in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert orders[0][:250] != orders[1][:250]  # the first window too is shuffled anew

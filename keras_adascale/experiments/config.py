@@ -67,7 +67,8 @@ SCHEMA = {
         image_size=Key(None, "resize images to this square size (e.g. 224 for imagenet2012)", int,
                        minimum=1, nullable=True),
         augment=Key(False, "random crop (4-pixel padding) and horizontal flip while training", bool),
-        shuffle_buffer=Key(10000, "tf.data shuffle buffer, in examples", int, minimum=1),
+        shuffle_buffer=Key(10000, "shuffle window, in examples: each pass over the split is shuffled anew, "
+                           "this many examples at a time (all at once when the split is smaller)", int, minimum=1),
         cache=Key(True, "cache the decoded training split in memory (small datasets only)", bool),
     ),
     "model": _section(

@@ -170,11 +170,26 @@ def _load(config, split, **kwargs):
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _augment(image, label):
+def _fold(key, value):
+    """A new stateless random key from `key` and the integer `value`."""
+    return tf.random.experimental.stateless_fold_in(key, value)
+
+
+def _augment(example, key):
+    """Random crop (4-pixel padding) and horizontal flip, drawn from `key` alone (stateless)."""
+    image, label = example
+    crop, flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     height, width = image.shape[0], image.shape[1]
     image = tf.image.resize_with_crop_or_pad(image, height + 8, width + 8)
-    image = tf.image.random_crop(image, (height, width, image.shape[2]))
-    return tf.image.random_flip_left_right(image), label
+    image = tf.image.stateless_random_crop(image, (height, width, image.shape[2]), seed=crop)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip), label
+
+
+def _shuffled(window, key):
+    """The examples of `window` (a batch of them), one by one, in a random order drawn from `key`."""
+    order = tf.argsort(tf.random.stateless_uniform(tf.shape(tf.nest.flatten(window)[0])[:1], seed=key))
+    return tf.data.Dataset.from_tensor_slices(order).map(
+        lambda index: tf.nest.map_structure(lambda values: values[index], window))
 
 
 def _with_sharding(dataset):
@@ -189,21 +204,40 @@ def _with_sharding(dataset):
 def train_dataset(config, global_batch_size, seed):
     """The endless, shuffled training stream, in batches of `global_batch_size`.
 
+    Pass p over the split is shuffled in windows of `shuffle_buffer`
+    examples (the whole pass when the split is smaller), and augmented,
+    with random numbers drawn from (seed, p, position) alone. So every
+    iterator of the stream yields the same batches, whatever other
+    iterators of it have read: `tf.data`'s own reshuffling draws each
+    iterator's order from a generator that all of them share, and the
+    iterator Keras's `fit` reads one batch from under a tf.distribute
+    strategy, and then drops while it still prefetches, changed the order
+    of the training iterator at random (a resumed multi-worker run then
+    trained on other batches than the uninterrupted one).
+
     Args:
         config: the `dataset` section of a resolved config.
         global_batch_size: examples per `model.fit` step, over all replicas.
-        seed: shuffle (and augmentation) seed.
+        seed: the seed of the file order, the shuffle and the augmentation.
 
     Returns:
         A `tf.data.Dataset` of `(inputs, targets)`; `model.fit` distributes it.
     """
-    dataset = _load(config, config["train_split"], shuffle_files=True,
-                    read_config=tfds.ReadConfig(shuffle_seed=seed))
+    examples = _load(config, config["train_split"], shuffle_files=True,
+                     read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False))
     if config["cache"]:
-        dataset = dataset.cache()
-    dataset = dataset.shuffle(config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=True).repeat()
-    if config["augment"]:
-        dataset = dataset.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        examples = examples.cache()
+
+    def one_pass(index):
+        shuffle_key, augment_key = (_fold(tf.constant([seed, use], tf.int64), index) for use in (0, 1))
+        windows = examples.batch(config["shuffle_buffer"]).enumerate()
+        shuffled = windows.flat_map(lambda position, window: _shuffled(window, _fold(shuffle_key, position)))
+        if not config["augment"]:
+            return shuffled
+        return shuffled.enumerate().map(lambda position, example: _augment(example, _fold(augment_key, position)),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
+
+    dataset = tf.data.Dataset.counter().flat_map(one_pass)
     dataset = dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _with_sharding(dataset)
 
