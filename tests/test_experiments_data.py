@@ -114,3 +114,11 @@ def test_each_pass_over_the_split_holds_every_example_once_in_a_new_order(mnist_
     assert all(sorted(order) == sorted(orders[0]) for order in orders)
     assert orders[0] != orders[1] and orders[1] != orders[2]
     assert orders[0][:250] != orders[1][:250]  # the first window too is shuffled anew
+
+
+# Batches of 20 split the 600 examples into passes of 30 batches; batches of 32 straddle passes.
+@pytest.mark.parametrize("batch, skip_batches", [(20, 7), (20, 30), (20, 95), (32, 40)])
+def test_a_stream_started_after_some_batches_goes_on_as_the_whole_stream(mnist_stream_config, batch, skip_batches):
+    whole = _hashes(iter(data.train_dataset(mnist_stream_config, batch, seed=3)), skip_batches + 8)
+    started = data.train_dataset(mnist_stream_config, batch, seed=3, skip_batches=skip_batches)
+    assert _hashes(iter(started), 8) == whole[skip_batches:]

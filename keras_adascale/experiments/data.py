@@ -201,7 +201,7 @@ def _with_sharding(dataset):
     return dataset.with_options(options)
 
 
-def train_dataset(config, global_batch_size, seed):
+def train_dataset(config, global_batch_size, seed, skip_batches=0):
     """The endless, shuffled training stream, in batches of `global_batch_size`.
 
     Pass p over the split is shuffled in windows of `shuffle_buffer`
@@ -219,6 +219,8 @@ def train_dataset(config, global_batch_size, seed):
         config: the `dataset` section of a resolved config.
         global_batch_size: examples per `model.fit` step, over all replicas.
         seed: the seed of the file order, the shuffle and the augmentation.
+        skip_batches: start after this many batches (a resumed run). The
+            passes before the one it starts in are not read at all.
 
     Returns:
         A `tf.data.Dataset` of `(inputs, targets)`; `model.fit` distributes it.
@@ -237,7 +239,9 @@ def train_dataset(config, global_batch_size, seed):
         return shuffled.enumerate().map(lambda position, example: _augment(example, _fold(augment_key, position)),
                                         num_parallel_calls=tf.data.AUTOTUNE)
 
-    dataset = tf.data.Dataset.counter().flat_map(one_pass)
+    split_size = _builder(config).info.splits[config["train_split"]].num_examples
+    first_pass, offset = divmod(skip_batches * global_batch_size, split_size)
+    dataset = tf.data.Dataset.counter(start=first_pass).flat_map(one_pass).skip(offset)
     dataset = dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _with_sharding(dataset)
 

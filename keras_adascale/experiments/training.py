@@ -329,11 +329,10 @@ def _fit(run, model, steps, folders, test_data):
         print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} "
               f"(after {epochs_done} epochs, {epochs_done * updates_per_epoch} updates)", flush=True)
     # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
-    # of batches is the same in every process, so skipping the batches of the finished
-    # epochs puts the data where the uninterrupted run had it.
-    train_data = data.train_dataset(run["dataset"], steps.batch_size, seed=run["seed"]).skip(
-        epochs_done * steps_per_epoch
-    )
+    # of batches is the same in every process, so starting it after the batches of the
+    # finished epochs puts the data where the uninterrupted run had it.
+    train_data = data.train_dataset(run["dataset"], steps.batch_size, seed=run["seed"],
+                                    skip_batches=epochs_done * steps_per_epoch)
     recorder = RunRecorder(
         folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
         steps.batch_size, test_data, run["evaluations"], label=run["run"],
