@@ -186,10 +186,9 @@ def _augment(example, key):
 
 
 def _shuffled(window, key):
-    """The examples of `window` (a batch of them), one by one, in a random order drawn from `key`."""
+    """`window` (a batch of examples) in a random order drawn from `key`."""
     order = tf.argsort(tf.random.stateless_uniform(tf.shape(tf.nest.flatten(window)[0])[:1], seed=key))
-    return tf.data.Dataset.from_tensor_slices(order).map(
-        lambda index: tf.nest.map_structure(lambda values: values[index], window))
+    return tf.nest.map_structure(lambda values: tf.gather(values, order), window)
 
 
 def _with_sharding(dataset):
@@ -233,7 +232,7 @@ def train_dataset(config, global_batch_size, seed, skip_batches=0):
     def one_pass(index):
         shuffle_key, augment_key = (_fold(tf.constant([seed, use], tf.int64), index) for use in (0, 1))
         windows = examples.batch(config["shuffle_buffer"]).enumerate()
-        shuffled = windows.flat_map(lambda position, window: _shuffled(window, _fold(shuffle_key, position)))
+        shuffled = windows.map(lambda position, window: _shuffled(window, _fold(shuffle_key, position))).unbatch()
         if not config["augment"]:
             return shuffled
         return shuffled.enumerate().map(lambda position, example: _augment(example, _fold(augment_key, position)),
