@@ -170,6 +170,11 @@ def _load(config, split, **kwargs):
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _examples(config, split):
+    """How many examples `split` (slices such as 'train[:2%]' included) of the dataset holds."""
+    return _builder(config).info.splits[split].num_examples
+
+
 def _fold(key, value):
     """A new stateless random key from `key` and the integer `value`."""
     return tf.random.experimental.stateless_fold_in(key, value)
@@ -205,14 +210,12 @@ def train_dataset(config, global_batch_size, seed, skip_batches=0):
 
     Pass p over the split is shuffled in windows of `shuffle_buffer`
     examples (the whole pass when the split is smaller), and augmented,
-    with random numbers drawn from (seed, p, position) alone. So every
-    iterator of the stream yields the same batches, whatever other
-    iterators of it have read: `tf.data`'s own reshuffling draws each
-    iterator's order from a generator that all of them share, and the
-    iterator Keras's `fit` reads one batch from under a tf.distribute
-    strategy, and then drops while it still prefetches, changed the order
-    of the training iterator at random (a resumed multi-worker run then
-    trained on other batches than the uninterrupted one).
+    with stateless random numbers from (seed, p, position) alone, so every
+    iterator of the stream yields the same batches. (`tf.data`'s own
+    reshuffling draws each iterator's order from one generator shared by
+    all iterators of the dataset; under a tf.distribute strategy Keras's
+    `fit` reads a batch from an iterator it drops while it still
+    prefetches, and a resumed run trained on other batches.)
 
     Args:
         config: the `dataset` section of a resolved config.
@@ -238,8 +241,7 @@ def train_dataset(config, global_batch_size, seed, skip_batches=0):
         return shuffled.enumerate().map(lambda position, example: _augment(example, _fold(augment_key, position)),
                                         num_parallel_calls=tf.data.AUTOTUNE)
 
-    split_size = _builder(config).info.splits[config["train_split"]].num_examples
-    first_pass, offset = divmod(skip_batches * global_batch_size, split_size)
+    first_pass, offset = divmod(skip_batches * global_batch_size, _examples(config, config["train_split"]))
     dataset = tf.data.Dataset.counter(start=first_pass).flat_map(one_pass).skip(offset)
     dataset = dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _with_sharding(dataset)
@@ -252,7 +254,7 @@ def test_dataset(config, global_batch_size):
         `(dataset, steps)`: pass `steps` to `model.evaluate`, which cannot
         count the batches of a distributed dataset itself.
     """
-    examples = _builder(config).info.splits[config["test_split"]].num_examples
+    examples = _examples(config, config["test_split"])
     dataset = _load(config, config["test_split"])
     dataset = _with_sharding(dataset.batch(global_batch_size).cache().prefetch(tf.data.AUTOTUNE))
     return dataset, -(-examples // global_batch_size)
