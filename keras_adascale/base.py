@@ -8,7 +8,9 @@ measure (`_statistic_gradients`) or what an applied update does besides (`_apply
 """
 
 import functools
+import numbers
 import warnings
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -25,6 +27,29 @@ _FLOAT_FIELDS = (
 )
 _FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
 _COUNTER_FIELDS = ("tau_whole", "skipped_updates")
+# How S and the accumulation count are stored (see `ScaleSetting`): the counters in one int64
+# variable, then the configuration they were made under (a restore into an optimizer made with
+# another one takes the new configuration); S and its configured value in a statistics-dtype one.
+_SETTING_COUNTERS = ("steps", "next_steps", "update_start", "updates", "configured_steps", "replicas")
+_SETTING_SCALES = ("scale", "configured_scale")
+
+
+class ScaleSetting(NamedTuple):
+    """S and the accumulation count in effect, as tensors (see `AdaScaleBase.set_accumulation_steps`).
+
+    Attributes:
+        steps: int64, k, the micro-batches the update in progress accumulates.
+        next_steps: int64, the k of the updates after it (a change made mid-update waits here).
+        update_start: int64, the micro-step (`optimizer._iterations`) the update in progress began at.
+        updates: int64, the updates completed (`optimizer.iterations` under accumulation).
+        scale: S of the update in progress, statistics dtype.
+    """
+
+    steps: tf.Tensor
+    next_steps: tf.Tensor
+    update_start: tf.Tensor
+    updates: tf.Tensor
+    scale: tf.Tensor
 
 
 def unique_name(prefix):
@@ -47,14 +72,22 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     # The arguments that decide which optimizer variables exist (named in a restore error).
     _shape_arguments = "`momentum`"
 
-    def __init__(self, *, scale=None, smoothing=None, non_finite="skip", **kwargs):
+    def __init__(self, *, scale=None, smoothing=None, non_finite="skip", gradient_accumulation_steps=None, **kwargs):
         scale = validation.optional(validation.scale, scale)
         smoothing = validation.optional(validation.smoothing, smoothing)
         if non_finite not in ("skip", "raise"):
             raise ValueError(
                 f"Argument `non_finite` must be 'skip' or 'raise'. Received: non_finite={non_finite!r}"
             )
+        if gradient_accumulation_steps is not None:
+            gradient_accumulation_steps = validation.accumulation_steps(
+                gradient_accumulation_steps, "gradient_accumulation_steps"
+            )
+        # Keras refuses 1; here it means "accumulate, one micro-batch for now", so that
+        # `set_accumulation_steps` can start from k = 1. Keras builds the accumulators for any
+        # truthy value, and every other use of the count is this class's.
         super().__init__(**kwargs)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self._requested_scale = scale
         self._requested_smoothing = smoothing
         self.non_finite = non_finite
@@ -91,6 +124,161 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             aggregation="only_first_replica",
             name="adascale_counters",
         )
+        steps = self.gradient_accumulation_steps or 1
+        replicas = self._distribution_strategy.num_replicas_in_sync
+        self._configured_counts = (self.gradient_accumulation_steps or 0, replicas)
+        self._configured_scale = float(self._requested_scale or 0.0)
+        self._initial_scale = self._requested_scale or replicas * steps
+        self._setting_counters = self.add_variable(
+            shape=(len(_SETTING_COUNTERS),),
+            initializer=keras.initializers.Constant([steps, steps, 0, 0, *self._configured_counts]),
+            dtype="int64",
+            aggregation="only_first_replica",
+            name="adascale_accumulation",
+        )
+        self._setting_scales = self.add_variable(
+            shape=(len(_SETTING_SCALES),),
+            initializer=keras.initializers.Constant([float(self._initial_scale), self._configured_scale]),
+            dtype=self._statistics_dtype.name,
+            aggregation="only_first_replica",
+            name="adascale_scale",
+        )
+
+    def _scale_setting(self):
+        """The `ScaleSetting` in effect, from one read of its two variables.
+
+        The stored one, unless it was made under another configuration (a checkpoint
+        restored into an optimizer made with another `scale`, `gradient_accumulation_steps` or
+        replica count): then this optimizer's own S and k, from the restored update counts.
+        """
+        counters = tf.convert_to_tensor(self._setting_counters.value)
+        scales = tf.convert_to_tensor(self._setting_scales.value)
+        configured = tf.constant(self._configured_counts, tf.int64)
+        same = tf.logical_and(
+            tf.reduce_all(tf.equal(counters[4:], configured)),
+            tf.equal(scales[1], tf.constant(self._configured_scale, scales.dtype)),
+        )
+        steps = tf.constant(self.gradient_accumulation_steps or 1, tf.int64)
+        return ScaleSetting(
+            steps=tf.where(same, counters[0], steps),
+            next_steps=tf.where(same, counters[1], steps),
+            update_start=counters[2],
+            updates=counters[3],
+            scale=tf.where(same, scales[0], tf.constant(float(self._initial_scale), scales.dtype)),
+        )
+
+    def _setting_assignments(self, distribution, setting):
+        """Writes `setting` into its two variables, in cross-replica context."""
+
+        def write(counters, setting, scales):
+            return [
+                counters.assign(tf.stack([setting.steps, setting.next_steps, setting.update_start, setting.updates,
+                                          *tf.unstack(tf.constant(self._configured_counts, tf.int64))])),
+                scales.assign(tf.stack([tf.cast(setting.scale, scales.dtype),
+                                        tf.constant(self._configured_scale, scales.dtype)])),
+            ]
+
+        return distribution.extended.update(
+            self._setting_counters.value, lambda counters, setting, scales: write(counters, setting, scales),
+            args=(setting, self._setting_scales.value), group=False,
+        )
+
+    def _write_setting(self, setting):
+        """Eagerly writes `setting` (from `set_accumulation_steps` / `set_scale`, between steps)."""
+        self.assign(self._setting_counters, tf.stack(
+            [setting.steps, setting.next_steps, setting.update_start, setting.updates,
+             *tf.unstack(tf.constant(self._configured_counts, tf.int64))]))
+        self.assign(self._setting_scales, tf.cast(
+            tf.stack([tf.cast(setting.scale, tf.float64), tf.constant(self._configured_scale, tf.float64)]),
+            self._setting_scales.dtype))
+
+    @property
+    def iterations(self):
+        """The updates so far (a micro-batch of gradient accumulation is not one), as Keras counts them."""
+        if not self.gradient_accumulation_steps:
+            return self._iterations
+        return self._scale_setting().updates
+
+    @property
+    def accumulation_steps(self):
+        """k, the micro-batches each update accumulates now (1 without gradient accumulation)."""
+        return self._eager_number(self._scale_setting().next_steps, int)
+
+    def _eager_number(self, tensor, kind):
+        # A Python number where one can be read (eager), the tensor inside a traced function.
+        if not tf.executing_eagerly():
+            return tensor
+        return kind(tensor.numpy())
+
+    def _check_setting(self, steps, scale, argument):
+        replicas = self._distribution_strategy.num_replicas_in_sync
+        if replicas * steps == 1 and scale > 1:
+            raise ValueError(
+                f"Argument `{argument}` would give S = {scale:g} with one gradient sample per update "
+                "(one replica, one micro-batch): the gain needs at least two samples to see the "
+                "gradient variance. Accumulate >= 2 micro-batches or use >= 2 replicas."
+            )
+
+    def set_accumulation_steps(self, steps):
+        """Makes each update from now on accumulate `steps` micro-batches, without a retrace.
+
+        S keeps its ratio to N: it becomes `S * steps / k` for the current k
+        (S = N by default). tau, the statistics' averages and the update rule's
+        state (momentum, Adam's moments) carry over: the averages are kept in
+        baseline-batch units, so they stay valid at the new S. Called between
+        two micro-batches of one update, the change waits for that update to
+        finish. Call it between steps, outside `tf.function` (a callback or a
+        custom loop's Python); the compiled step reads the count from a
+        variable. The new k and S are optimizer state: saved and restored with
+        it.
+
+        Args:
+            steps: int >= 1, the micro-batches per update. With one replica,
+                1 is allowed only at S = 1 (the gain needs two samples).
+
+        Raises:
+            ValueError: for a bad `steps`, or when the optimizer was made
+                without `gradient_accumulation_steps`.
+        """
+        steps = validation.accumulation_steps(steps, "steps")
+        if not self.gradient_accumulation_steps:
+            raise ValueError(
+                f"{type(self).__name__} was created without gradient accumulation, so its accumulation "
+                "steps cannot change: create it with `gradient_accumulation_steps=k` (any k >= 1, "
+                "the count to start from)."
+            )
+        if not tf.executing_eagerly():
+            raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a tf.function).")
+        setting = self._scale_setting()
+        in_update = int(self._iterations.numpy()) != int(setting.update_start.numpy())
+        # S belongs to the count of the update in progress; a change still pending replaces
+        # the pending one.
+        scale = float(setting.scale.numpy()) * steps / int(setting.steps.numpy())
+        self._check_setting(steps, scale, "steps")
+        if in_update:
+            setting = setting._replace(next_steps=tf.constant(steps, tf.int64))
+        else:
+            setting = setting._replace(steps=tf.constant(steps, tf.int64), next_steps=tf.constant(steps, tf.int64),
+                                       scale=tf.constant(scale, tf.float64))
+        self._write_setting(setting)
+
+    def set_scale(self, scale):
+        """Sets S, the examples per update over the baseline batch, from the next update on.
+
+        For custom loops that change their own per-replica batch (FairScale's
+        `set_scale`): N stays, S changes. tau and the averages carry over. A
+        change of the accumulation steps still pending scales it by
+        `k_new / k`. Call it eagerly, between steps.
+
+        Args:
+            scale: number >= 1, S.
+        """
+        scale = validation.scale(scale)
+        if not tf.executing_eagerly():
+            raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a tf.function).")
+        setting = self._scale_setting()
+        self._check_setting(int(setting.steps.numpy()), scale, "scale")
+        self._write_setting(setting._replace(scale=tf.constant(float(scale), tf.float64)))
 
     def _read_state(self):
         """The `gain.AdaScaleState` held in the state variables."""
@@ -119,23 +307,40 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
     @property
     def scale(self):
-        """S, the examples per update over the baseline batch (defaults to N)."""
-        if self._requested_scale is not None:
-            return self._requested_scale
-        return self.samples_per_update
+        """S, the examples per update over the baseline batch (defaults to N; an int where it is one)."""
+        scale = self._scale_setting().scale
+        if not tf.executing_eagerly():
+            return scale
+        value = float(scale.numpy())
+        keep_float = isinstance(self._requested_scale, float) and value == self._requested_scale
+        return int(value) if value.is_integer() and not keep_float else value
 
     @property
     def samples_per_update(self):
         """N, the gradient samples per update: replicas x accumulation steps (int)."""
         replicas = self._distribution_strategy.num_replicas_in_sync
-        return replicas * (self.gradient_accumulation_steps or 1)
+        return replicas * self.accumulation_steps
 
     @property
     def smoothing(self):
-        """theta, the moving-average factor of the gain statistics (float)."""
+        """theta, the moving-average factor of the gain statistics (float).
+
+        By default `max(1 - S / 1000, 0)` at the S of each update: a memory of
+        about 1000 / S updates, i.e. of about 1,000 baseline batches of
+        examples whatever S is. When S changes during training the memory
+        therefore stays the same in examples (and in tau, near the gain's
+        ceiling): the averages neither restart at a change nor lag further
+        behind a rising noise scale at large S, where each update holds more
+        examples. The bias correction follows the changing theta exactly.
+        """
         if self._requested_smoothing is not None:
             return self._requested_smoothing
         return max(1.0 - self.scale / 1000.0, 0.0)
+
+    def _smoothing_tensor(self, scale):
+        if self._requested_smoothing is not None:
+            return tf.constant(self._requested_smoothing, scale.dtype)
+        return tf.maximum(1.0 - scale / 1000.0, tf.zeros_like(scale))
 
     @property
     def gain(self):
@@ -214,11 +419,14 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         Returns:
             A dict with `gain`, `scale_invariant_iterations`, `effective_learning_rate`,
             `skipped_updates` (int), `gradient_variance`, `gradient_sqr_norm`,
-            `gradient_noise_scale` and `scaling_efficiency` (gain / S).
+            `gradient_noise_scale`, `scaling_efficiency` (gain / S), `scale` (S) and
+            `accumulation_steps` (k; both for the next update).
         """
         state = self._read_state()
+        setting = self._scale_setting()
         variance, sqr_norm = self._moments(state)
         gain = float(state.gain.numpy())
+        scale = float(setting.scale.numpy())
         return {
             "gain": gain,
             "scale_invariant_iterations": float(state.tau_whole.numpy()) + float(state.tau_fraction.numpy()),
@@ -227,7 +435,9 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             "gradient_variance": float(variance.numpy()),
             "gradient_sqr_norm": float(sqr_norm.numpy()),
             "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm).numpy()),
-            "scaling_efficiency": gain / float(self.scale),
+            "scaling_efficiency": gain / scale,
+            "scale": scale,
+            "accumulation_steps": int(setting.next_steps.numpy()),
         }
 
     def _corrected_moments(self):
@@ -257,14 +467,16 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         if self.built:
             return
         self._check_strategy()
-        if self.samples_per_update == 1 and self.scale > 1:
+        # The configured values: build may run inside a traced function.
+        replicas = self._distribution_strategy.num_replicas_in_sync
+        if replicas * (self.gradient_accumulation_steps or 1) == 1 and self._initial_scale > 1:
             raise ValueError(
-                f"Argument `scale` is {self.scale}, but each update sees one gradient "
+                f"Argument `scale` is {self._initial_scale}, but each update sees one gradient "
                 "sample (num_replicas_in_sync=1, no gradient accumulation), and the "
                 "gain needs at least two samples to see the gradient variance. Use "
                 ">= 2 replicas or `gradient_accumulation_steps >= 2`."
             )
-        if self.scale == 1:
+        if self._initial_scale == 1 and self.gradient_accumulation_steps != 1:
             warnings.warn(
                 f"{type(self).__name__} has scale S = 1 (each update holds one baseline batch): "
                 f"the gain is always 1 and it behaves as plain {self._plain_optimizer}. Use several "

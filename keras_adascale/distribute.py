@@ -168,9 +168,10 @@ class AdaScaleMechanics:
         self.assign_add(self._sample_sqr_norm_accumulator, self._local_statistic_words(grads, trainable_variables))
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             learning_rate = self.learning_rate
+            setting = self._scale_setting()
             tf.cond(
-                self._is_update_step(),
-                lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate),
+                self._is_update_step(setting),
+                lambda: self._update_from_accumulators(accumulators, trainable_variables, learning_rate, setting),
                 tf.no_op,
             )
         else:
@@ -189,8 +190,19 @@ class AdaScaleMechanics:
                     tf.no_op,
                 )
 
-    def _is_update_step(self):
-        return tf.equal((self._iterations + 1) % self.gradient_accumulation_steps, 0)
+    def _is_update_step(self, setting):
+        # The count is a variable: a change of k needs no retrace.
+        return self._iterations - setting.update_start + 1 >= setting.steps
+
+    def _next_setting(self, setting):
+        """The setting after the update in progress completes: its pending count takes effect, S follows k."""
+        steps = tf.cast(setting.steps, setting.scale.dtype)
+        return setting._replace(
+            steps=setting.next_steps,
+            update_start=tf.cast(self._iterations, tf.int64) + 1,
+            updates=setting.updates + 1,
+            scale=setting.scale * tf.cast(setting.next_steps, setting.scale.dtype) / steps,
+        )
 
     def _statistic_gradients(self, grads, variables):
         """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
@@ -202,14 +214,14 @@ class AdaScaleMechanics:
         words = encode_statistic(statistic, self._statistic_words_dtype)
         return statistic if words is None else words[0]
 
-    def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate):
+    def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate, setting):
         # Replica context, no merge_call needed (default strategy; XLA on GPU).
-        steps = float(self.gradient_accumulation_steps)
-        grads = [tf.convert_to_tensor(a.value) / steps for a in accumulators]
+        grads = [tf.convert_to_tensor(a.value) for a in accumulators]
+        grads = [g / tf.cast(setting.steps, g.dtype) for g in grads]
         local_sqr_norm_sum = decode_statistic(
             [tf.convert_to_tensor(self._sample_sqr_norm_accumulator.value)], self._statistics_dtype
         )
-        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
+        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting)
         for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
             self.assign(accumulator, tf.zeros_like(accumulator.value))
         return tf.no_op()
@@ -230,35 +242,37 @@ class AdaScaleMechanics:
                     tf.distribute.ReduceOp.SUM, [(statistic_accumulator.value, trainable_variables[0].value)]
                 )
             sums = [distribution.experimental_local_results(s)[0] for s in sums]
-            steps = float(self.gradient_accumulation_steps)
-            grads = [s / steps for s in sums[:-1]]
+            grads = [s / tf.cast(setting.steps, s.dtype) for s in sums[:-1]]
             sample_sqr_norm_sum = decode_statistic(sums[-1:], self._statistics_dtype)
             state, finite, grads, learning_rate = self._adascale_step(
                 grads, trainable_variables, sample_sqr_norm_sum, distribution.num_replicas_in_sync,
-                self.learning_rate,
+                self.learning_rate, setting,
             )
-            self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite)
+            self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite,
+                                   self._next_setting(setting))
             for accumulator in accumulators + [statistic_accumulator]:
                 for component in distribution.experimental_local_results(accumulator.value):
                     component.assign(tf.zeros_like(component))
             return tf.no_op()
 
-        tf.cond(self._is_update_step(), update, tf.no_op)
+        setting = self._scale_setting()
+        tf.cond(self._is_update_step(setting), update, tf.no_op)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # Without accumulation only: the accumulators carry their own statistic.
         local_sqr_norm_sum = gain_lib.sqr_norm_sum(
             self._statistic_gradients(grads, trainable_variables), self._statistics_dtype
         )
-        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate)
+        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate,
+                                self._scale_setting())
 
-    def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate):
+    def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting):
         """Replica context: one all-reduce, the state step, one merge_call to apply."""
         grads, sample_sqr_norm_sum, replicas = all_reduce(grads, local_sqr_norm_sum)
         # With one sample, the sample is the mean: no second pass over it.
-        single_sample = self.samples_per_update == 1
+        single_sample = replicas == 1 and not self.gradient_accumulation_steps
         state, finite, grads, learning_rate = self._adascale_step(
-            grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate,
+            grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate, setting,
             mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -268,38 +282,53 @@ class AdaScaleMechanics:
             learning_rate,
             state,
             finite,
+            self._next_setting(setting) if self.gradient_accumulation_steps else None,
         )
 
-    def _adascale_step(self, grads, variables, sample_sqr_norm_sum, replicas, learning_rate, mean_sqr_norm=None):
+    def _adascale_step(self, grads, variables, sample_sqr_norm_sum, replicas, learning_rate, setting,
+                       mean_sqr_norm=None):
         """Algorithm 1 on reduced values: `(new state, finite, clipped grads, effective learning rate)`."""
         dtype = self._statistics_dtype
         if mean_sqr_norm is None:
             mean_sqr_norm = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
+        scale = tf.cast(setting.scale, dtype)
         state, finite = self._state_step(
             self._read_state(),
             sample_sqr_norm_sum,
             mean_sqr_norm,
             tf.cast(learning_rate, tf.float32),
-            tf.constant(float(self.samples_per_update), dtype),
-            tf.constant(float(self.scale), dtype),
-            tf.constant(self.smoothing, dtype),
+            float(replicas) * tf.cast(setting.steps, dtype),
+            scale,
+            self._smoothing_tensor(scale),
         )
         return state, finite, super()._clip_gradients(grads), state.effective_learning_rate
 
-    def _apply_and_record(self, distribution, grads_and_vars, learning_rate, state, finite):
-        """Cross-replica context: the update (where finite), then the state in one write per variable."""
+    def _apply_and_record(self, distribution, grads_and_vars, learning_rate, state, finite, next_setting=None):
+        """Cross-replica context: the update (where finite), then the state in one write per variable.
+
+        `next_setting`, under gradient accumulation, is the `ScaleSetting` after this update:
+        written whether or not the update was finite (its micro-batches are spent either way).
+        """
         grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
         if isinstance(finite, tf.distribute.DistributedValues):  # identical on every replica
             finite = distribution.experimental_local_results(finite)[0]
             state = tf.nest.map_structure(lambda value: distribution.experimental_local_results(value)[0], state)
+        if isinstance(next_setting, tf.distribute.DistributedValues) or (
+            next_setting is not None and isinstance(next_setting.steps, tf.distribute.DistributedValues)
+        ):
+            next_setting = tf.nest.map_structure(
+                lambda value: distribution.experimental_local_results(value)[0], next_setting
+            )
 
         def apply_finite_update():
             self._apply_update(distribution, grads_and_vars, learning_rate, state)
             return tf.no_op()
 
         tf.cond(finite, apply_finite_update, tf.no_op)
+        if next_setting is not None:
+            self._setting_assignments(distribution, next_setting)
         assignments = self._state_assignments(distribution, state)
         if self.non_finite == "raise":
             # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.

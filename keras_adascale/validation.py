@@ -135,6 +135,13 @@ def count(value, name):
     return int(value)
 
 
+def accumulation_steps(value, name):
+    """A count of micro-batches per update: an int >= 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Argument `{name}` must be an integer >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
 def optional(check, value, *args, **kwargs):
     """`check(value, ...)`, or None for None."""
     return None if value is None else check(value, *args, **kwargs)

@@ -47,7 +47,9 @@ class AdaScaleReference:
         learning_rate: float or function of the integer floor(tau).
         scale: S, examples per update over the baseline batch; each step may
             get any number N of samples (N = S in the paper).
-        smoothing: theta; None for max(1 - S/1000, 0).
+        smoothing: theta; None for max(1 - S/1000, 0) at each update's S. `scale` may be
+            changed between updates (S that varies during training); the bias correction
+            is then the same average taken of 1, which is 1 - theta^t while theta is fixed.
         momentum, nesterov, weight_decay: as keras.optimizers.SGD.
     """
 
@@ -58,7 +60,7 @@ class AdaScaleReference:
             learning_rate if callable(learning_rate) else (lambda step: learning_rate)
         )
         self.scale = scale
-        self.smoothing = max(1.0 - scale / 1000.0, 0.0) if smoothing is None else smoothing
+        self.fixed_smoothing = smoothing
         self.momentum = momentum
         self.nesterov = nesterov
         self.weight_decay = weight_decay
@@ -66,17 +68,26 @@ class AdaScaleReference:
         self.variance_ema = 0.0
         self.sqr_norm_ema = 0.0
         self.updates = 0
+        self.weight = 0.0
         self.tau = 0.0
         self.gain = 1.0
+
+    @property
+    def smoothing(self):
+        """theta for the next update."""
+        if self.fixed_smoothing is not None:
+            return self.fixed_smoothing
+        return max(1.0 - self.scale / 1000.0, 0.0)
 
     def update_gain(self, samples):
         """Algorithm 1's statistics and gain for one update's N samples; returns the gain r."""
         theta = self.smoothing
+        self.weight = theta * self.weight + (1 - theta)
         sigma2, mu2 = gain_statistics(samples, self.scale)
         self.updates += 1
         self.variance_ema = theta * self.variance_ema + (1 - theta) * sigma2
         self.sqr_norm_ema = theta * self.sqr_norm_ema + (1 - theta) * mu2
-        correction = 1.0 - theta**self.updates
+        correction = self.weight
         variance = self.variance_ema / correction
         sqr_norm = self.sqr_norm_ema / correction
         if variance + sqr_norm > 0:
