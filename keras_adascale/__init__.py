@@ -4,13 +4,16 @@ import importlib
 import os
 import sys
 
-__all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleSGD", "ScaleInvariantSchedule", "enable_multi_worker_fit"]
+__all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleSGD", "AutoScale", "ScaleInvariantSchedule", "ScalePolicy",
+           "enable_multi_worker_fit"]
 __version__ = "0.1.0"
 
 _MODULES = {
     "AdaScaleAdam": "keras_adascale.adam",
     "AdaScaleCallback": "keras_adascale.callbacks",
     "AdaScaleSGD": "keras_adascale.optimizer",
+    "AutoScale": "keras_adascale.callbacks",
+    "ScalePolicy": "keras_adascale.autoscale",
     "ScaleInvariantSchedule": "keras_adascale.schedules",
     "enable_multi_worker_fit": "keras_adascale.keras_fixes",
 }

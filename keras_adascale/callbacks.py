@@ -1,18 +1,32 @@
-"""AdaScaleCallback: stop at tau >= T_SI and log gain, tau and learning rate."""
+"""AdaScaleCallback: stop at tau >= T_SI and log gain, tau and learning rate; AutoScale: S chosen during training."""
 
 import os
+import time
 
 import keras
 import tensorflow as tf
 
-from keras_adascale import validation
+from keras_adascale import autoscale, validation
 from keras_adascale.base import AdaScaleBase
 from keras_adascale.schedules import ScaleInvariantSchedule
 
 
 # What goes into the logs (and, with log_dir, TensorBoard as update_<name>): from `snapshot()`.
 _LOGGED = ("gain", "scale_invariant_iterations", "effective_learning_rate", "skipped_updates",
-           "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale", "scaling_efficiency")
+           "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale", "scaling_efficiency",
+           "scale", "accumulation_steps")
+
+
+def _adascale_optimizer(model, who):
+    optimizer = model.optimizer
+    # LossScaleOptimizer (mixed precision) wraps the optimizer.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(optimizer, AdaScaleBase):
+        raise ValueError(
+            f"{who} needs a model compiled with an AdaScale optimizer (AdaScaleSGD or "
+            f"AdaScaleAdam). Received: {type(optimizer).__name__}"
+        )
+    return optimizer
 
 
 class AdaScaleCallback(keras.callbacks.Callback):
@@ -59,15 +73,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
         self._writer = None
 
     def _optimizer(self):
-        optimizer = self.model.optimizer
-        # LossScaleOptimizer (mixed precision) wraps the optimizer.
-        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        if not isinstance(optimizer, AdaScaleBase):
-            raise ValueError(
-                "AdaScaleCallback needs a model compiled with an AdaScale optimizer (AdaScaleSGD or "
-                f"AdaScaleAdam). Received: {type(optimizer).__name__}"
-            )
-        return optimizer
+        return _adascale_optimizer(self.model, type(self).__name__)
 
     def _resolved_total_steps(self, optimizer):
         if self.total_steps is not None:
@@ -128,3 +134,82 @@ class AdaScaleCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._log(logs)
+
+
+class AutoScale(keras.callbacks.Callback):
+    """Chooses S during `model.fit`: the accumulation count follows the gradient noise scale.
+
+    The gradient noise scale grows through training, so the S that pays is
+    small early and large late. Every `interval` scale-invariant iterations
+    (after `warmup`), this callback asks `keras_adascale.autoscale.decide`
+    for the accumulation count k that its objective prefers, from the
+    optimizer's current statistics, and calls
+    `optimizer.set_accumulation_steps(k)` when that k is predicted better by
+    more than `threshold` (S keeps its ratio to N, so with R replicas
+    S = R x k by default). tau keeps the single-batch schedule, so nothing
+    else changes. The objectives ("budget", "efficiency", "goodput") and
+    their parameters are `keras_adascale.autoscale.ScalePolicy`'s; "goodput"
+    times each update here.
+
+    Adds `scale` and `accumulation_steps` to the batch and epoch logs (the
+    progress bar, `History`, and TensorBoard when `keras.callbacks.TensorBoard`
+    comes after it), prints each change once with its reason (`verbose=1`),
+    and keeps them in `changes`. The optimizer must be made with
+    `gradient_accumulation_steps` (the count to start from, 1 allowed).
+
+    Args:
+        objective, interval, warmup, min_steps, max_steps, threshold,
+            update_cost, target_efficiency: see `ScalePolicy`.
+        verbose: 0 or 1, whether to print each change.
+    """
+
+    def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,
+                 threshold=0.05, update_cost=1.0, target_efficiency=0.8, verbose=1):
+        super().__init__()
+        self.policy = autoscale.ScalePolicy(
+            objective, interval=interval, warmup=warmup, min_steps=min_steps, max_steps=max_steps,
+            threshold=threshold, update_cost=update_cost, target_efficiency=target_efficiency,
+        )
+        self.verbose = verbose
+
+    @property
+    def changes(self):
+        """Each change made: update, tau, from_steps, steps, scale, noise_scale, reason."""
+        return self.policy.changes
+
+    def on_train_begin(self, logs=None):
+        optimizer = _adascale_optimizer(self.model, type(self).__name__)
+        if not optimizer.gradient_accumulation_steps:
+            raise ValueError(
+                "AutoScale changes the accumulation steps: compile the model with an optimizer made with "
+                "`gradient_accumulation_steps=k` (the count to start from; 1 is allowed). Received: "
+                f"{type(optimizer).__name__} without gradient accumulation."
+            )
+        self._update = int(optimizer.iterations)
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = _adascale_optimizer(self.model, type(self).__name__)
+        update = int(optimizer.iterations)
+        if update != self._update:
+            now = time.perf_counter()
+            seconds = (now - self._started) / (update - self._update)
+            self._update, self._started = update, now
+            changes = len(self.policy.changes)
+            self.policy.step(optimizer, seconds=seconds)
+            if self.verbose and len(self.policy.changes) > changes:
+                change = self.policy.changes[-1]
+                keras.utils.io_utils.print_msg(
+                    f"\nAutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
+                    f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}."
+                )
+        self._log(optimizer, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._log(_adascale_optimizer(self.model, type(self).__name__), logs)
+
+    @staticmethod
+    def _log(optimizer, logs):
+        if logs is not None:
+            logs["scale"] = float(optimizer.scale)
+            logs["accumulation_steps"] = optimizer.accumulation_steps

@@ -1,0 +1,253 @@
+"""Choosing S during training: the pure policy (`decide`) and its stateful driver (`ScalePolicy`).
+
+AdaScale's gain model says what an update at scale S is worth: with b the gradient noise scale in
+baseline batches (`gradient_noise_scale`), an update at S advances tau by r(S) = (b + 1) / (b / S + 1).
+So per unit of tau, a run at S takes 1 / r(S) = (b / S + 1) / (b + 1) updates and spends
+S / r(S) = (b + S) / (b + 1) baseline batches of examples (one at S = 1). Every objective here ranks the
+accumulation counts k (S = S_per_step x k) by that model, from the optimizer's current statistics:
+
+- "budget": the fewest updates for the examples spent. Minimizing updates + lambda x examples per unit
+  of tau, (b / S + 1) / (b + 1) + lambda (b + S) / (b + 1), gives d/dS = (lambda - b / S^2) / (b + 1) = 0,
+  so S* = sqrt(b / lambda): S grows as the square root of the noise scale. `update_cost` is 1 / lambda,
+  the baseline batches of examples one update is worth: an update's fixed cost (all-reduce, apply,
+  a step's latency) in units of one baseline batch's computation. At b >> S the examples spent over
+  the S = 1 run grow by about (S - 1) / b per unit of tau.
+- "efficiency": the largest k whose predicted efficiency r(S) / S = (b + 1) / (b + S) stays at or
+  above a target e, i.e. S <= (b + 1) / e - b: S grows in proportion to b.
+- "goodput": the k with the most tau per second, r(S(k)) / t(k), with t(k) = alpha + beta k fitted to
+  the seconds per update measured at each k run so far (Pollux's throughput model, without its
+  network terms); with one k measured, alpha is half its time (Pollux's prior).
+
+A change is made only when the chosen k is predicted better than the current one by more than
+`threshold` (AdaptDL's 5%), so that noise in the statistics does not make k flicker.
+"""
+
+import math
+from typing import NamedTuple
+
+from keras_adascale import validation
+
+OBJECTIVES = ("budget", "efficiency", "goodput")
+
+
+class Decision(NamedTuple):
+    """What `decide` chose.
+
+    Attributes:
+        steps: the accumulation count k to use (the current one where nothing pays enough).
+        scale: S at that k.
+        changed: whether `steps` differs from the current count.
+        improvement: the predicted gain of `steps` over the current count, as a fraction
+            (0.1 = 10% better by the objective), 0 when unchanged.
+        reason: one sentence on why, for the log.
+    """
+
+    steps: int
+    scale: float
+    changed: bool
+    improvement: float
+    reason: str
+
+
+def gain(noise_scale, scale):
+    """r(S) = (b + 1) / (b / S + 1) for noise scale b (baseline batches); S when b is infinite."""
+    if math.isinf(noise_scale):
+        return float(scale)
+    return (noise_scale + 1.0) / (noise_scale / scale + 1.0)
+
+
+def updates_per_tau(noise_scale, scale):
+    """1 / r(S): updates per scale-invariant iteration."""
+    return 1.0 / gain(noise_scale, scale)
+
+
+def examples_per_tau(noise_scale, scale):
+    """S / r(S): baseline batches of examples per scale-invariant iteration (1 at S = 1)."""
+    return scale / gain(noise_scale, scale)
+
+
+def budget_scale(noise_scale, update_cost):
+    """S* = sqrt(b x update_cost), the S with the fewest updates + examples / update_cost per unit of tau."""
+    return math.sqrt(noise_scale * update_cost) if not math.isinf(noise_scale) else math.inf
+
+
+def fit_step_time(seconds_by_steps):
+    """(alpha, beta) of t(k) = alpha + beta k, least squares over {k: seconds per update}.
+
+    With one k measured, alpha is half its time (Pollux's prior: optimistic about larger k).
+    Both are kept >= 0.
+    """
+    points = sorted(seconds_by_steps.items())
+    if not points:
+        raise ValueError("fit_step_time needs at least one measured accumulation count.")
+    if len(points) == 1:
+        ((steps, seconds),) = points
+        return seconds / 2.0, seconds / (2.0 * steps)
+    count = len(points)
+    mean_k = sum(k for k, _ in points) / count
+    mean_t = sum(t for _, t in points) / count
+    spread = sum((k - mean_k) ** 2 for k, _ in points)
+    beta = max(sum((k - mean_k) * (t - mean_t) for k, t in points) / spread, 0.0)
+    alpha = max(mean_t - beta * mean_k, 0.0)
+    return alpha, beta
+
+
+def _scores(objective, noise_scale, scales, steps, update_cost, target_efficiency, step_time):
+    """A score per candidate (higher is better) and whether it is allowed."""
+    if objective == "budget":
+        lam = 1.0 / update_cost
+        return [-(updates_per_tau(noise_scale, s) + lam * examples_per_tau(noise_scale, s)) for s in scales]
+    if objective == "efficiency":
+        # Updates saved, among the counts that keep the target; the rest are not allowed.
+        return [gain(noise_scale, s) if gain(noise_scale, s) / s >= target_efficiency else -math.inf
+                for s in scales]
+    alpha, beta = step_time
+    return [gain(noise_scale, s) / (alpha + beta * k) for s, k in zip(scales, steps)]
+
+
+def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, min_steps=1, max_steps=32,
+           threshold=0.05, update_cost=1.0, target_efficiency=0.8, step_time=None):
+    """The accumulation count to use next, from the gradient noise scale.
+
+    Args:
+        noise_scale: b, the gradient noise scale in baseline batches (`optimizer.gradient_noise_scale`).
+        current_steps: the current k.
+        scale_per_step: S / k (S = N by default, so the replica count).
+        objective: "budget", "efficiency" or "goodput" (see the module docstring).
+        min_steps, max_steps: the bounds on k.
+        threshold: the predicted improvement a change needs (0.05: 5%).
+        update_cost: "budget": baseline batches of examples one update is worth (1 / lambda).
+        target_efficiency: "efficiency": the least r(S) / S allowed.
+        step_time: "goodput": (alpha, beta) of the seconds per update t(k) = alpha + beta k.
+
+    Returns:
+        A `Decision`.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
+    if objective == "goodput" and step_time is None:
+        raise ValueError("The goodput objective needs `step_time`, (alpha, beta) of t(k) = alpha + beta k.")
+    steps = list(range(min_steps, max_steps + 1))
+    scales = [scale_per_step * k for k in steps]
+    scores = _scores(objective, noise_scale, scales, steps, update_cost, target_efficiency, step_time)
+    current = min(max(current_steps, min_steps), max_steps)
+    current_score = scores[steps.index(current)]
+    if objective == "efficiency" and current_score == -math.inf:
+        # Below the target: the largest count that keeps it, else the smallest count.
+        allowed = [k for k, score in zip(steps, scores) if score > -math.inf]
+        best = max(allowed) if allowed else min_steps
+        return _decision(best, scale_per_step, current_steps, 0.0,
+                         f"efficiency r/S at S = {scale_per_step * current:g} is below the target "
+                         f"{target_efficiency:g} (noise scale {noise_scale:.3g})")
+    best_index = max(range(len(steps)), key=lambda i: (scores[i], -steps[i]))
+    best, best_score = steps[best_index], scores[best_index]
+    improvement = _improvement(best_score, current_score)
+    if best != current and improvement > threshold:
+        return _decision(best, scale_per_step, current_steps, improvement,
+                         f"{objective}: S = {scale_per_step * best:g} is predicted {100 * improvement:.0f}% better "
+                         f"than S = {scale_per_step * current:g} at noise scale {noise_scale:.3g}")
+    if current != current_steps:
+        return _decision(current, scale_per_step, current_steps, 0.0, f"k = {current_steps} is outside the bounds")
+    return _decision(current, scale_per_step, current_steps, 0.0,
+                     f"{objective}: no S is predicted more than {100 * threshold:g}% better")
+
+
+def _improvement(best, current):
+    # Scores are costs (negative) for "budget", rates (positive) otherwise: improvement as a ratio.
+    if current == best:
+        return 0.0
+    if best < 0 or current < 0:
+        return current / best - 1.0 if best != 0 else math.inf
+    return best / current - 1.0 if current > 0 else math.inf
+
+
+def _decision(steps, scale_per_step, current_steps, improvement, reason):
+    return Decision(steps, scale_per_step * steps, steps != current_steps, improvement, reason)
+
+
+class ScalePolicy:
+    """Re-decides the accumulation count of an AdaScale optimizer during training (custom loops).
+
+    Call `step(optimizer)` after each update; every `interval` scale-invariant
+    iterations, once tau has passed `warmup`, it asks `decide` for the count
+    that the objective prefers and calls `optimizer.set_accumulation_steps`
+    when that count is predicted better by more than `threshold`. Each
+    change is kept in `changes`. `keras_adascale.AutoScale` drives it from
+    `model.fit`.
+
+    Args:
+        objective: "budget" (default), "efficiency" or "goodput" (see this module's docstring).
+        interval: scale-invariant iterations between decisions. Defaults to 100.
+        warmup: tau before the first decision, so that the averages mean something.
+            Defaults to `interval`.
+        min_steps: the least k. Defaults to the least that gives two gradient samples
+            (2 on one replica, 1 on several).
+        max_steps: the largest k. Defaults to 32.
+        threshold: the predicted improvement a change needs. Defaults to 0.05.
+        update_cost: "budget": the baseline batches of examples one update is worth
+            (1 / lambda; S* = sqrt(noise scale x update_cost)). Defaults to 1.
+        target_efficiency: "efficiency": the least predicted r(S) / S. Defaults to 0.8.
+    """
+
+    def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,
+                 threshold=0.05, update_cost=1.0, target_efficiency=0.8):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
+        self.objective = objective
+        self.interval = float(validation.positive(interval, "interval"))
+        self.warmup = self.interval if warmup is None else validation.non_negative(warmup, "warmup")
+        self.min_steps = None if min_steps is None else validation.accumulation_steps(min_steps, "min_steps")
+        self.max_steps = validation.accumulation_steps(max_steps, "max_steps")
+        if self.min_steps is not None and self.min_steps > self.max_steps:
+            raise ValueError(f"Argument `min_steps` ({self.min_steps}) must be <= `max_steps` ({self.max_steps}).")
+        self.threshold = validation.non_negative(threshold, "threshold")
+        self.update_cost = float(validation.positive(update_cost, "update_cost"))
+        if not 0.0 < target_efficiency <= 1.0:
+            raise ValueError(f"Argument `target_efficiency` must be in (0, 1]. Received: {target_efficiency!r}")
+        self.target_efficiency = float(target_efficiency)
+        self.changes = []
+        self._seconds = {}  # k -> [total seconds, updates]
+        self._next_decision = None
+
+    def record_time(self, steps, seconds):
+        """Adds one update's wall time at `steps` micro-batches (for "goodput")."""
+        total = self._seconds.setdefault(steps, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+
+    def seconds_per_update(self):
+        """{k: mean seconds per update} over the updates timed so far."""
+        return {k: total / count for k, (total, count) in self._seconds.items() if count}
+
+    def step(self, optimizer, seconds=None):
+        """After an update: records its time, and re-decides when due. Returns the `Decision`, or None."""
+        snapshot = optimizer.snapshot()
+        steps = snapshot["accumulation_steps"]
+        if seconds is not None:
+            self.record_time(steps, seconds)
+        tau = snapshot["scale_invariant_iterations"]
+        if self._next_decision is None:
+            self._next_decision = max(self.warmup, tau)
+        if tau < self._next_decision:
+            return None
+        self._next_decision = tau + self.interval
+        replicas = optimizer.samples_per_update // steps
+        min_steps = self.min_steps if self.min_steps is not None else max(1, -(-2 // replicas))
+        step_time = None
+        if self.objective == "goodput":
+            measured = self.seconds_per_update()
+            if not measured:
+                return None
+            step_time = fit_step_time(measured)
+        decision = decide(
+            snapshot["gradient_noise_scale"], steps, snapshot["scale"] / steps, self.objective,
+            min_steps=min(min_steps, self.max_steps), max_steps=self.max_steps, threshold=self.threshold,
+            update_cost=self.update_cost, target_efficiency=self.target_efficiency, step_time=step_time,
+        )
+        if decision.changed:
+            optimizer.set_accumulation_steps(decision.steps)
+            self.changes.append({"update": int(optimizer.iterations), "scale_invariant_iterations": tau,
+                                 "from_steps": steps, "steps": decision.steps, "scale": decision.scale,
+                                 "noise_scale": snapshot["gradient_noise_scale"], "reason": decision.reason})
+        return decision
+

@@ -1,0 +1,159 @@
+"""The S policy (keras_adascale/autoscale.py) on synthetic statistics with hand-computed answers, and the AutoScale
+callback in `model.fit`."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adascale
+from conftest import BATCH, LeastSquares
+from keras_adascale import autoscale
+
+
+def test_budget_picks_the_square_root_of_noise_scale_times_update_cost():
+    # b = sigma2 / mu2 = 16, update cost 4: S* = sqrt(64) = 8. Costs per unit of tau (times b + 1 = 17):
+    # S = 8: (16/8 + 1) + (16 + 8)/4 = 9; S = 2: (8 + 1) + 18/4 = 13.5; so 13.5 / 9 - 1 = 50% better.
+    decision = autoscale.decide(0.32 / 0.02, 2, 1.0, "budget", min_steps=2, max_steps=32, update_cost=4.0)
+    assert decision.steps == 8 and decision.scale == 8 and decision.changed
+    assert decision.improvement == pytest.approx(0.5)
+
+
+def test_budget_keeps_a_count_within_the_threshold():
+    # From S = 7: cost (16/7 + 1) + 23/4 = 9.0357 against 9 at S = 8: 0.4% better, under 5%.
+    decision = autoscale.decide(16.0, 7, 1.0, "budget", min_steps=2, max_steps=32, update_cost=4.0)
+    assert decision.steps == 7 and not decision.changed
+    assert autoscale.decide(16.0, 7, 1.0, "budget", max_steps=32, update_cost=4.0, threshold=0.001).steps == 8
+
+
+def test_budget_stays_within_the_bounds():
+    assert autoscale.decide(16.0, 2, 1.0, "budget", min_steps=2, max_steps=4, update_cost=4.0).steps == 4
+    assert autoscale.decide(0.01, 8, 1.0, "budget", min_steps=3, max_steps=32, update_cost=4.0).steps == 3
+
+
+def test_budget_counts_s_per_step_on_several_replicas():
+    # 4 replicas: S = 4k. b = 100, cost 4: S* = 20, between S = 20 (k = 5) exactly.
+    decision = autoscale.decide(100.0, 1, 4.0, "budget", max_steps=32, update_cost=4.0)
+    assert decision.steps == 5 and decision.scale == 20
+
+
+def test_efficiency_takes_the_largest_count_that_keeps_the_target():
+    # b = 9, e = 0.8: r/S = 10 / (9 + S) >= 0.8 for S <= 3.5.
+    assert autoscale.decide(9.0, 2, 1.0, "efficiency", target_efficiency=0.8).steps == 3
+    # 2 replicas (S = 2k): S = 2 gives 10/11 = 0.91, S = 4 gives 10/13 = 0.77: k = 1.
+    assert autoscale.decide(9.0, 3, 2.0, "efficiency", target_efficiency=0.8).steps == 1
+
+
+def test_goodput_maximizes_gain_per_second_of_the_fitted_step_time():
+    # t(1) = 1.0 s, t(4) = 2.5 s: t(k) = 0.5 + 0.5 k. b = 15: r/t = 32k / ((15 + k)(1 + k)),
+    # 1.0 at k = 1, 1.333 at k = 3, 1.347 at k = 4, 1.333 at k = 5.
+    step_time = autoscale.fit_step_time({1: 1.0, 4: 2.5})
+    assert step_time == pytest.approx((0.5, 0.5))
+    decision = autoscale.decide(15.0, 1, 1.0, "goodput", step_time=step_time)
+    assert decision.steps == 4
+    assert decision.improvement == pytest.approx(32 * 4 / (19 * 5) - 1)
+
+
+def test_one_measured_count_gives_half_its_time_as_the_fixed_cost():
+    assert autoscale.fit_step_time({4: 2.0}) == pytest.approx((1.0, 0.25))
+
+
+def test_the_gain_model_per_unit_of_tau():
+    assert autoscale.updates_per_tau(9.0, 3.0) == pytest.approx((9 / 3 + 1) / 10)
+    assert autoscale.examples_per_tau(9.0, 3.0) == pytest.approx((9 + 3) / 10)
+    assert autoscale.gain(math.inf, 8.0) == 8.0
+    assert autoscale.budget_scale(16.0, 4.0) == 8.0
+
+
+class FakeOptimizer:
+    """The optimizer surface ScalePolicy reads: a snapshot with a chosen noise scale and tau, on R replicas."""
+
+    def __init__(self, replicas=1, steps=2):
+        self.replicas, self.steps, self.tau, self.noise_scale, self.iterations = replicas, steps, 0.0, 16.0, 0
+        self.calls = []
+
+    @property
+    def samples_per_update(self):
+        return self.replicas * self.steps
+
+    def snapshot(self):
+        return {"accumulation_steps": self.steps, "scale": float(self.replicas * self.steps),
+                "scale_invariant_iterations": self.tau, "gradient_noise_scale": self.noise_scale}
+
+    def set_accumulation_steps(self, steps):
+        self.calls.append(steps)
+        self.steps = steps
+
+
+def test_the_policy_waits_for_the_warmup_then_decides_every_interval():
+    optimizer, policy = FakeOptimizer(), autoscale.ScalePolicy(interval=10, warmup=25, update_cost=4.0)
+    for tau in [5, 15, 24]:
+        optimizer.tau = tau
+        assert policy.step(optimizer) is None
+    optimizer.tau = 26
+    assert policy.step(optimizer).steps == 8 and optimizer.calls == [8]
+    optimizer.noise_scale, optimizer.tau = 64.0, 30  # S* = 16, but the next decision is at tau 36
+    assert policy.step(optimizer) is None
+    optimizer.tau = 36.5
+    assert policy.step(optimizer).steps == 16 and optimizer.calls == [8, 16]
+    assert [change["steps"] for change in policy.changes] == [8, 16]
+    assert policy.changes[-1]["from_steps"] == 8 and "budget" in policy.changes[-1]["reason"]
+
+
+def test_the_least_count_gives_two_samples():
+    # b = 0.01: S* = 0.2, below any count; one replica needs k >= 2, two replicas k >= 1.
+    for replicas, least in [(1, 2), (2, 1)]:
+        optimizer = FakeOptimizer(replicas=replicas, steps=4)
+        optimizer.noise_scale = 0.01
+        autoscale.ScalePolicy(warmup=0).step(optimizer)
+        assert optimizer.steps == least
+
+
+def test_goodput_policy_uses_the_times_it_was_given():
+    optimizer, policy = FakeOptimizer(steps=1), autoscale.ScalePolicy("goodput", warmup=0, interval=1, min_steps=1)
+    optimizer.noise_scale = 15.0
+    policy.record_time(4, 2.5)
+    assert policy.step(optimizer, seconds=1.0).steps == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"objective": "fastest"}, "`objective` must be one of"), ({"interval": 0}, "`interval`"),
+     ({"max_steps": 0}, "`max_steps` must be an integer >= 1"), ({"min_steps": 8, "max_steps": 4}, "`min_steps`"),
+     ({"update_cost": -1.0}, "`update_cost`"), ({"target_efficiency": 1.5}, "`target_efficiency`")],
+)
+def test_bad_policy_arguments_raise_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        autoscale.ScalePolicy(**kwargs)
+
+
+def test_autoscale_in_fit_grows_the_count_and_logs_s_and_k():
+    problem = LeastSquares(num_examples=96 * BATCH, seed=11)
+    model = problem.model()
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="mse")
+    callback = keras_adascale.AutoScale(interval=4, warmup=4, update_cost=64.0, max_steps=8, verbose=0)
+    history = model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=2, verbose=0,
+                        callbacks=[callback])
+    assert callback.changes and callback.changes[0]["from_steps"] == 2
+    assert optimizer.accumulation_steps == callback.changes[-1]["steps"]
+    assert history.history["accumulation_steps"][-1] == optimizer.accumulation_steps
+    assert history.history["scale"][-1] == optimizer.scale
+    # Each change is the policy's answer for the statistics it saw.
+    for change in callback.changes:
+        expected = autoscale.decide(change["noise_scale"], change["from_steps"], 1.0, "budget", min_steps=2,
+                                    max_steps=8, update_cost=64.0)
+        assert change["steps"] == expected.steps
+
+
+def test_autoscale_needs_gradient_accumulation():
+    problem = LeastSquares(num_examples=16, seed=1)
+    model = problem.model()
+    model.compile(optimizer=keras.optimizers.SGD(), loss="mse")
+    with pytest.raises(ValueError, match="AutoScale needs a model compiled with an AdaScale optimizer"):
+        model.fit(problem.x, problem.y, verbose=0, callbacks=[keras_adascale.AutoScale()])
+    model = problem.model()
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(scale=1), loss="mse")
+    with pytest.raises(ValueError, match="made with `gradient_accumulation_steps=k`"):
+        model.fit(problem.x, problem.y, verbose=0, callbacks=[keras_adascale.AutoScale()])
