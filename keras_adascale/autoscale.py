@@ -106,7 +106,7 @@ def _scores(objective, noise_scale, scales, steps, update_cost, target_efficienc
 
 
 def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, min_steps=1, max_steps=32,
-           threshold=0.05, update_cost=1.0, target_efficiency=0.8, step_time=None):
+           threshold=0.05, update_cost=1.0, target_efficiency=0.8, step_time=None, allowed_steps=None):
     """The accumulation count to use next, from the gradient noise scale.
 
     Args:
@@ -119,6 +119,7 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
         update_cost: "budget": baseline batches of examples one update is worth (1 / lambda).
         target_efficiency: "efficiency": the least r(S) / S allowed.
         step_time: "goodput": (alpha, beta) of the seconds per update t(k) = alpha + beta k.
+        allowed_steps: optional list of the counts allowed (e.g. powers of two), within the bounds.
 
     Returns:
         A `Decision`.
@@ -127,7 +128,9 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
         raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
     if objective == "goodput" and step_time is None:
         raise ValueError("The goodput objective needs `step_time`, (alpha, beta) of t(k) = alpha + beta k.")
-    steps = list(range(min_steps, max_steps + 1))
+    steps = [k for k in (allowed_steps or range(min_steps, max_steps + 1)) if min_steps <= k <= max_steps]
+    if current_steps not in steps:
+        steps = sorted(set(steps) | {min(max(current_steps, min_steps), max_steps)})
     scales = [scale_per_step * k for k in steps]
     scores = _scores(objective, noise_scale, scales, steps, update_cost, target_efficiency, step_time)
     current = min(max(current_steps, min_steps), max_steps)
@@ -177,7 +180,9 @@ class ScalePolicy:
 
     Args:
         objective: "budget" (default), "efficiency" or "goodput" (see this module's docstring).
-        interval: scale-invariant iterations between decisions. Defaults to 100.
+        interval: scale-invariant iterations between decisions; 0 decides at every
+            call (the runner calls once per epoch, as AdaptDL decides once per pass).
+            Defaults to 100.
         warmup: tau before the first decision, so that the averages mean something.
             Defaults to `interval`.
         min_steps: the least k. Defaults to the least that gives two gradient samples
@@ -194,8 +199,9 @@ class ScalePolicy:
         if objective not in OBJECTIVES:
             raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
         self.objective = objective
-        self.interval = float(validation.positive(interval, "interval"))
+        self.interval = validation.non_negative(interval, "interval")
         self.warmup = self.interval if warmup is None else validation.non_negative(warmup, "warmup")
+        self.allowed_steps = None
         self.min_steps = None if min_steps is None else validation.accumulation_steps(min_steps, "min_steps")
         self.max_steps = validation.accumulation_steps(max_steps, "max_steps")
         if self.min_steps is not None and self.min_steps > self.max_steps:
@@ -243,6 +249,7 @@ class ScalePolicy:
             snapshot["gradient_noise_scale"], steps, snapshot["scale"] / steps, self.objective,
             min_steps=min(min_steps, self.max_steps), max_steps=self.max_steps, threshold=self.threshold,
             update_cost=self.update_cost, target_efficiency=self.target_efficiency, step_time=step_time,
+            allowed_steps=self.allowed_steps,
         )
         if decision.changed:
             optimizer.set_accumulation_steps(decision.steps)

@@ -160,16 +160,28 @@ class AutoScale(keras.callbacks.Callback):
     Args:
         objective, interval, warmup, min_steps, max_steps, threshold,
             update_cost, target_efficiency: see `ScalePolicy`.
+        allowed_steps: optional list of the counts k allowed (e.g. powers of two).
+        every: "update" (default): a decision may come after any update, when
+            `interval` is due; "epoch": only at the start of an epoch (with
+            `interval=0`, at every epoch, as AdaptDL decides once per pass).
+            With "epoch" and a `steps_per_epoch` that every allowed k divides,
+            each epoch ends at an update boundary, so that
+            `keras.callbacks.BackupAndRestore` resumes exactly.
         verbose: 0 or 1, whether to print each change.
     """
 
     def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,
-                 threshold=0.05, update_cost=1.0, target_efficiency=0.8, verbose=1):
+                 threshold=0.05, update_cost=1.0, target_efficiency=0.8, allowed_steps=None, every="update",
+                 verbose=1):
         super().__init__()
+        if every not in ("update", "epoch"):
+            raise ValueError(f"Argument `every` must be 'update' or 'epoch'. Received: every={every!r}")
         self.policy = autoscale.ScalePolicy(
             objective, interval=interval, warmup=warmup, min_steps=min_steps, max_steps=max_steps,
             threshold=threshold, update_cost=update_cost, target_efficiency=target_efficiency,
         )
+        self.policy.allowed_steps = None if allowed_steps is None else sorted(allowed_steps)
+        self.every = every
         self.verbose = verbose
 
     @property
@@ -195,15 +207,26 @@ class AutoScale(keras.callbacks.Callback):
             now = time.perf_counter()
             seconds = (now - self._started) / (update - self._update)
             self._update, self._started = update, now
-            changes = len(self.policy.changes)
-            self.policy.step(optimizer, seconds=seconds)
-            if self.verbose and len(self.policy.changes) > changes:
-                change = self.policy.changes[-1]
-                keras.utils.io_utils.print_msg(
-                    f"\nAutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
-                    f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}."
-                )
+            if self.every == "update":
+                self._decide(optimizer, seconds)
+            else:
+                self.policy.record_time(optimizer.accumulation_steps, seconds)
         self._log(optimizer, logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.every == "epoch":
+            self._decide(_adascale_optimizer(self.model, type(self).__name__), None)
+        self._started = time.perf_counter()
+
+    def _decide(self, optimizer, seconds):
+        changes = len(self.policy.changes)
+        self.policy.step(optimizer, seconds=seconds)
+        if self.verbose and len(self.policy.changes) > changes:
+            change = self.policy.changes[-1]
+            keras.utils.io_utils.print_msg(
+                f"\nAutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
+                f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}."
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         self._log(_adascale_optimizer(self.model, type(self).__name__), logs)

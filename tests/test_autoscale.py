@@ -119,7 +119,7 @@ def test_goodput_policy_uses_the_times_it_was_given():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"objective": "fastest"}, "`objective` must be one of"), ({"interval": 0}, "`interval`"),
+    [({"objective": "fastest"}, "`objective` must be one of"), ({"interval": -1}, "`interval`"),
      ({"max_steps": 0}, "`max_steps` must be an integer >= 1"), ({"min_steps": 8, "max_steps": 4}, "`min_steps`"),
      ({"update_cost": -1.0}, "`update_cost`"), ({"target_efficiency": 1.5}, "`target_efficiency`")],
 )
