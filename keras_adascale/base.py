@@ -476,7 +476,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 "gain needs at least two samples to see the gradient variance. Use "
                 ">= 2 replicas or `gradient_accumulation_steps >= 2`."
             )
-        if self._initial_scale == 1 and self.gradient_accumulation_steps != 1:
+        if self._initial_scale == 1 and not self.gradient_accumulation_steps:
             warnings.warn(
                 f"{type(self).__name__} has scale S = 1 (each update holds one baseline batch): "
                 f"the gain is always 1 and it behaves as plain {self._plain_optimizer}. Use several "

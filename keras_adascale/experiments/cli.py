@@ -25,6 +25,13 @@ _COLUMNS = (
 )
 
 
+def _scale_cell(final):
+    # An auto-scale run's S changed: its mean over updates, and where it ended.
+    if final.get("scale_setting") == "auto":
+        return f"auto {final['scale']:.1f} -> {final['final_scale']:g}"
+    return final["scale"]
+
+
 def comparison_table(finals):
     """The side-by-side table of finished runs, as text.
 
@@ -40,7 +47,7 @@ def comparison_table(finals):
         columns.insert(-1, ("test bpc", "{:.4f}"))
     rows = [
         [
-            final["run"], final["optimizer"], final["scale"], f"{final['replicas']} x {final['accumulation']}",
+            final["run"], final["optimizer"], _scale_cell(final), f"{final['replicas']} x {final['accumulation']}",
             final["updates"], final["tau"], final["mean_gain"], final["final_train_loss"],
             final["test_accuracy"], *([final.get("test_bits_per_character", float("nan"))] if bits else []),
             final["wall_time"],

@@ -21,9 +21,13 @@ SCHEDULES = ("constant", "piecewise_constant", "cosine")
 
 
 NUMBER = (int, float)
+# optimizer.scale: a number, or "auto" (AdaScale chooses S during training; see the autoscale section).
+SCALE_KIND = (int, float, str)
+AUTO = "auto"
+OBJECTIVES = ("budget", "efficiency", "goodput")
 _KIND_NAMES = {
     int: "an integer", float: "a number", NUMBER: "a number", bool: "true or false", str: "a string",
-    list: "a list",
+    list: "a list", SCALE_KIND: "a number or 'auto'",
 }
 
 
@@ -97,7 +101,8 @@ SCHEMA = {
                  str, choices=OPTIMIZERS),
         scale=Key(1, "S: examples per update / baseline_batch_size (int or float); the gradient samples "
                   "per update are N = S x baseline_batch_size / dataset.batch_size = replicas x accumulation "
-                  "steps", NUMBER, minimum=1),
+                  "steps. 'auto' (adascale, adascale_adam): AdaScale chooses S during training, at the "
+                  "start of each epoch, by the autoscale section", SCALE_KIND, minimum=1),
         baseline_batch_size=Key(None, "B0: the batch the single-batch (S = 1) recipe was tuned for; "
                                 "default dataset.batch_size (S = N)", int, minimum=1, nullable=True),
         momentum=Key(0.9, "SGD momentum (adascale, sgd, lsr, lsr_warmup)", float, minimum=0.0),
@@ -112,6 +117,20 @@ SCHEMA = {
                        choices=STATISTICS),
         warmup_fraction=Key(0.05, "lsr_warmup only: warm-up length, as a fraction of the run's updates",
                             float, minimum=0.0),
+    ),
+    "autoscale": _section(
+        objective=Key("budget", "optimizer.scale=auto: budget (fewest updates + examples / update_cost; "
+                      "S = sqrt(noise scale x update_cost)) | efficiency (largest S with predicted "
+                      "efficiency >= target_efficiency) | goodput (most tau per second, step times measured)",
+                      str, choices=OBJECTIVES),
+        update_cost=Key(1.0, "budget: the baseline batches of examples one update is worth", float, minimum=0.0),
+        target_efficiency=Key(0.8, "efficiency: the least predicted gain / S", float, minimum=0.0),
+        max_scale=Key(32, "the largest S; S takes the powers of two of the accumulation steps", NUMBER, minimum=1),
+        warmup=Key(None, "tau before the first decision; default total_steps / 20", NUMBER, minimum=0,
+                   nullable=True),
+        threshold=Key(0.05, "a change needs a predicted improvement above this fraction", float, minimum=0.0),
+        decisions=Key(40, "epochs over the run (one decision at the start of each): sets the epoch length",
+                      int, minimum=1),
     ),
     "runs": Key(None, "list of variants to train, each {name: ..., <key>: <override>...}", list, nullable=True),
 }
@@ -163,6 +182,10 @@ def _check_value(path, key, value):
     expected = key.kind
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is SCALE_KIND and isinstance(value, str):
+        if value != AUTO:
+            raise ConfigError(f"config key '{path}' must be a number >= 1 or 'auto'; got {value!r}")
+        return value
     if expected is not object and (not isinstance(value, expected) or (
             expected in (int, NUMBER) and isinstance(value, bool))):
         raise ConfigError(f"config key '{path}' must be {_KIND_NAMES[expected]}; got {value!r}")
@@ -206,7 +229,10 @@ def _run_errors(run):
     """The cross-key rules one resolved run breaks, as messages."""
     errors = []
     optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
-    if optimizer["scale"] not in validation.SCALE:
+    if optimizer["scale"] == AUTO and optimizer["name"] not in ADASCALE_OPTIMIZERS:
+        errors.append(f"optimizer.scale=auto needs an AdaScale optimizer ({', '.join(ADASCALE_OPTIMIZERS)}); "
+                      f"got optimizer.name={optimizer['name']}")
+    elif optimizer["scale"] != AUTO and optimizer["scale"] not in validation.SCALE:
         errors.append(f"optimizer.scale must be a finite number >= 1; got {optimizer['scale']}")
     else:
         # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
@@ -237,6 +263,38 @@ def baseline_batch_size(run):
     return run["optimizer"]["baseline_batch_size"] or run["dataset"]["batch_size"]
 
 
+def is_auto(run):
+    """Whether AdaScale chooses the run's S during training (`optimizer.scale: auto`)."""
+    return run["optimizer"]["scale"] == AUTO
+
+
+def auto_steps(run, replicas, label=None):
+    """The accumulation counts an auto-scale run may use on `replicas` replicas.
+
+    Returns:
+        `(scale_per_step, allowed)`: S per accumulation step (replicas x B / B0) and the allowed
+        counts, the powers of two from the least that gives two gradient samples up to `max_scale`.
+
+    Raises:
+        ConfigError: if not even the least count fits under `autoscale.max_scale`.
+    """
+    label = f"run '{run['run']}': " if label is None else label
+    scale_per_step = replicas * run["dataset"]["batch_size"] / baseline_batch_size(run)
+    least = 1 if replicas >= 2 else 2
+    allowed = []
+    steps = least
+    while scale_per_step * steps <= run["autoscale"]["max_scale"] + 1e-9:
+        allowed.append(steps)
+        steps *= 2
+    if not allowed:
+        raise ConfigError(
+            f"{label}autoscale.max_scale={run['autoscale']['max_scale']} is below the least S = "
+            f"{scale_per_step * least:g} ({replicas} replicas x {least} accumulation steps x "
+            f"dataset.batch_size / baseline batch)"
+        )
+    return scale_per_step, allowed
+
+
 def batches_per_update(run, replicas, label=None):
     """How a run's update is made of batches on `replicas` replicas.
 
@@ -256,6 +314,9 @@ def batches_per_update(run, replicas, label=None):
         ConfigError: if S x B0 is not a whole number of samples that splits over the replicas.
     """
     label = f"run '{run['run']}': " if label is None else label
+    if is_auto(run):
+        _, allowed = auto_steps(run, replicas, label)
+        return replicas * run["dataset"]["batch_size"], allowed[0]
     scale, batch, baseline = run["optimizer"]["scale"], run["dataset"]["batch_size"], baseline_batch_size(run)
     examples = scale * baseline
     if run["optimizer"]["name"] not in ADASCALE_OPTIMIZERS:

@@ -83,10 +83,11 @@ class RunRecorder(keras.callbacks.Callback):
         label: the run's name, for the progress lines.
         bits_per_character: record `test_bits_per_character` (a language model,
             whose loss is in nats per character).
+        replicas: the strategy's replicas (each row's N is replicas x accumulation steps).
     """
 
     def __init__(self, run_dir, total_steps, tau_per_update, schedule, examples_per_batch, test_data,
-                 evaluations, label, bits_per_character=False):
+                 evaluations, label, bits_per_character=False, replicas=1):
         super().__init__()
         self.metrics_path = run_dir / "metrics.jsonl"
         self.evaluations_path = run_dir / "evaluations.jsonl"
@@ -98,6 +99,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.evaluation_period = total_steps / evaluations
         self.label = label
         self.bits_per_character = bits_per_character
+        self.replicas = replicas
 
     def callbacks(self, optimizer):
         """The callbacks to pass to `model.fit` for a run with `optimizer`: this one, after
@@ -147,7 +149,8 @@ class RunRecorder(keras.callbacks.Callback):
         self.update = update
         if self.adascale:  # from AdaScaleCallback, which ran before this callback
             row = {"update": update, "tau": logs["scale_invariant_iterations"], "gain": logs["gain"],
-                   "learning_rate": logs["effective_learning_rate"]}
+                   "learning_rate": logs["effective_learning_rate"], "scale": logs["scale"],
+                   "samples": self.replicas * logs["accumulation_steps"]}
             row.update({name: logs[name] for name in _STATISTICS})
         else:
             schedule = self.schedule
@@ -162,7 +165,8 @@ class RunRecorder(keras.callbacks.Callback):
         self.pending = []
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row) + "\n")
-        self.progress.update(row["tau"], [("loss", row["loss"]), ("gain", row["gain"])])
+        shown = [("loss", row["loss"]), ("gain", row["gain"])] + ([("S", row["scale"])] if "scale" in row else [])
+        self.progress.update(row["tau"], shown)
         if row["tau"] >= self.next_evaluation - 1e-6:
             self._evaluate(row)
 

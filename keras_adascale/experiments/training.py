@@ -11,7 +11,7 @@ import time
 import keras
 import tensorflow as tf
 
-from keras_adascale import AdaScaleAdam, AdaScaleSGD
+from keras_adascale import AdaScaleAdam, AdaScaleSGD, AutoScale
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots, strategies
 from keras_adascale.experiments.config import ConfigError
@@ -51,6 +51,8 @@ class RunPlan:
             steps one update covers (None for AdaScale: its gain).
         min_updates: the fewest updates the run can take.
         max_updates: the most (AdaScale's gain lies in [1, S]).
+        autoscale: for `optimizer.scale: auto`, the `AutoScale` callback's arguments and
+            `steps_per_epoch` (a multiple of every allowed count); else None.
     """
 
     optimizer: keras.optimizers.Optimizer
@@ -60,6 +62,7 @@ class RunPlan:
     tau_per_update: object
     min_updates: int
     max_updates: int
+    autoscale: dict | None = None
 
 
 def plan(run, replicas):
@@ -84,19 +87,25 @@ def plan(run, replicas):
     common["weight_decay"] = config["weight_decay"]
     if name in config_lib.ADASCALE_OPTIMIZERS:
         extra = {"statistics": config["statistics"]} if adam else {}
+        auto = _autoscale_plan(run, replicas) if config_lib.is_auto(run) else None
+        if auto is not None:
+            scale = auto["scale_per_step"] * accumulation
         # Where S = N the scale is left to default, so that the saved model loads at
         # any other N (elastic resume).
         optimizer = (AdaScaleAdam if adam else AdaScaleSGD)(
             ScaleInvariantSchedule(single_batch, total_steps=total_steps),
             scale=None if scale == replicas * accumulation else scale,
             smoothing=config["smoothing"],
-            gradient_accumulation_steps=accumulation if accumulation > 1 else None,
+            # An auto run accumulates from the start, so that its count can change.
+            gradient_accumulation_steps=accumulation if accumulation > 1 or auto else None,
             **common,
             **extra,
         )
+        largest = run["autoscale"]["max_scale"] if auto else scale
         return RunPlan(
             optimizer=optimizer, schedule=None, batch_size=batch_size, accumulation=accumulation,
-            tau_per_update=None, min_updates=math.ceil(total_steps / scale), max_updates=total_steps,
+            tau_per_update=None, min_updates=math.ceil(total_steps / largest), max_updates=total_steps,
+            autoscale=auto,
         )
     if name in ("sgd", "adam"):
         schedule, tau_per_update = single_batch, 1
@@ -120,10 +129,43 @@ def plan(run, replicas):
     )
 
 
+def _autoscale_plan(run, replicas):
+    """The `AutoScale` arguments of an auto-scale run, and its epoch length in `model.fit` steps.
+
+    The decision comes at each epoch's start; every allowed count divides the epoch, so each epoch
+    ends on an update boundary and a backup resumes exactly. The epoch is about
+    1 / `autoscale.decisions` of the run at its least S.
+    """
+    settings = run["autoscale"]
+    scale_per_step, allowed = config_lib.auto_steps(run, replicas)
+    least_scale = scale_per_step * allowed[0]
+    micro_batches = run["total_steps"] / least_scale * allowed[0]  # an upper bound, at gain 1
+    largest = allowed[-1]
+    steps_per_epoch = largest * max(1, math.ceil(micro_batches / settings["decisions"] / largest))
+    warmup = settings["warmup"] if settings["warmup"] is not None else run["total_steps"] / 20
+    return {
+        "scale_per_step": scale_per_step,
+        "steps_per_epoch": steps_per_epoch,
+        "callback": {
+            "objective": settings["objective"], "interval": 0.0, "warmup": float(warmup),
+            "min_steps": allowed[0], "max_steps": largest, "allowed_steps": allowed,
+            "threshold": settings["threshold"], "update_cost": settings["update_cost"],
+            "target_efficiency": settings["target_efficiency"], "every": "epoch", "verbose": 0,
+        },
+    }
+
+
 def _describe_update(run, replicas, steps):
     """One line on what an update holds: S, N and the batches."""
     scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
     baseline = config_lib.baseline_batch_size(run)
+    if steps.autoscale:
+        per_step = steps.autoscale["scale_per_step"]
+        allowed = steps.autoscale["callback"]["allowed_steps"]
+        return (f"S = auto ({run['autoscale']['objective']}): S = {per_step:g} x k for k in "
+                f"{', '.join(map(str, allowed))} accumulation steps of {replicas} replicas x {batch} examples "
+                f"(baseline batch {baseline}), chosen at the start of each epoch of {steps.autoscale['steps_per_epoch']} "
+                "micro-batches")
     if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS:
         samples = replicas * steps.accumulation
         return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
@@ -322,12 +364,19 @@ def _fit(run, model, steps, folders, test_data):
     Returns:
         The seconds `model.fit` took in this process.
     """
-    updates_per_epoch = max(1, math.ceil(steps.min_updates / run["evaluations"]))
-    steps_per_epoch = updates_per_epoch * steps.accumulation
+    if steps.autoscale:
+        steps_per_epoch = steps.autoscale["steps_per_epoch"]
+        largest = steps.autoscale["callback"]["max_steps"]
+        epochs = math.ceil(steps.max_updates * largest / steps_per_epoch) + 1
+    else:
+        updates_per_epoch = max(1, math.ceil(steps.min_updates / run["evaluations"]))
+        steps_per_epoch = updates_per_epoch * steps.accumulation
+        epochs = math.ceil(steps.max_updates / updates_per_epoch) + 1
     epochs_done = _epochs_done(folders.backup)
     if epochs_done:
-        print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} "
-              f"(after {epochs_done} epochs, {epochs_done * updates_per_epoch} updates)", flush=True)
+        done = (f"{epochs_done * steps_per_epoch} micro-batches" if steps.autoscale
+                else f"{epochs_done} epochs, {epochs_done * updates_per_epoch} updates")
+        print(f"resuming {run['name']}/{run['run']} from epoch {epochs_done} (after {done})", flush=True)
     # BackupAndRestore resumes at the start of the interrupted epoch; the seeded stream
     # of batches is the same in every process, so starting it after the batches of the
     # finished epochs puts the data where the uninterrupted run had it.
@@ -337,13 +386,15 @@ def _fit(run, model, steps, folders, test_data):
         folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
         steps.batch_size, test_data, run["evaluations"], label=run["run"],
         bits_per_character=data.is_language_model(run["dataset"]),
+        replicas=model.distribute_strategy.num_replicas_in_sync,
     )
+    auto = [AutoScale(**steps.autoscale["callback"])] if steps.autoscale else []
     start = time.perf_counter()
     model.fit(
         train_data,
-        epochs=math.ceil(steps.max_updates / updates_per_epoch) + 1,
+        epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=[_ChiefBackupAndRestore(str(folders.backup), is_chief=folders.is_chief),
+        callbacks=[_ChiefBackupAndRestore(str(folders.backup), is_chief=folders.is_chief), *auto,
                    *recorder.callbacks(model.optimizer)],
         shuffle=False,  # the dataset shuffles itself
         verbose=0,
@@ -356,19 +407,30 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
     rows = read_jsonl(work_dir / "metrics.jsonl")
     last = read_jsonl(work_dir / "evaluations.jsonl")[-1]  # at tau >= T_SI
     bits = {"test_bits_per_character": last["test_bits_per_character"]} if "test_bits_per_character" in last else {}
+    adascale = run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS
+    baseline = config_lib.baseline_batch_size(run)
+    accumulation = model.optimizer.accumulation_steps if adascale else steps.accumulation
+    auto = {}
+    if steps.autoscale:
+        scales = [row["scale"] for row in rows]
+        # S of an auto run: its mean over updates (what advise and compare read), then the details.
+        auto = {"scale_setting": config_lib.AUTO, "autoscale": run["autoscale"], "final_scale": scales[-1],
+                "max_scale_used": max(scales), "min_scale_used": min(scales)}
     return {
         "experiment": run["name"],
         "run": run["run"],
         "optimizer": run["optimizer"]["name"],
-        "scale": run["optimizer"]["scale"],
-        "samples": replicas * steps.accumulation if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS else 1,
+        "scale": sum(row["scale"] for row in rows) / len(rows) if steps.autoscale else run["optimizer"]["scale"],
+        **auto,
+        "samples": replicas * accumulation if adascale else 1,
         "batch_size": run["dataset"]["batch_size"],
-        "baseline_batch_size": config_lib.baseline_batch_size(run),
+        "baseline_batch_size": baseline,
         "replicas": replicas,
-        "accumulation": steps.accumulation,
+        "accumulation": accumulation,
         "updates": int(model.optimizer.iterations.numpy()),
         "tau": rows[-1]["tau"],
         "examples": rows[-1]["examples"],
+        "baseline_batches": rows[-1]["examples"] / baseline,
         "mean_gain": sum(row["gain"] for row in rows) / len(rows),
         "final_train_loss": rows[-1]["loss"],
         "test_loss": last["test_loss"],

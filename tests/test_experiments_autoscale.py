@@ -1,0 +1,104 @@
+"""The runner's `optimizer.scale: auto` end to end (tiny, real MNIST, 2 mirrored replicas): S per update in
+metrics.jsonl, the examples in final.json, `compare` and `advise` on a run whose S changed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import read_jsonl
+from keras_adascale import autoscale
+from keras_adascale.experiments import config
+
+AUTO = {
+    "total_steps": 80,
+    "evaluations": 2,
+    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
+    "model": {"name": "mlp", "hidden_units": [32]},
+    "schedule": {"name": "constant", "learning_rate": 0.1},
+    "optimizer": {"scale": "auto"},
+    "strategy": {"name": "mirrored", "devices": 2},
+    # update_cost 64: S* = 8 sqrt(noise scale), so S grows from 2 within the run.
+    "autoscale": {"max_scale": 8, "update_cost": 64.0, "warmup": 4, "decisions": 10},
+    "runs": [{"name": "auto"}],
+}
+
+
+def keras_adascale(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "keras_adascale", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@pytest.fixture(scope="module")
+def auto_run(tfds_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("auto")
+    (root / "auto.yaml").write_text(yaml.safe_dump(AUTO))
+    result = keras_adascale("train", root / "auto.yaml", "--output-dir", root / "runs",
+                            "--set", f"dataset.data_dir={tfds_data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "auto" / "auto", result.stdout
+
+
+def test_an_auto_run_records_s_and_n_per_update_and_changes_s(auto_run):
+    run_dir, stdout = auto_run
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    scales = [row["scale"] for row in rows]
+    assert scales[0] == 2 and max(scales) > 2  # 2 replicas x 1 step, then grown
+    assert set(scales) <= {2, 4, 8}  # powers of two of the steps, up to max_scale
+    assert all(row["samples"] == row["scale"] for row in rows)  # B = B0: S = N
+    assert "S = auto (budget)" in stdout
+
+
+def test_each_change_is_what_the_policy_says_for_the_statistics_before_it(auto_run):
+    run_dir, _ = auto_run
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    for before, after in zip(rows, rows[1:]):
+        if after["scale"] != before["scale"]:
+            noise_scale = before["gradient_variance"] / before["gradient_sqr_norm"]
+            decision = autoscale.decide(noise_scale, int(before["scale"] // 2), 2.0, "budget", min_steps=1,
+                                        max_steps=4, update_cost=64.0, allowed_steps=[1, 2, 4])
+            assert decision.scale == after["scale"]
+
+
+def test_final_json_counts_the_examples_of_every_update(auto_run):
+    run_dir, _ = auto_run
+    final = json.loads((run_dir / "final.json").read_text())
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert final["scale_setting"] == "auto" and final["final_scale"] == rows[-1]["scale"]
+    assert final["examples"] == sum(row["samples"] * 16 for row in rows)
+    assert final["baseline_batches"] == pytest.approx(final["examples"] / 16)
+    assert final["scale"] == pytest.approx(sum(row["scale"] for row in rows) / len(rows))
+    assert final["tau"] >= 80 and final["test_accuracy"] > 0.5
+
+
+def test_compare_shows_an_auto_runs_mean_and_final_s(auto_run):
+    run_dir, _ = auto_run
+    result = keras_adascale("compare", run_dir, "--output", run_dir.parent / "compared.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads((run_dir / "final.json").read_text())
+    assert f"auto {final['scale']:.1f} -> {final['final_scale']:g}" in result.stdout
+
+
+def test_advise_reads_a_run_whose_s_changed(auto_run):
+    run_dir, _ = auto_run
+    result = keras_adascale("advise", run_dir, "--scales", "1,2,8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "this run" in result.stdout
+
+
+def test_scale_auto_needs_an_adascale_optimizer():
+    with pytest.raises(config.ConfigError, match="optimizer.scale=auto needs an AdaScale optimizer"):
+        config.resolve({**AUTO, "optimizer": {"name": "sgd", "scale": "auto"}}, name="bad")
+
+
+def test_a_scale_word_other_than_auto_is_refused():
+    with pytest.raises(config.ConfigError, match="must be a number >= 1 or 'auto'"):
+        config.resolve({**AUTO, "optimizer": {"scale": "big"}}, name="bad")
+
+
+def test_a_max_scale_below_the_least_s_is_refused():
+    with pytest.raises(config.ConfigError, match="autoscale.max_scale=1 is below the least S = 2"):
+        config.resolve({**AUTO, "autoscale": {"max_scale": 1}}, name="bad")
