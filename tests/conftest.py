@@ -154,6 +154,21 @@ def fit_mirrored(problem, replicas, updates, first=0, model=None, **kwargs):
     return model, recorder.history
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Stands for a preemption: fails in the middle of an epoch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.current, batch) == (self.epoch, self.batch):
+            raise KeyboardInterrupt("preempted")
+
+
 def assert_same_history(actual, expected):
     assert len(actual) == len(expected)
     for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import BATCH, LeastSquares, flat_weights, mirrored
+from conftest import BATCH, Interrupt, LeastSquares, flat_weights, mirrored
 from reference import AdaScaleAdamReference, AdaScaleReference
 
 STEPS = [2, 4, 3, 8, 1, 5]  # k of each update: grows, shrinks, and 1 (N = 1 needs S = 1 or replicas)
@@ -275,19 +275,6 @@ def test_a_checkpoint_restores_the_changed_steps_and_scale(tmp_path):
     tf.train.Checkpoint(optimizer=resumed.optimizer).restore(prefix).assert_consumed()
     assert resumed.optimizer.accumulation_steps == 4 and resumed.optimizer.scale == 6
     assert int(resumed.optimizer.iterations) == 3
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.epoch, self.batch = epoch, batch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.current, batch) == (self.epoch, self.batch):
-            raise KeyboardInterrupt("preempted")
 
 
 class GrowEachEpoch(keras.callbacks.Callback):

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
-from conftest import (BATCH, LeastSquares, assert_same_history, fit_accumulated, flat_weights, sample_applier,
-                      reference_history)
+from conftest import (BATCH, Interrupt, LeastSquares, assert_same_history, fit_accumulated, flat_weights,
+                      reference_history, sample_applier)
 from reference import AdaScaleReference, piecewise_constant
 
 SCALE = 4
@@ -585,21 +585,6 @@ def test_checkpoint_resume_at_another_scale_and_sample_count_matches_reference(l
     reference.scale = 3
     _, expected = reference_history(least_squares, 2, 3, reference=reference, first=first)
     assert_same_history(actual, expected)
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Stands for a preemption: fails in the middle of an epoch."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.epoch, self.batch = epoch, batch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.current, batch) == (self.epoch, self.batch):
-            raise KeyboardInterrupt("preempted")
 
 
 def test_backup_and_restore_resumes_to_the_same_end_as_an_uninterrupted_run(least_squares, tmp_path):

@@ -61,6 +61,15 @@ def test_every_run_of_a_saved_config_builds(path):
         steps = training.plan(run, replicas)
         scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
         baseline = run["optimizer"]["baseline_batch_size"] or batch
+        if scale == "auto":
+            # An auto run starts at its least S, whose updates hold replicas x accumulation samples of B,
+            # and may reach autoscale.max_scale.
+            scale = steps.autoscale["scale_per_step"] * steps.accumulation
+            assert scale == replicas * steps.accumulation * batch / baseline
+            assert steps.autoscale["callback"]["max_steps"] * scale / steps.accumulation <= run["autoscale"]["max_scale"]
+            assert steps.autoscale["steps_per_epoch"] % steps.autoscale["callback"]["max_steps"] == 0
+            assert steps.min_updates * run["autoscale"]["max_scale"] >= run["total_steps"]
+            continue
         if run["optimizer"]["name"] in config.ADASCALE_OPTIMIZERS:
             expected = AdaScaleAdam if run["optimizer"]["name"] == "adascale_adam" else AdaScaleSGD
             assert type(steps.optimizer) is expected

@@ -187,7 +187,7 @@ def _check_value(path, key, value):
             raise ConfigError(f"config key '{path}' must be a number >= 1 or 'auto'; got {value!r}")
         return value
     if expected is not object and (not isinstance(value, expected) or (
-            expected in (int, NUMBER) and isinstance(value, bool))):
+            expected in (int, NUMBER, SCALE_KIND) and isinstance(value, bool))):
         raise ConfigError(f"config key '{path}' must be {_KIND_NAMES[expected]}; got {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"config key '{path}' must be one of {', '.join(key.choices)}; got {value!r}")
