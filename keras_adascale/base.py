@@ -8,7 +8,6 @@ measure (`_statistic_gradients`) or what an applied update does besides (`_apply
 """
 
 import functools
-import numbers
 import warnings
 from typing import NamedTuple
 
@@ -167,30 +166,30 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             scale=tf.where(same, scales[0], tf.constant(float(self._initial_scale), scales.dtype)),
         )
 
+    def _setting_values(self, setting):
+        """The two variables' values holding `setting` and this optimizer's configuration."""
+        counters = tf.stack([tf.cast(value, tf.int64) for value in (
+            setting.steps, setting.next_steps, setting.update_start, setting.updates, *self._configured_counts)])
+        dtype = self._setting_scales.dtype
+        scales = tf.stack([tf.cast(setting.scale, dtype), tf.constant(self._configured_scale, dtype)])
+        return counters, scales
+
     def _setting_assignments(self, distribution, setting):
         """Writes `setting` into its two variables, in cross-replica context."""
 
         def write(counters, setting, scales):
-            return [
-                counters.assign(tf.stack([setting.steps, setting.next_steps, setting.update_start, setting.updates,
-                                          *tf.unstack(tf.constant(self._configured_counts, tf.int64))])),
-                scales.assign(tf.stack([tf.cast(setting.scale, scales.dtype),
-                                        tf.constant(self._configured_scale, scales.dtype)])),
-            ]
+            counter_values, scale_values = self._setting_values(setting)
+            return [counters.assign(counter_values), scales.assign(scale_values)]
 
         return distribution.extended.update(
-            self._setting_counters.value, lambda counters, setting, scales: write(counters, setting, scales),
-            args=(setting, self._setting_scales.value), group=False,
+            self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
         )
 
     def _write_setting(self, setting):
         """Eagerly writes `setting` (from `set_accumulation_steps` / `set_scale`, between steps)."""
-        self.assign(self._setting_counters, tf.stack(
-            [setting.steps, setting.next_steps, setting.update_start, setting.updates,
-             *tf.unstack(tf.constant(self._configured_counts, tf.int64))]))
-        self.assign(self._setting_scales, tf.cast(
-            tf.stack([tf.cast(setting.scale, tf.float64), tf.constant(self._configured_scale, tf.float64)]),
-            self._setting_scales.dtype))
+        counters, scales = self._setting_values(setting)
+        self.assign(self._setting_counters, counters)
+        self.assign(self._setting_scales, scales)
 
     @property
     def iterations(self):

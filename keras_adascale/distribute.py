@@ -312,15 +312,13 @@ class AdaScaleMechanics:
         written whether or not the update was finite (its micro-batches are spent either way).
         """
         grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
-        if isinstance(finite, tf.distribute.DistributedValues):  # identical on every replica
-            finite = distribution.experimental_local_results(finite)[0]
-            state = tf.nest.map_structure(lambda value: distribution.experimental_local_results(value)[0], state)
-        if isinstance(next_setting, tf.distribute.DistributedValues) or (
-            next_setting is not None and isinstance(next_setting.steps, tf.distribute.DistributedValues)
-        ):
-            next_setting = tf.nest.map_structure(
-                lambda value: distribution.experimental_local_results(value)[0], next_setting
-            )
+
+        def first_replicas(value):  # identical on every replica
+            if isinstance(value, tf.distribute.DistributedValues):
+                return distribution.experimental_local_results(value)[0]
+            return value
+
+        finite, state, next_setting = tf.nest.map_structure(first_replicas, (finite, state, next_setting))
 
         def apply_finite_update():
             self._apply_update(distribution, grads_and_vars, learning_rate, state)
