@@ -169,3 +169,25 @@ def test_scale_study_quick_adam_family_prints_every_method(tfds_data_dir, tmp_pa
     for method in ("adascale_adam", "adascale_adam_pre"):
         assert 15 <= rows[method]["updates_mean"] <= 30 and 1.0 <= rows[method]["mean_gain"] <= 2.0
     assert (tmp_path / "adam_scale_study" / "accuracy_vs_scale.png").stat().st_size > 0
+
+
+def test_autoscale_study_quick_reports_the_targets_against_the_fixed_s_frontier(tfds_data_dir, tmp_path):
+    summary = run_benchmark(["autoscale_study.py", "--quick", "--set", f"dataset.data_dir={tfds_data_dir}",
+                             "--set", "dataset.train_split=train[:2%]", "--set", "dataset.test_split=test[:5%]",
+                             "--set", "total_steps=40", "--output-dir", str(tmp_path)], tmp_path)
+    rows = {row["method"]: row for row in summary["results"]}
+    assert set(rows) == {"fixed_s1", "fixed_s4", "auto_budget4"}
+    assert rows["fixed_s1"]["updates_mean"] == 40 and rows["fixed_s1"]["examples_mean"] == 40
+    assert rows["fixed_s4"]["examples_mean"] == 4 * rows["fixed_s4"]["updates_mean"]
+    auto, target = rows["auto_budget4"], summary["targets"]["auto_budget4"]
+    assert target["extra_examples_vs_s1"] == pytest.approx(auto["examples_mean"] / 40 - 1)
+    assert target["fewer_updates_vs_s1"] == pytest.approx(1 - auto["updates_mean"] / 40)
+    (x0, y0), (x1, y1) = sorted((rows[m]["examples_mean"], rows[m]["updates_mean"]) for m in ("fixed_s1", "fixed_s4"))
+    if x0 <= auto["examples_mean"] <= x1:  # the frontier between S = 1 and 4, log-log
+        t = math.log(auto["examples_mean"] / x0) / math.log(x1 / x0)
+        frontier = y0 * (y1 / y0) ** t
+        assert target["margin_vs_frontier"] == pytest.approx(1 - auto["updates_mean"] / frontier)
+    else:
+        assert target["margin_vs_frontier"] is None
+    for plot in ("autoscale_plane.png", "autoscale_trajectory.png"):
+        assert (tmp_path / "autoscale_study" / plot).stat().st_size > 0

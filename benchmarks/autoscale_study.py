@@ -1,0 +1,250 @@
+"""AdaScale choosing S during training (`optimizer.scale: auto`) against AdaScale at fixed S.
+
+One single-batch recipe (default saved_configs/demo.yaml: real MNIST, small CNN, T_SI = 2,400) on one
+device, with gradient samples of half a baseline batch (dataset.batch_size 16, baseline 32), so that
+S = k / 2 for k accumulation steps: S = 1 is N = 2 samples (AdaScale's gain is 1 there, so it is the
+single-batch SGD run) and S = 32 is N = 64. Fixed S in --scales, and the auto variants in --autos,
+over --seeds seeds. `--family adam` uses AdaScaleAdam (e.g. with saved_configs/charlm_adam.yaml).
+
+    python benchmarks/autoscale_study.py                  # S = 1..32 and 3 auto variants, 3 seeds
+    python benchmarks/autoscale_study.py --quick          # minutes: small MLP, short schedule, 1 seed
+    python benchmarks/autoscale_study.py --report         # train nothing: table and plots of what finished
+
+Prints a table (quality mean +- std, updates, examples in baseline batches, mean and final S), the
+targets of the auto-scale issue (auto keeps the S = 1 quality; no fixed S and no point of the fixed-S
+frontier interpolated on a log scale takes both fewer updates and fewer examples; at most 10% more
+examples than S = 1 for >= 30% fewer updates; the margin against the frontier at equal examples) and
+writes two plots: every run in the (examples, updates) plane with the fixed-S frontier, and S(tau)
+with the noise scale B_simple(tau) of the auto runs. The last line printed is a JSON summary. Runs
+finished from the same config are kept, so a stopped study resumes where it was.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import studies
+
+# name -> the autoscale section of the run.
+AUTO_VARIANTS = {
+    "auto_budget1": {"objective": "budget", "update_cost": 1.0},
+    "auto_budget4": {"objective": "budget", "update_cost": 4.0},
+    "auto_efficiency80": {"objective": "efficiency", "target_efficiency": 0.8},
+}
+OPTIMIZERS = {"sgd": "adascale", "adam": "adascale_adam"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model, short schedule, one seed")
+    parser.add_argument("--family", choices=sorted(OPTIMIZERS), default="sgd",
+                        help="sgd: AdaScaleSGD; adam: AdaScaleAdam (raw statistics)")
+    parser.add_argument("--scales", default=None, help="fixed S values (default 1,2,4,8,16,32; quick 1,4)")
+    parser.add_argument("--autos", default=None,
+                        help=f"auto variants, of {', '.join(AUTO_VARIANTS)} (default all; quick auto_budget4)")
+    parser.add_argument("--max-scale", type=float, default=32, help="autoscale.max_scale (default 32)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
+    studies.add_recipe_arguments(parser, "autoscale_study")
+    parser.add_argument("--report", action="store_true", help="train nothing: report the finished runs")
+    args = parser.parse_args(argv)
+    if args.report and args.retrain:
+        parser.error("--report trains nothing, so it cannot be given with --retrain")
+    args.scales = [float(s) if "." in s else int(s)
+                   for s in (args.scales or ("1,4" if args.quick else "1,2,4,8,16,32")).split(",")]
+    args.autos = (args.autos or ("auto_budget4" if args.quick else ",".join(AUTO_VARIANTS))).split(",")
+    unknown = [name for name in args.autos if name not in AUTO_VARIANTS]
+    if unknown:
+        parser.error(f"unknown auto variants {unknown}; known: {', '.join(AUTO_VARIANTS)}")
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.experiment = "autoscale_study" if args.family == "sgd" else f"{args.family}_autoscale_study"
+    return args
+
+
+def study_runs(args):
+    """The resolved runs: every fixed S and every auto variant, for every seed."""
+    from keras_adascale.experiments import config
+
+    overrides = ["strategy.name=default", "strategy.devices=1", "runs=null", f"name={args.experiment}",
+                 "dataset.batch_size=16", "optimizer.baseline_batch_size=32",
+                 f"optimizer.name={OPTIMIZERS[args.family]}", f"autoscale.max_scale={args.max_scale}"]
+    if args.quick:
+        overrides += studies.QUICK_OVERRIDES + ["evaluations=3"]
+    raw = config.apply_overrides(config.load_raw(args.config), overrides + args.set)
+    variants = []
+    for seed in range(args.seeds):
+        for scale in args.scales:
+            variants.append({"name": f"fixed_s{scale:g}_seed{seed}", "seed": seed, "optimizer": {"scale": scale}})
+        for name in args.autos:
+            variants.append({"name": f"{name}_seed{seed}", "seed": seed, "optimizer": {"scale": "auto"},
+                             "autoscale": AUTO_VARIANTS[name]})
+    raw["runs"] = variants
+    return config.resolve(raw, name=args.experiment)
+
+
+def method_of(run_name):
+    return run_name.rsplit("_seed", 1)[0]
+
+
+def aggregate(finals):
+    """method -> mean and spread over seeds, fixed S first (by S), then the auto variants."""
+    groups = {}
+    for final in finals:
+        groups.setdefault(method_of(final["run"]), []).append(final)
+    rows = []
+    for method, group in groups.items():
+        metric = "test_bits_per_character" if "test_bits_per_character" in group[0] else "test_accuracy"
+        values = [final[metric] for final in group]
+        rows.append({
+            "method": method,
+            "auto": method.startswith("auto"),
+            "seeds": len(group),
+            "metric": metric,
+            "quality_mean": statistics.mean(values),
+            "quality_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "updates_mean": statistics.mean(final["updates"] for final in group),
+            "examples_mean": statistics.mean(final["baseline_batches"] for final in group),
+            "scale_mean": statistics.mean(final["scale"] for final in group),
+            "final_scale_mean": statistics.mean(final.get("final_scale", final["scale"]) for final in group),
+            "wall_time_mean": statistics.mean(final["wall_time"] for final in group),
+        })
+    return sorted(rows, key=lambda row: (row["auto"], row["scale_mean"] if not row["auto"] else row["method"]))
+
+
+def frontier_updates(fixed, examples):
+    """Updates of the fixed-S frontier at `examples`, interpolated between neighbouring S in log-log; None outside."""
+    points = sorted((row["examples_mean"], row["updates_mean"]) for row in fixed)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= examples <= x1:
+            t = (math.log(examples) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return None
+
+
+def targets(rows):
+    """The issue's targets (a)-(d) for each auto variant, against the fixed-S rows."""
+    fixed = [row for row in rows if not row["auto"]]
+    one = next((row for row in fixed if row["scale_mean"] == 1), None)
+    results = {}
+    for row in (row for row in rows if row["auto"]):
+        dominated_by = [f"S={r['scale_mean']:g}" for r in fixed
+                        if r["updates_mean"] < row["updates_mean"] and r["examples_mean"] < row["examples_mean"]]
+        frontier = frontier_updates(fixed, row["examples_mean"])
+        result = {
+            "dominated_by_fixed": dominated_by,
+            "frontier_updates_at_equal_examples": frontier,
+            "margin_vs_frontier": None if frontier is None else 1.0 - row["updates_mean"] / frontier,
+        }
+        if one is not None:
+            result.update({
+                "quality_minus_s1": row["quality_mean"] - one["quality_mean"],
+                "s1_std": one["quality_std"],
+                "extra_examples_vs_s1": row["examples_mean"] / one["examples_mean"] - 1.0,
+                "fewer_updates_vs_s1": 1.0 - row["updates_mean"] / one["updates_mean"],
+            })
+            result["target_c"] = result["extra_examples_vs_s1"] <= 0.10 and result["fewer_updates_vs_s1"] >= 0.30
+        results[row["method"]] = result
+    return results
+
+
+def print_table(rows, verdicts):
+    metric = rows[0]["metric"].replace("test_", "test ").replace("_", " ")
+    print(f"{'method':>18} {'seeds':>5} {metric + ' (mean +- std)':>32} {'updates':>8} {'examples (B0)':>13} "
+          f"{'mean S':>7} {'final S':>7} {'wall s':>7}")
+    for row in rows:
+        print(f"{row['method']:>18} {row['seeds']:>5} {row['quality_mean']:>23.4f} +- {row['quality_std']:.4f} "
+              f"{row['updates_mean']:>8.0f} {row['examples_mean']:>13.0f} {row['scale_mean']:>7.2f} "
+              f"{row['final_scale_mean']:>7.2f} {row['wall_time_mean']:>7.1f}")
+    for method, verdict in verdicts.items():
+        print(f"\n{method}:")
+        if "quality_minus_s1" in verdict:
+            print(f"  (a) quality - S=1: {verdict['quality_minus_s1']:+.4f} (S=1 std {verdict['s1_std']:.4f})")
+        print(f"  (b) fixed S with fewer updates and fewer examples: {', '.join(verdict['dominated_by_fixed']) or 'none'}")
+        if "extra_examples_vs_s1" in verdict:
+            print(f"  (c) examples vs S=1: {100 * verdict['extra_examples_vs_s1']:+.1f}%, updates vs S=1: "
+                  f"{-100 * verdict['fewer_updates_vs_s1']:+.1f}% -> {'holds' if verdict['target_c'] else 'missed'}")
+        margin = verdict["margin_vs_frontier"]
+        print("  (d) " + ("outside the frontier's examples range" if margin is None else
+                         f"{100 * margin:.1f}% fewer updates than the fixed-S frontier at equal examples"))
+
+
+def plot(experiment_dir, rows, finals):
+    """autoscale_plane.png (examples, updates) and autoscale_trajectory.png (S and B_simple over tau)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_adascale.experiments.rundirs import read_jsonl
+
+    figure, axis = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    fixed = [row for row in rows if not row["auto"]]
+    axis.plot([row["examples_mean"] for row in fixed], [row["updates_mean"] for row in fixed], "k-", alpha=0.6,
+              label="fixed-S frontier (means)")
+    for final in finals:
+        auto = method_of(final["run"]).startswith("auto")
+        axis.plot(final["baseline_batches"], final["updates"], "o" if auto else ".", color="0.5" if auto else "k",
+                  markersize=6 if auto else 5, alpha=0.7)
+    for row in fixed:
+        axis.annotate(f"S={row['scale_mean']:g}", (row["examples_mean"], row["updates_mean"]),
+                      textcoords="offset points", xytext=(4, 4), fontsize="small")
+    for index, row in enumerate(row for row in rows if row["auto"]):
+        axis.plot(row["examples_mean"], row["updates_mean"], "D", color=f"C{index}", markersize=9,
+                  markeredgecolor="k", label=f"{row['method']} (mean)")
+    axis.set(xscale="log", yscale="log", xlabel="examples spent (baseline batches)", ylabel="updates to T_SI",
+             title="every run: fixed S (black dots), auto (grey dots; means as diamonds)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize="small")
+    figure.savefig(experiment_dir / "autoscale_plane.png", dpi=90)
+    plt.close(figure)
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, constrained_layout=True)
+    methods = sorted({method_of(final["run"]) for final in finals if method_of(final["run"]).startswith("auto")})
+    for index, method in enumerate(methods):
+        for final in finals:
+            if method_of(final["run"]) != method:
+                continue
+            metrics = read_jsonl(experiment_dir / final["run"] / "metrics.jsonl")
+            tau = [row["tau"] for row in metrics]
+            label = method if final["run"].endswith("seed0") else None
+            top.plot(tau, [row["scale"] for row in metrics], color=f"C{index}", alpha=0.8, label=label)
+            noise = [row["gradient_variance"] / row["gradient_sqr_norm"] if row["gradient_sqr_norm"] > 0
+                     else float("nan") for row in metrics]
+            bottom.plot(tau, noise, color=f"C{index}", alpha=0.6, label=label)
+    top.set(yscale="log", ylabel="S", title="auto runs: S and the gradient noise scale over tau")
+    bottom.set(yscale="log", xlabel="tau (scale-invariant iterations)", ylabel="B_simple (baseline batches)")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize="small")
+    figure.savefig(experiment_dir / "autoscale_trajectory.png", dpi=90)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = study_runs(args)
+    output_root = pathlib.Path(args.output_dir)
+    start = time.perf_counter()
+    finals = studies.train_all(runs, output_root, args.retrain, report=args.report)
+    if not finals:
+        sys.exit(f"autoscale_study.py: no run of this study is finished under {output_root / args.experiment}")
+    rows = aggregate(finals)
+    verdicts = targets(rows)
+    print()
+    print_table(rows, verdicts)
+    experiment_dir = output_root / args.experiment
+    plot(experiment_dir, rows, finals)
+    print(f"\nplots: {experiment_dir / 'autoscale_plane.png'}, {experiment_dir / 'autoscale_trajectory.png'}")
+    print(json.dumps({
+        "command": " ".join(["python", "benchmarks/autoscale_study.py"] + (sys.argv[1:] if argv is None else argv)),
+        "total_steps": runs[0]["total_steps"], "model": runs[0]["model"]["name"],
+        "dataset": runs[0]["dataset"]["name"], "family": args.family, "seconds": time.perf_counter() - start,
+        "results": rows, "targets": verdicts,
+    }))
+
+
+if __name__ == "__main__":
+    main()
