@@ -150,6 +150,33 @@ def targets(rows):
     return results
 
 
+def model_margins(experiment_dir, finals, scales, total_steps):
+    """method -> the margin over the fixed-S frontier that AdaScale's gain model predicts, mean over seeds.
+
+    From each auto run's own recorded statistics (sigma^2, mu^2 over tau), the model gives a run at
+    fixed S' U(S') = integral of d tau / r(S') updates (`keras-adascale advise`) and S' x U(S') examples;
+    the margin is 1 - the run's actual updates / that predicted frontier at the run's examples. Set
+    beside the measured margin, it says whether the model is right about the fixed-S runs.
+    """
+    from keras_adascale.experiments.advice import predicted_updates
+    from keras_adascale.experiments.rundirs import read_jsonl
+
+    margins = {}
+    for final in finals:
+        method = method_of(final["run"])
+        if not method.startswith("auto"):
+            continue
+        rows = read_jsonl(experiment_dir / final["run"] / "metrics.jsonl")
+        stats = ([row["tau"] for row in rows], [row["gradient_variance"] for row in rows],
+                 [row["gradient_sqr_norm"] for row in rows])
+        predicted = [{"examples_mean": scale * updates, "updates_mean": updates}
+                     for scale in scales for updates in [predicted_updates(scale, *stats, total_steps)]]
+        frontier = frontier_updates(predicted, final["baseline_batches"])
+        if frontier is not None:
+            margins.setdefault(method, []).append(1.0 - final["updates"] / frontier)
+    return {method: statistics.mean(values) for method, values in margins.items()}
+
+
 def print_table(rows, verdicts):
     metric = rows[0]["metric"].replace("test_", "test ").replace("_", " ")
     print(f"{'method':>18} {'seeds':>5} {metric + ' (mean +- std)':>32} {'updates':>8} {'examples (B0)':>13} "
@@ -168,7 +195,10 @@ def print_table(rows, verdicts):
                   f"{-100 * verdict['fewer_updates_vs_s1']:+.1f}% -> {'holds' if verdict['target_c'] else 'missed'}")
         margin = verdict["margin_vs_frontier"]
         print("  (d) " + ("outside the frontier's examples range" if margin is None else
-                         f"{100 * margin:.1f}% fewer updates than the fixed-S frontier at equal examples"))
+                         f"updates vs the fixed-S frontier at equal examples: {-100 * margin:+.1f}%"))
+        if verdict.get("model_margin_vs_frontier") is not None:
+            print(f"      the gain model, replaying this run's statistics, predicts "
+                  f"{-100 * verdict['model_margin_vs_frontier']:+.1f}%")
 
 
 def plot(experiment_dir, rows, finals):
@@ -233,9 +263,12 @@ def main(argv=None):
         sys.exit(f"autoscale_study.py: no run of this study is finished under {output_root / args.experiment}")
     rows = aggregate(finals)
     verdicts = targets(rows)
+    experiment_dir = output_root / args.experiment
+    fixed_scales = [row["scale_mean"] for row in rows if not row["auto"]]
+    for method, margin in model_margins(experiment_dir, finals, fixed_scales, runs[0]["total_steps"]).items():
+        verdicts[method]["model_margin_vs_frontier"] = margin
     print()
     print_table(rows, verdicts)
-    experiment_dir = output_root / args.experiment
     plot(experiment_dir, rows, finals)
     print(f"\nplots: {experiment_dir / 'autoscale_plane.png'}, {experiment_dir / 'autoscale_trajectory.png'}")
     print(json.dumps({
