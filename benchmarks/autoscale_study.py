@@ -161,7 +161,7 @@ def model_margins(experiment_dir, finals, scales, total_steps):
     from keras_adascale.experiments.advice import predicted_updates
     from keras_adascale.experiments.rundirs import read_jsonl
 
-    margins = {}
+    margins, predictions = {}, {}
     for final in finals:
         method = method_of(final["run"])
         if not method.startswith("auto"):
@@ -171,10 +171,13 @@ def model_margins(experiment_dir, finals, scales, total_steps):
                  [row["gradient_sqr_norm"] for row in rows])
         predicted = [{"examples_mean": scale * updates, "updates_mean": updates}
                      for scale in scales for updates in [predicted_updates(scale, *stats, total_steps)]]
+        for scale, row in zip(scales, predicted):
+            predictions.setdefault(scale, []).append(row["updates_mean"])
         frontier = frontier_updates(predicted, final["baseline_batches"])
         if frontier is not None:
             margins.setdefault(method, []).append(1.0 - final["updates"] / frontier)
-    return {method: statistics.mean(values) for method, values in margins.items()}
+    return ({method: statistics.mean(values) for method, values in margins.items()},
+            {scale: statistics.mean(values) for scale, values in predictions.items()})
 
 
 def print_table(rows, verdicts):
@@ -245,6 +248,9 @@ def plot(experiment_dir, rows, finals):
                      else float("nan") for row in metrics]
             bottom.plot(tau, noise, color=f"C{index}", alpha=0.6, label=label)
     top.set(yscale="log", ylabel="S", title="auto runs: S and the gradient noise scale over tau")
+    ticks = [2**k for k in range(7)]
+    top.set_yticks(ticks, [str(tick) for tick in ticks])
+    top.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     bottom.set(yscale="log", xlabel="tau (scale-invariant iterations)", ylabel="B_simple (baseline batches)")
     for axis in (top, bottom):
         axis.grid(alpha=0.3, which="both")
@@ -264,18 +270,26 @@ def main(argv=None):
     rows = aggregate(finals)
     verdicts = targets(rows)
     experiment_dir = output_root / args.experiment
-    fixed_scales = [row["scale_mean"] for row in rows if not row["auto"]]
-    for method, margin in model_margins(experiment_dir, finals, fixed_scales, runs[0]["total_steps"]).items():
+    fixed = [row for row in rows if not row["auto"]]
+    margins, predictions = model_margins(experiment_dir, finals, [row["scale_mean"] for row in fixed],
+                                         runs[0]["total_steps"])
+    for method, margin in margins.items():
         verdicts[method]["model_margin_vs_frontier"] = margin
     print()
     print_table(rows, verdicts)
+    if predictions:
+        print("\nfixed S: updates measured, and predicted by the gain model from the auto runs' statistics (mean)")
+        for row in fixed:
+            predicted = predictions[row["scale_mean"]]
+            print(f"  S = {row['scale_mean']:>4g}: {row['updates_mean']:>7.0f} measured, {predicted:>7.0f} predicted "
+                  f"({100 * (predicted / row['updates_mean'] - 1):+.0f}%)")
     plot(experiment_dir, rows, finals)
     print(f"\nplots: {experiment_dir / 'autoscale_plane.png'}, {experiment_dir / 'autoscale_trajectory.png'}")
     print(json.dumps({
         "command": " ".join(["python", "benchmarks/autoscale_study.py"] + (sys.argv[1:] if argv is None else argv)),
         "total_steps": runs[0]["total_steps"], "model": runs[0]["model"]["name"],
         "dataset": runs[0]["dataset"]["name"], "family": args.family, "seconds": time.perf_counter() - start,
-        "results": rows, "targets": verdicts,
+        "results": rows, "targets": verdicts, "model_fixed_updates": {str(k): v for k, v in predictions.items()},
     }))
 
 
