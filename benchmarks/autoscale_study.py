@@ -236,6 +236,7 @@ def plot(experiment_dir, rows, finals):
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, constrained_layout=True)
     methods = sorted({method_of(final["run"]) for final in finals if method_of(final["run"]).startswith("auto")})
+    largest = 1.0
     for index, method in enumerate(methods):
         for final in finals:
             if method_of(final["run"]) != method:
@@ -244,11 +245,12 @@ def plot(experiment_dir, rows, finals):
             tau = [row["tau"] for row in metrics]
             label = method if final["run"].endswith("seed0") else None
             top.plot(tau, [row["scale"] for row in metrics], color=f"C{index}", alpha=0.8, label=label)
+            largest = max([largest] + [row["scale"] for row in metrics])
             noise = [row["gradient_variance"] / row["gradient_sqr_norm"] if row["gradient_sqr_norm"] > 0
                      else float("nan") for row in metrics]
             bottom.plot(tau, noise, color=f"C{index}", alpha=0.6, label=label)
     top.set(yscale="log", ylabel="S", title="auto runs: S and the gradient noise scale over tau")
-    ticks = [2**k for k in range(7)]
+    ticks = [2**k for k in range(7) if 2**k <= 2 * largest]
     top.set_yticks(ticks, [str(tick) for tick in ticks])
     top.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     bottom.set(yscale="log", xlabel="tau (scale-invariant iterations)", ylabel="B_simple (baseline batches)")
