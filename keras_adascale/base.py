@@ -191,23 +191,38 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         self.assign(self._setting_counters, counters)
         self.assign(self._setting_scales, scales)
 
+    def _setting_numbers(self):
+        """`_scale_setting` as Python numbers, eagerly, from one `.numpy()` of each variable.
+
+        The same rule in NumPy: callbacks read it after every batch, where a dozen eager ops
+        would cost more than the step of a small model.
+        """
+        counters = self._setting_counters.numpy()
+        scales = self._setting_scales.numpy()
+        same = (tuple(int(c) for c in counters[4:]) == tuple(self._configured_counts)
+                and float(scales[1]) == self._configured_scale)
+        steps = self.gradient_accumulation_steps or 1
+        return ScaleSetting(
+            steps=int(counters[0]) if same else steps,
+            next_steps=int(counters[1]) if same else steps,
+            update_start=int(counters[2]),
+            updates=int(counters[3]),
+            scale=float(scales[0]) if same else float(self._initial_scale),
+        )
+
     @property
     def iterations(self):
         """The updates so far (a micro-batch of gradient accumulation is not one), as Keras counts them."""
         if not self.gradient_accumulation_steps:
             return self._iterations
-        return self._scale_setting().updates
+        return tf.convert_to_tensor(self._setting_counters.value)[_SETTING_COUNTERS.index("updates")]
 
     @property
     def accumulation_steps(self):
         """k, the micro-batches each update accumulates now (1 without gradient accumulation)."""
-        return self._eager_number(self._scale_setting().next_steps, int)
-
-    def _eager_number(self, tensor, kind):
-        # A Python number where one can be read (eager), the tensor inside a traced function.
         if not tf.executing_eagerly():
-            return tensor
-        return kind(tensor.numpy())
+            return self._scale_setting().next_steps
+        return self._setting_numbers().next_steps
 
     def _check_setting(self, steps, scale, argument):
         replicas = self._distribution_strategy.num_replicas_in_sync
@@ -248,17 +263,16 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             )
         if not tf.executing_eagerly():
             raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a tf.function).")
-        setting = self._scale_setting()
-        in_update = int(self._iterations.numpy()) != int(setting.update_start.numpy())
+        setting = self._setting_numbers()
+        in_update = int(self._iterations.numpy()) != setting.update_start
         # S belongs to the count of the update in progress; a change still pending replaces
         # the pending one.
-        scale = float(setting.scale.numpy()) * steps / int(setting.steps.numpy())
+        scale = setting.scale * steps / setting.steps
         self._check_setting(steps, scale, "steps")
         if in_update:
-            setting = setting._replace(next_steps=tf.constant(steps, tf.int64))
+            setting = setting._replace(next_steps=steps)
         else:
-            setting = setting._replace(steps=tf.constant(steps, tf.int64), next_steps=tf.constant(steps, tf.int64),
-                                       scale=tf.constant(scale, tf.float64))
+            setting = setting._replace(steps=steps, next_steps=steps, scale=scale)
         self._write_setting(setting)
 
     def set_scale(self, scale):
@@ -275,9 +289,9 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         scale = validation.scale(scale)
         if not tf.executing_eagerly():
             raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a tf.function).")
-        setting = self._scale_setting()
-        self._check_setting(int(setting.steps.numpy()), scale, "scale")
-        self._write_setting(setting._replace(scale=tf.constant(float(scale), tf.float64)))
+        setting = self._setting_numbers()
+        self._check_setting(setting.steps, scale, "scale")
+        self._write_setting(setting._replace(scale=float(scale)))
 
     def _read_state(self):
         """The `gain.AdaScaleState` held in the state variables."""
@@ -307,10 +321,9 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     @property
     def scale(self):
         """S, the examples per update over the baseline batch (defaults to N; an int where it is one)."""
-        scale = self._scale_setting().scale
         if not tf.executing_eagerly():
-            return scale
-        value = float(scale.numpy())
+            return self._scale_setting().scale
+        value = self._setting_numbers().scale
         keep_float = isinstance(self._requested_scale, float) and value == self._requested_scale
         return int(value) if value.is_integer() and not keep_float else value
 
@@ -422,10 +435,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             `accumulation_steps` (k; both for the next update).
         """
         state = self._read_state()
-        setting = self._scale_setting()
+        setting = self._setting_numbers()
         variance, sqr_norm = self._moments(state)
         gain = float(state.gain.numpy())
-        scale = float(setting.scale.numpy())
+        scale = setting.scale
         return {
             "gain": gain,
             "scale_invariant_iterations": float(state.tau_whole.numpy()) + float(state.tau_fraction.numpy()),
@@ -436,7 +449,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm).numpy()),
             "scaling_efficiency": gain / scale,
             "scale": scale,
-            "accumulation_steps": int(setting.next_steps.numpy()),
+            "accumulation_steps": setting.next_steps,
         }
 
     def _corrected_moments(self):
