@@ -207,9 +207,7 @@ def main(argv=None):
     runs = study_runs(args)
     output_root = pathlib.Path(args.output_dir)
     start = time.perf_counter()
-    finals = studies.train_all(runs, output_root, args.retrain, report=args.report)
-    if not finals:
-        sys.exit(f"scale_study.py: no run of this study is finished under {output_root / args.experiment}")
+    finals = studies.finished_or_exit("scale_study.py", args, runs)
     rows = aggregate(finals)
     print()
     print_table(rows)

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,4 +48,12 @@ def train_all(runs, output_dir, retrain=False, report=False):
             print(f"[{index + 1}/{len(runs)}] {run['run']}", flush=True)
             run_dir = training.train(run, pathlib.Path(output_dir), overwrite=True)
         finals.append(json.loads((run_dir / "final.json").read_text()))
+    return finals
+
+
+def finished_or_exit(script, args, runs):
+    """`train_all` over a study's runs (or `--report` on them); exits naming the folder when none is finished."""
+    finals = train_all(runs, pathlib.Path(args.output_dir), args.retrain, report=args.report)
+    if not finals:
+        sys.exit(f"{script}: no run of this study is finished under {pathlib.Path(args.output_dir) / args.experiment}")
     return finals
