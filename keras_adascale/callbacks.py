@@ -2,6 +2,7 @@
 
 import os
 import time
+import warnings
 
 import keras
 import tensorflow as tf
@@ -87,6 +88,14 @@ class AdaScaleCallback(keras.callbacks.Callback):
         optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_updates)
         total_steps = self._resolved_total_steps(optimizer)
+        if total_steps is None:
+            warnings.warn(
+                "AdaScaleCallback has no T_SI to stop at: the optimizer's learning rate is not a "
+                "ScaleInvariantSchedule with total_steps, and no total_steps was given, so training runs "
+                "every epoch passed to fit. Give T_SI as AdaScaleCallback(total_steps=...) or "
+                "ScaleInvariantSchedule(..., total_steps=...).",
+                stacklevel=2,
+            )
         if total_steps is not None and float(optimizer.scale_invariant_iterations) >= total_steps:
             self.model.stop_training = True
         if self.log_dir is not None:

@@ -193,3 +193,23 @@ def test_fit_with_a_nan_batch_raises_under_non_finite_raise(jit_compile):
     with pytest.raises(error, match="NaN or Inf"):
         fit()
     assert int(optimizer.skipped_updates) == 1
+
+
+def test_without_a_t_si_to_stop_at_it_warns_once_how_to_give_one(least_squares):
+    model = least_squares.model()
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.02, gradient_accumulation_steps=2), loss="mse")
+    with pytest.warns(UserWarning, match="no T_SI to stop at") as caught:
+        model.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, epochs=2, verbose=0,
+                  callbacks=[keras_adascale.AdaScaleCallback()])
+    assert sum("no T_SI" in str(warning.message) for warning in caught) == 1
+
+
+def test_with_a_t_si_it_does_not_warn(least_squares):
+    import warnings
+
+    model, _ = compiled(least_squares, total_steps=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, verbose=0,
+                  callbacks=[keras_adascale.AdaScaleCallback()])
+    assert not any("no T_SI" in str(warning.message) for warning in caught)

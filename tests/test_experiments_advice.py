@@ -96,3 +96,10 @@ def test_advise_refuses_a_run_that_is_not_adascale(finished):
 def test_advise_refuses_a_step_time_without_its_scale(finished, tmp_path):
     result = advise(copied_run(finished, "adascale", tmp_path), "--step-time", "8")
     assert result.returncode == 2 and "expected S=SECONDS" in result.stderr
+
+
+def test_advise_help_prints_percent_signs_once():
+    result = subprocess.run([sys.executable, "-m", "keras_adascale", "advise", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert "50% efficiency" in result.stdout and "%%" not in result.stdout

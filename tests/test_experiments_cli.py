@@ -57,7 +57,7 @@ def test_a_config_error_is_named_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "bad.yaml")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "unknown config key 'optimizer.scal'; did you mean 'scale'" in result.stderr
+    assert "unknown config key 'optimizer.scal'; did you mean 'optimizer.scale'" in result.stderr
 
 
 def test_compare_on_a_folder_that_is_no_run_is_named_and_exits_2(tmp_path):

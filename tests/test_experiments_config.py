@@ -30,7 +30,7 @@ def test_runs_override_the_top_level_keys_deeply():
     "raw, message",
     [
         ({"optimiser": {}}, "unknown config key 'optimiser'; did you mean 'optimizer'"),
-        ({"optimizer": {"scal": 2}}, "unknown config key 'optimizer.scal'; did you mean 'scale'"),
+        ({"optimizer": {"scal": 2}}, "unknown config key 'optimizer.scal'; did you mean 'optimizer.scale'"),
         ({"optimizer": {"name": "adamw"}}, "'optimizer.name' must be one of adascale, sgd, lsr, lsr_warmup, "
          "adascale_adam, adam, adam_fixed, adam_sqrt, adam_linear; got 'adamw'"),
         ({"optimizer": {"statistics": "adaptdl"}}, "'optimizer.statistics' must be one of raw, preconditioned"),
@@ -166,11 +166,11 @@ def test_every_mistake_of_a_config_is_reported_at_once(tmp_path):
         config.load(tmp_path / "typos.yaml")
     message = str(error.value)
     assert message.startswith("the config has 5 errors:\n")
-    for expected in ("unknown config key 'dataset.batch_sise'; did you mean 'batch_size'",
-                     "unknown config key 'optimizer.momentun'; did you mean 'momentum'",
+    for expected in ("unknown config key 'dataset.batch_sise'; did you mean 'dataset.batch_size'",
+                     "unknown config key 'optimizer.momentun'; did you mean 'optimizer.momentum'",
                      "'optimizer.scale' must be >= 1",
                      "run 'a': schedule.decay_at must be increasing fractions",
-                     "run 'b': unknown config key 'model.nmae'; did you mean 'name'"):
+                     "run 'b': unknown config key 'model.nmae'; did you mean 'model.name'"):
         assert message.count(expected) == 1, expected
 
 

@@ -197,7 +197,7 @@ def parser():
         description="Replays a finished AdaScale run's recorded gradient statistics in scale-invariant "
         "time: a run at S' needs U(S') = integral over tau from 0 to T_SI of d tau / r(S', sigma2(tau), "
         "mu2(tau)) updates. Prints, for each S', the predicted updates, examples, scaling efficiency "
-        "(T_SI / U / S') and wall time, names the critical scale (the first below 50%% efficiency) and "
+        "(T_SI / U / S') and wall time, names the critical scale (the first below 50% efficiency) and "
         "writes advice.png into the run folder.",
     )
     advise.add_argument("run_dir", metavar="RUN_DIR", help="a finished AdaScale run folder, e.g. runs/demo/adascale")

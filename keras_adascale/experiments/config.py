@@ -169,8 +169,10 @@ def describe():
 
 
 def _unknown(key, known):
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    section, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    # The full key, as --set and the YAML's nesting spell it.
+    hint = f"; did you mean '{section + '.' if section else ''}{close[0]}'?" if close else ""
     return f"unknown config key '{key}'{hint} Known keys here: {', '.join(sorted(known))}"
 
 
