@@ -1,10 +1,13 @@
 """Experiment configs: defaults, validation errors that name the key, overrides, runs."""
 
 import json
+import pathlib
 
 import pytest
 
 from keras_adascale.experiments import config
+
+REPO_DEMO = pathlib.Path(__file__).resolve().parent.parent / "saved_configs" / "demo.yaml"
 
 
 def test_an_empty_config_is_one_run_with_every_default():
@@ -227,3 +230,12 @@ def test_the_model_choices_are_the_model_registrys_names():
     assert str(error.value) == (
         "config key 'model.name' must be one of " + ", ".join(models.REGISTRY) + "; got 'vgg'")
     assert set(models.REGISTRY) == {"mlp", "small_cnn", "resnet20", "resnet18", "resnet50", "char_lm"}
+
+
+def test_a_refused_value_is_not_judged_again_through_the_default_left_in_its_place():
+    raw = config.apply_overrides(config.load_raw(REPO_DEMO), ["optimizer.scale=0"])
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve(raw, name="demo")
+    message = str(error.value)
+    assert "'optimizer.scale' must be >= 1; got 0" in message
+    assert "whole multiple" not in message and "optimizer.scale=1" not in message

@@ -198,7 +198,7 @@ def _check_value(path, key, value):
     return value
 
 
-def _merge(base, update, schema, errors, prefix=""):
+def _merge(base, update, schema, errors, prefix="", bad=None):
     """Deep-merges `update` into a copy of `base`, checking every key against `schema`.
 
     A bad key or value is added to `errors` and leaves the base value in place,
@@ -215,20 +215,28 @@ def _merge(base, update, schema, errors, prefix=""):
             continue
         entry = schema[name]
         if _is_section(entry):
-            merged[name] = _merge(merged[name], value, entry, errors, f"{path}.")
+            merged[name] = _merge(merged[name], value, entry, errors, f"{path}.", bad)
             continue
         try:
             merged[name] = _check_value(path, entry, value)
         except ConfigError as error:
             errors.append(str(error))
+            if bad is not None:
+                bad.add(path)
     return merged
 
 
 _FRACTION = validation.Interval(0.0, 1.0, high_closed=True)
 
 
-def _run_errors(run):
-    """The cross-key rules one resolved run breaks, as messages."""
+# The keys that the rule "S x B0 is a whole number of samples over the replicas" reads: with a bad
+# value in one of them the rule would judge the default left in its place, a value never given.
+_BATCH_RULE_KEYS = {"optimizer.scale", "optimizer.name", "optimizer.baseline_batch_size", "dataset.batch_size",
+                    "strategy.name", "strategy.devices", "autoscale.max_scale"}
+
+
+def _run_errors(run, bad=frozenset()):
+    """The cross-key rules one resolved run breaks, as messages; `bad`: keys whose given value was refused."""
     errors = []
     optimizer, strategy, schedule = run["optimizer"], run["strategy"], run["schedule"]
     if optimizer["scale"] == AUTO and optimizer["name"] not in ADASCALE_OPTIMIZERS:
@@ -236,7 +244,7 @@ def _run_errors(run):
                       f"got optimizer.name={optimizer['name']}")
     elif optimizer["scale"] != AUTO and optimizer["scale"] not in validation.SCALE:
         errors.append(f"optimizer.scale must be a finite number >= 1; got {optimizer['scale']}")
-    else:
+    elif not bad & _BATCH_RULE_KEYS:
         # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
         # them there); a whole number of samples is needed everywhere.
         replicas = strategy["devices"] if strategy["name"] == "mirrored" else 1
@@ -354,7 +362,8 @@ def resolve(raw, name):
         ConfigError: naming every bad key or value of the config at once.
     """
     errors, run_errors = [], {}  # run_errors: {message: [names of the runs it is about]}
-    base = _merge(defaults(), raw, SCHEMA, errors)
+    base_bad = set()
+    base = _merge(defaults(), raw, SCHEMA, errors, bad=base_bad)
     base["name"] = base["name"] or name
     variants = base.pop("runs") or [{"name": base["optimizer"]["name"]}]
     runs, seen = [], set()
@@ -370,10 +379,11 @@ def resolve(raw, name):
             errors.append(f"runs[{index}]: the run name '{variant['name']}' is used twice")
         seen.add(variant["name"])
         problems = []
-        run = _merge({**base, "runs": None}, overrides, SCHEMA, problems)
+        run_bad = set(base_bad)
+        run = _merge({**base, "runs": None}, overrides, SCHEMA, problems, bad=run_bad)
         del run["runs"]
         run["run"] = variant["name"]
-        for message in problems + _run_errors(run):
+        for message in problems + _run_errors(run, run_bad):
             run_errors.setdefault(message, []).append(variant["name"])
         runs.append(run)
     # A top-level value that breaks a rule breaks it in every run: one message names them all.
