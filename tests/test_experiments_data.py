@@ -122,3 +122,12 @@ def test_a_stream_started_after_some_batches_goes_on_as_the_whole_stream(mnist_s
     whole = _hashes(iter(data.train_dataset(mnist_stream_config, batch, seed=3)), skip_batches + 8)
     started = data.train_dataset(mnist_stream_config, batch, seed=3, skip_batches=skip_batches)
     assert _hashes(iter(started), 8) == whole[skip_batches:]
+
+
+def test_a_misspelled_name_suggests_the_dataset_that_ships_offline_first():
+    with pytest.raises(config.ConfigError) as error:
+        data.describe(config.defaults()["dataset"] | {"name": "mnsit"})
+    message = str(error.value)
+    assert "did you mean 'bundled_mnist' (ships offline with keras-adascale)" in message
+    assert message.index("'bundled_mnist'") < message.index("'mnist'")
+    assert "(tfds; needs a download unless prepared)" in message

@@ -15,9 +15,22 @@ def _builder(config):
     try:
         return tfds.builder(name, data_dir=config["data_dir"])
     except tfds.core.registered.DatasetNotFoundError as error:
-        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], tfds.list_builders(), n=3)
-        hint = f"; did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
-        raise ConfigError(f"dataset.name: tensorflow-datasets has no dataset '{name}'{hint}") from error
+        raise ConfigError(f"dataset.name: tensorflow-datasets has no dataset '{name}'{_suggestions(name)}") from error
+
+
+def _suggestions(name):
+    """'; did you mean ...?': first the close names that ship offline with this package, then tfds's others."""
+    base = name.split(":")[0].split("/")[0]
+    builders = tfds.list_builders()
+    offline = [builder.name for builder in (keras_adascale.datasets.BundledMnist, keras_adascale.datasets.PythonChars)]
+    here = [b for b in offline if base in b or b in difflib.get_close_matches(base, offline, n=2, cutoff=0.4)]
+    others = [b for b in difflib.get_close_matches(base, builders, n=3) if b not in here]
+    parts = []
+    if here:
+        parts.append(f"{' or '.join(map(repr, here))} (ships offline with keras-adascale)")
+    if others:
+        parts.append(f"{' or '.join(map(repr, others))}" + (" (tfds; needs a download unless prepared)" if here else ""))
+    return f"; did you mean {', or '.join(parts)}?" if parts else ""
 
 
 def _ships_offline(builder):
