@@ -2,6 +2,7 @@
 that depends on its seed only."""
 
 import hashlib
+import logging
 
 import pytest
 import tensorflow_datasets as tfds
@@ -131,3 +132,10 @@ def test_a_misspelled_name_suggests_the_dataset_that_ships_offline_first():
     assert "did you mean 'bundled_mnist' (ships offline with keras-adascale)" in message
     assert message.index("'bundled_mnist'") < message.index("'mnist'")
     assert "(tfds; needs a download unless prepared)" in message
+
+
+def test_an_unprepared_dataset_logs_no_tfds_warning_before_the_runners_message(offline, tmp_path, caplog):
+    dataset = config.defaults()["dataset"] | {"name": "cifar10", "data_dir": str(tmp_path)}
+    with caplog.at_level(logging.WARNING), pytest.raises(config.ConfigError, match="is not prepared"):
+        data.prepare(dataset)
+    assert not [record for record in caplog.records if "dataset_info.json" in record.getMessage()]

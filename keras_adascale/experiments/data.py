@@ -1,13 +1,37 @@
 """Input pipelines of the experiment runner, through tensorflow-datasets."""
 
+import contextlib
 import difflib
 import json
+import logging
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import keras_adascale.datasets  # noqa: F401  (registers the bundled builders with tfds)
 from keras_adascale.experiments.config import ConfigError
+
+
+class _NoUnpreparedVariantWarning(logging.Filter):
+    """Drops tfds's "Variant folder ... has no dataset_info.json": `prepare` says what to do instead."""
+
+    def filter(self, record):
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_unprepared():
+    logger, quiet = logging.getLogger("absl"), _NoUnpreparedVariantWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _is_prepared(builder):
+    with _quiet_unprepared():
+        return builder.is_prepared()
 
 
 def _builder(config):
@@ -125,7 +149,7 @@ def prepare(config):
             builder.download_and_prepare()
         except ValueError as error:  # e.g. prepared from another version of the package it reads
             raise ConfigError(f"dataset.name: {error}") from error
-    elif not builder.is_prepared():
+    elif not _is_prepared(builder):
         name, root = config["name"], builder.data_dir_root
         raise ConfigError(
             f"dataset.name: '{name}' is not prepared in the tfds data_dir {root} (no {builder.data_dir}), "
