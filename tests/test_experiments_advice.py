@@ -103,3 +103,51 @@ def test_advise_help_prints_percent_signs_once():
                             text=True, timeout=120)
     assert result.returncode == 0
     assert "50% efficiency" in result.stdout and "%%" not in result.stdout
+
+
+def test_advise_recommends_the_largest_scale_that_keeps_half_its_examples(advice):
+    """Without step times: the largest listed S with efficiency >= 50%, said in one plain line with why."""
+    _, _, stdout, rows = advice
+    expected = max(scale for scale, row in rows.items() if row["efficiency"] >= 0.5)
+    paragraph = " ".join(stdout.split("Recommendation: ", 1)[1].split())
+    assert paragraph.startswith(f"S = {expected:g}, the largest listed S that keeps at least 50% efficiency")
+    assert f"{rows[expected]['updates']} updates" in paragraph
+
+
+def test_advise_recommends_the_fastest_measured_scale_when_step_times_are_given(finished, tmp_path):
+    result = advise(copied_run(finished, "adascale", tmp_path), "--scales", "1,2,8",
+                    "--step-time", "1=0.01", "--step-time", "2=0.004", "--step-time", "8=0.2")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    walls = {scale: rows[scale]["updates"] * seconds for scale, seconds in ((1.0, 0.01), (2.0, 0.004), (8.0, 0.2))}
+    fastest = min(walls, key=walls.get)
+    assert f"Recommendation: S = {fastest:g}, the least predicted wall time" in result.stdout
+    assert "WARNING: no step times given" not in result.stdout
+
+
+def test_advise_warns_prominently_that_unmeasured_wall_times_are_assumed(advice):
+    """Above the table, not in a footnote: the wall-time column is the run's own step time at every S."""
+    _, final, stdout, _ = advice
+    warning, header = stdout.index("WARNING: no step times given"), stdout.index("S  updates")
+    assert warning < header
+    own_ms = 1000 * final["wall_time"] / final["updates"]
+    assert f"{own_ms:.1f} ms per update at every S" in " ".join(stdout[warning:header].split())
+
+
+def test_advise_says_the_rows_far_above_the_runs_scale_are_conservative(finished, tmp_path):
+    run_dir = copied_run(finished, "adascale", tmp_path)
+    own = json.loads((run_dir / "final.json").read_text())["scale"]
+    far = advise(run_dir, "--scales", f"1,{4 * own:g}")
+    near = advise(run_dir, "--scales", f"1,{2 * own:g}")
+    assert far.returncode == near.returncode == 0, far.stderr + near.stderr
+    assert f"CONSERVATIVE at S >= {4 * own:g}" in far.stdout and "+85%" in " ".join(far.stdout.split())
+    assert "CONSERVATIVE" not in near.stdout
+
+
+def test_advise_stops_its_default_table_where_efficiency_is_negligible(finished, tmp_path):
+    result = advise(copied_run(finished, "adascale", tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    scales = sorted(rows)
+    assert rows[scales[-1]]["efficiency"] < 0.1 <= min(rows[s]["efficiency"] for s in scales[:-1])
+    assert scales[-1] < 1024 and f"(stopped at S = {scales[-1]:g}: efficiency below 10%" in result.stdout

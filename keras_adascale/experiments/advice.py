@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import textwrap
 
 import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no backend is chosen or changed for the caller
@@ -12,6 +13,13 @@ from keras_adascale.experiments.rundirs import read_jsonl
 
 DEFAULT_SCALES = tuple(2**k for k in range(11))  # 1 .. 1024
 CRITICAL_EFFICIENCY = 0.5
+# The default table stops at the first scale below this efficiency: beyond it, S x more examples buy
+# almost no fewer updates, and the rows would only repeat that.
+NEGLIGIBLE_EFFICIENCY = 0.1
+# How far the replay is known to be pessimistic (docs/benchmarks.md, section 3): from an S = 4 MNIST run it
+# predicted 33% more updates than real runs took at S = 16 and 85% more at S = 32 (the noise scale a
+# run measures grows with its own S). Rows at this multiple of the run's S or more carry the warning.
+PESSIMISTIC_FROM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +50,45 @@ class Advice:
     noise_scale: float  # B_simple in baseline batches, averaged over tau
     predictions: list
 
+    cut_at: float | None = None  # the default scales stopped after this one (negligible efficiency)
+
     @property
     def critical_scale(self):
         """The first listed scale whose efficiency is below 50%, or None."""
         below = [p.scale for p in self.predictions if p.efficiency < CRITICAL_EFFICIENCY]
         return min(below) if below else None
+
+    @property
+    def own_step_seconds(self):
+        return next(p.step_seconds for p in self.predictions if p.scale == self.scale)
+
+    @property
+    def measured_step_times(self):
+        return any(p.step_time_measured for p in self.predictions)
+
+    def recommendation(self):
+        """`(prediction, reason)`: the S to use and why, in words.
+
+        With step times measured at two or more scales, the fastest of those (the only wall times that
+        are not guesses); otherwise the largest listed S that keeps at least 50% efficiency, i.e. the
+        most updates saved while most of every update's examples still turn into progress.
+        """
+        measured = [p for p in self.predictions if p.step_time_measured]
+        if len(measured) >= 2:
+            best = min(measured, key=lambda p: p.wall_seconds)
+            return best, (f"the least predicted wall time ({_duration(best.wall_seconds)}) among the scales "
+                          f"whose step time you measured ({', '.join(f'{p.scale:g}' for p in measured)})")
+        efficient = [p for p in self.predictions if p.efficiency >= CRITICAL_EFFICIENCY]
+        best = max(efficient, key=lambda p: p.scale)  # S = 1 always qualifies (efficiency 100%)
+        reason = (f"the largest listed S that keeps at least {100 * CRITICAL_EFFICIENCY:.0f}% efficiency: "
+                  f"{best.updates} updates, {100 * best.efficiency:.0f}% of its examples turn into progress")
+        larger = [p for p in self.predictions if p.scale > best.scale]
+        if larger:
+            nxt = min(larger, key=lambda p: p.scale)
+            reason += (f"; S = {nxt.scale:g} would save {best.updates - nxt.updates} more updates "
+                       f"({100 * (1 - nxt.updates / best.updates):.0f}%) for {nxt.scale / best.scale:g}x the examples "
+                       "per update")
+        return best, reason
 
 
 def gain(scale, variance, sqr_norm):
@@ -110,8 +152,8 @@ def advise(run_dir, scales=None, step_times=None):
     sqr_norms = [row["gradient_sqr_norm"] for row in rows]
     own_step = final["wall_time"] / final["updates"]
     step_times = dict(step_times or {})
-    wanted = sorted(set(scales or DEFAULT_SCALES) | {final["scale"]})
-    predictions = []
+    wanted = sorted(set(scales or DEFAULT_SCALES) | {final["scale"]} | set(step_times))
+    predictions, cut_at = [], None
     for scale in wanted:
         updates = predicted_updates(scale, taus, variances, sqr_norms, total_steps)
         measured = scale in step_times
@@ -120,6 +162,9 @@ def advise(run_dir, scales=None, step_times=None):
             efficiency=total_steps / updates / scale,
             step_seconds=step_times[scale] if measured else own_step, step_time_measured=measured,
         ))
+        if scales is None and predictions[-1].efficiency < NEGLIGIBLE_EFFICIENCY and scale >= final["scale"]:
+            cut_at = scale if scale < wanted[-1] else None
+            break
     # B_simple averaged over the schedule (tau), as the run spent it.
     pieces = np.diff(np.concatenate([[0.0], np.minimum(taus, total_steps)]))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -128,7 +173,7 @@ def advise(run_dir, scales=None, step_times=None):
     noise_scale = float(np.sum(ratios[finite] * pieces[finite]) / max(np.sum(pieces[finite]), 1e-300))
     return Advice(run=f"{final['experiment']}/{final['run']}", scale=final["scale"], baseline_batch_size=baseline,
                   total_steps=total_steps, actual_updates=final["updates"], noise_scale=noise_scale,
-                  predictions=predictions)
+                  predictions=predictions, cut_at=cut_at)
 
 
 def _duration(seconds):
@@ -139,8 +184,13 @@ def _duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
+def _paragraph(text):
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False)
+
+
 def table(advice):
-    """The advice as text: one row per scale, then the noise scale and the critical scale."""
+    """The advice as text: what the wall times assume, one row per scale, the noise scale, the critical
+    scale, how far the rows can be trusted, and the recommended S with its reason."""
     header = ("S", "updates", "examples", "efficiency", "step time", "wall time")
     rows = []
     for p in advice.predictions:
@@ -154,23 +204,43 @@ def table(advice):
         f"T_SI = {advice.total_steps:g}): updates a run at S needs to reach T_SI, replayed from this run's "
         "gradient statistics.",
         "",
+    ]
+    if not advice.measured_step_times:
+        lines += [
+            _paragraph(f"WARNING: no step times given. The wall-time column assumes this run's "
+                       f"{1000 * advice.own_step_seconds:.1f} ms per update at every S (*): a guess that is only "
+                       "right if S replicas take as long per update as this run did. Measure a few updates at "
+                       "each S you consider and pass --step-time S=SECONDS."),
+            "",
+        ]
+    lines += [
         "  ".join(h.rjust(w) for h, w in zip(header, widths)),
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines += [
-        "",
-        "* this run's time per update (ideal scaling: S replicas take as long as this run's); "
-        "pass --step-time S=SECONDS for measured ones.",
-        f"gradient noise scale B_simple = {advice.noise_scale:.3g} baseline batches "
-        f"= {advice.noise_scale * advice.baseline_batch_size:,.0f} examples (mean over tau)",
-    ]
+    lines.append("")
+    if any(not p.step_time_measured for p in advice.predictions):
+        lines.append("* this run's time per update, not measured at that S.")
+    if advice.cut_at is not None:
+        lines.append(f"(stopped at S = {advice.cut_at:g}: efficiency below {100 * NEGLIGIBLE_EFFICIENCY:.0f}%, "
+                     "larger S buy almost no fewer updates; --scales lists any others)")
+    lines.append(f"gradient noise scale B_simple = {advice.noise_scale:.3g} baseline batches "
+                 f"= {advice.noise_scale * advice.baseline_batch_size:,.0f} examples (mean over tau)")
     critical = advice.critical_scale
     if critical is None:
         lines.append(f"critical scale: none listed; every scale keeps >= {100 * CRITICAL_EFFICIENCY:.0f}% efficiency")
     else:
         lines.append(f"critical scale: S = {critical:g} is the first listed scale below "
                      f"{100 * CRITICAL_EFFICIENCY:.0f}% efficiency; beyond it more examples buy few updates")
+    far = [p.scale for p in advice.predictions if p.scale >= PESSIMISTIC_FROM * advice.scale]
+    if far:
+        lines.append(_paragraph(
+            f"CONSERVATIVE at S >= {min(far):g}: the noise scale a run measures grows with its own S, so runs "
+            f"far above S = {advice.scale:g} need fewer updates than these rows say (measured on MNIST from an "
+            "S = 4 run: +33% too many predicted at S = 16, +85% at S = 32; docs/benchmarks.md, section 3). "
+            "Train a short run at a larger S and advise from it to check."))
+    best, reason = advice.recommendation()
+    lines += ["", _paragraph(f"Recommendation: S = {best.scale:g}, {reason}.")]
     return "\n".join(lines)
 
 

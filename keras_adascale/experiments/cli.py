@@ -197,12 +197,15 @@ def parser():
         description="Replays a finished AdaScale run's recorded gradient statistics in scale-invariant "
         "time: a run at S' needs U(S') = integral over tau from 0 to T_SI of d tau / r(S', sigma2(tau), "
         "mu2(tau)) updates. Prints, for each S', the predicted updates, examples, scaling efficiency "
-        "(T_SI / U / S') and wall time, names the critical scale (the first below 50% efficiency) and "
-        "writes advice.png into the run folder.",
+        "(T_SI / U / S') and wall time, names the critical scale (the first below 50% efficiency), "
+        "recommends an S and says why, and writes advice.png into the run folder. The default list of "
+        "scales stops at the first below 10% efficiency. Without --step-time the wall times assume the "
+        "run's own time per update at every S; rows far above the run's S are conservative.",
     )
     advise.add_argument("run_dir", metavar="RUN_DIR", help="a finished AdaScale run folder, e.g. runs/demo/adascale")
     advise.add_argument("--scales", type=_parse_scales, default=None, metavar="S[,S...]",
-                        help="scales to predict (default 1,2,4,...,1024; the run's own S is always added)")
+                        help="scales to predict (default 1,2,4,...,1024, stopped below 10%% efficiency; the run's own S "
+                        "and every --step-time S are always added)")
     advise.add_argument("--step-time", type=_parse_step_time, action="append", default=[], metavar="S=SECONDS",
                         help="seconds per update measured at S (repeatable); other scales assume ideal "
                         "scaling: the run's own time per update")
