@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # whole on one worker (--dist loadscope), so a module's fixtures are made once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test clean
+.PHONY: demo test docs docs-serve clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.examples: pyproject.toml $(VENV)/.created
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.created
-	$(PY) -m pip install --quiet -e '.[runner,examples,test]'
+	$(PY) -m pip install --quiet -e '.[runner,examples,test,docs]'
 	touch $@
 
 demo: $(VENV)/.examples
@@ -29,5 +29,16 @@ demo: $(VENV)/.examples
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
+# The documentation site: built into site/ with --strict (a warning fails it); docs-serve rebuilds on edits.
+$(VENV)/.docs: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e '.[runner,docs]'
+	touch $@
+
+docs: $(VENV)/.docs
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(VENV)/.docs
+	$(PY) -m mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -3,6 +3,7 @@
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 __all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleSGD", "AutoScale", "ScaleInvariantSchedule", "ScalePolicy",
            "enable_multi_worker_fit"]
@@ -17,6 +18,14 @@ _MODULES = {
     "ScaleInvariantSchedule": "keras_adascale.schedules",
     "enable_multi_worker_fit": "keras_adascale.keras_fixes",
 }
+
+if TYPE_CHECKING:  # what __getattr__ provides, for static tools: type checkers, IDEs, the API reference
+    from keras_adascale.adam import AdaScaleAdam
+    from keras_adascale.autoscale import ScalePolicy
+    from keras_adascale.callbacks import AdaScaleCallback, AutoScale
+    from keras_adascale.keras_fixes import enable_multi_worker_fit
+    from keras_adascale.optimizer import AdaScaleSGD
+    from keras_adascale.schedules import ScaleInvariantSchedule
 
 
 def __getattr__(name):

@@ -114,7 +114,8 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
         current_steps: the current k.
         scale_per_step: S / k (S = N by default, so the replica count).
         objective: "budget", "efficiency" or "goodput" (see the module docstring).
-        min_steps, max_steps: the bounds on k.
+        min_steps: the least k allowed.
+        max_steps: the largest k allowed.
         threshold: the predicted improvement a change needs (0.05: 5%).
         update_cost: "budget": baseline batches of examples one update is worth (1 / lambda).
         target_efficiency: "efficiency": the least r(S) / S allowed.

@@ -167,8 +167,17 @@ class AutoScale(keras.callbacks.Callback):
     `gradient_accumulation_steps` (the count to start from, 1 allowed).
 
     Args:
-        objective, interval, warmup, min_steps, max_steps, threshold,
-            update_cost, target_efficiency: see `ScalePolicy`.
+        objective: "budget" (default), "efficiency" or "goodput"; see `ScalePolicy`.
+        interval: scale-invariant iterations between decisions (0: at every
+            chance); see `ScalePolicy`.
+        warmup: tau before the first decision; see `ScalePolicy`.
+        min_steps: the least accumulation count k; see `ScalePolicy`.
+        max_steps: the largest k. Defaults to 32.
+        threshold: the predicted improvement a change needs. Defaults to 0.05.
+        update_cost: "budget": the baseline batches of examples one update is
+            worth; see `ScalePolicy`.
+        target_efficiency: "efficiency": the least predicted gain / S; see
+            `ScalePolicy`.
         allowed_steps: optional list of the counts k allowed (e.g. powers of two).
         every: "update" (default): a decision may come after any update, when
             `interval` is due; "epoch": only at the start of an epoch (with

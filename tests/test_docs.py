@@ -1,7 +1,9 @@
-"""Every code block of README.md runs as written, with its placeholders (model, dataset...) filled in.
+"""Every code block of README.md and of the documentation site's pages (docs/**/*.md) runs as written,
+with its placeholders (model, dataset...) filled in; and the site builds with no warning.
 
-A block preceded by `<!-- test_readme: skip (reason) -->` is not run; one preceded by
-`<!-- test_readme: fresh process (...) -->` runs in a new Python process.
+A block preceded by `<!-- test: skip (reason) -->` is not run; one preceded by
+`<!-- test: fresh process (...) -->` runs in a new Python process. ```bash blocks are runner commands
+(`keras-adascale ...`), run in order in one folder; other shell lines belong in skipped blocks.
 """
 
 import os
@@ -11,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -20,7 +23,11 @@ import tensorflow as tf
 import keras_adascale
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_BLOCK = re.compile(r"(?:<!-- test_readme: (?P<marker>[^>]*?) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)```", re.S)
+_BLOCK = re.compile(r"(?:<!-- test: (?P<marker>[^>]*?) -->\n[ \t]*)?```(?P<language>\w+)\n(?P<code>.*?)```", re.S)
+# The pages whose code runs: the README and the site's own pages (docs/tutorials links to the
+# notebooks, which tests/test_tutorials.py runs).
+PAGES = [ROOT / "README.md", *sorted(page for page in (ROOT / "docs").rglob("*.md")
+                                     if "tutorials" not in page.relative_to(ROOT / "docs").parts)]
 # Small and fast: the runner commands train a few updates of a tiny MLP on a slice of MNIST, and
 # only the run that the later commands use (they read and sit beside runs/demo/adascale).
 _TINY_RUNNER = ["--set", "total_steps=16", "--set", "evaluations=1", "--set", "dataset.train_split=train[:2%]",
@@ -29,15 +36,27 @@ _TINY_RUNNER = ["--set", "total_steps=16", "--set", "evaluations=1", "--set", "d
 
 
 def blocks(language):
-    text = (ROOT / "README.md").read_text()
     found = []
-    for match in _BLOCK.finditer(text):
-        if match["language"] != language:
-            continue
-        line = text.count("\n", 0, match.start("code")) + 1
-        marks = [pytest.mark.skip(reason=match["marker"])] if (match["marker"] or "").startswith("skip") else []
-        found.append(pytest.param(match["code"], match["marker"] or "", id=f"line{line}", marks=marks))
+    for page in PAGES:
+        text = page.read_text()
+        for match in _BLOCK.finditer(text):
+            if match["language"] != language:
+                continue
+            line = text.count("\n", 0, match.start("code")) + 1
+            marks = [pytest.mark.skip(reason=match["marker"])] if (match["marker"] or "").startswith("skip") else []
+            name = page.relative_to(ROOT).as_posix()
+            found.append(pytest.param(textwrap.dedent(match["code"]), match["marker"] or "", id=f"{name}:{line}", marks=marks))
     return found
+
+
+def test_every_page_has_its_blocks_found():
+    """A typo in a marker or fence (```Python, a marker not right above its block) would hide a block."""
+    for page in PAGES:
+        text = page.read_text()
+        fences = len(re.findall(r"^[ \t]*```", text, re.M))
+        assert fences == 2 * len(list(_BLOCK.finditer(text))), f"{page}: a fence without a language?"
+        for marker in re.findall(r"<!-- test(?:_readme)?:[^>]*-->", text):
+            assert re.match(r"<!-- test: (skip \(.+\)|fresh process \(.+\)) -->$", marker), (page, marker)
 
 
 def placeholders():
@@ -94,6 +113,23 @@ def test_python_block_runs(code, marker, saved_model, monkeypatch):
         assert float(optimizer.scale_invariant_iterations) >= total_steps
 
 
+def _expected_outputs(command):
+    """The files a runner command must leave behind (relative to its folder), from its own arguments."""
+    arguments = command[2:]
+    options = dict(zip(arguments, arguments[1:]))
+    if command[1] == "train" and "--help" not in command:
+        names = [value.split("=", 1)[1] for key, value in zip(arguments, arguments[1:])
+                 if key == "--set" and value.startswith("name=")]
+        experiment = names[-1] if names else pathlib.Path(arguments[0]).stem
+        return [pathlib.Path("runs", experiment, options.get("--only", "adascale"), "final.json")]
+    if command[1] == "compare":
+        return [pathlib.Path(options["--output"]) if "--output" in options
+                else pathlib.Path(arguments[0]).parent / "comparison.png"]
+    if command[1] == "advise":
+        return [pathlib.Path(options["--output"]) if "--output" in options else pathlib.Path(arguments[0]) / "advice.png"]
+    return []
+
+
 @pytest.mark.parametrize("code, marker", blocks("bash"))
 def test_runner_commands_run_in_order_without_colliding(code, marker, tfds_data_dir, tmp_path):
     commands = [shlex.split(line, comments=True) for line in code.splitlines()]
@@ -108,5 +144,43 @@ def test_runner_commands_run_in_order_without_colliding(code, marker, tfds_data_
                                 capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         assert result.returncode == 0, f"{shlex.join(command)}:\n{result.stderr[-3000:]}"
-    assert (tmp_path / "runs" / "demo" / "comparison.png").is_file()
-    assert (tmp_path / "runs" / "demo_s8" / "adascale" / "final.json").is_file()
+        # What each command says it writes is there (a compare's comparison.png, a train's final.json...).
+        for output in _expected_outputs(command):
+            assert (tmp_path / output).is_file(), f"{shlex.join(command)} did not write {output}"
+
+
+def _schema_keys(schema, prefix=""):
+    from keras_adascale.experiments import config
+
+    for name, entry in schema.items():
+        if config._is_section(entry):
+            yield from _schema_keys(entry, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_site_builds_strict_with_every_config_key_and_the_api(tmp_path):
+    """`make docs`: MkDocs builds the site with no warning; the generated pages carry the code's truth."""
+    from keras_adascale.experiments import config
+
+    site = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-5000:]
+    # MkDocs's own warnings ("WARNING -  ..."), not TensorFlow's absl lines, which the hooks' import prints.
+    warnings = re.findall(r"^(?:WARNING|ERROR) +-.*$", result.stderr, re.M)
+    assert not warnings, "\n".join(warnings)
+    reference = (site / "runner" / "config" / "index.html").read_text()
+    missing = [key for key in _schema_keys(config.SCHEMA) if f"<code>{key}</code>" not in reference]
+    assert not missing, f"config keys missing from the generated reference: {missing}"
+    api = (site / "api" / "index.html").read_text()
+    for name in keras_adascale.__all__:
+        assert f'id="keras_adascale.{name}"' in api, name
+    for method in ("set_scale", "set_accumulation_steps", "predicted_gain"):
+        assert f'id="keras_adascale.AdaScaleSGD.{method}"' in api, method
+    cli_page = (site / "runner" / "cli" / "index.html").read_text()
+    for command in ("train", "compare", "advise"):
+        assert f"keras-adascale {command}" in cli_page, command
+    notebook = (site / "tutorials" / "01_quickstart" / "index.html").read_text()
+    assert "AdaScaleSGD" in notebook

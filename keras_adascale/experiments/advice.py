@@ -200,9 +200,9 @@ def table(advice):
                      _duration(p.wall_seconds) + own))
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     lines = [
-        f"Advice from {advice.run} (S = {advice.scale:g}, baseline batch B0 = {advice.baseline_batch_size}, "
-        f"T_SI = {advice.total_steps:g}): updates a run at S needs to reach T_SI, replayed from this run's "
-        "gradient statistics.",
+        _paragraph(f"Advice from {advice.run} (S = {advice.scale:g}, baseline batch B0 = "
+                   f"{advice.baseline_batch_size}, T_SI = {advice.total_steps:g}): updates a run at S needs to "
+                   "reach T_SI, replayed from this run's gradient statistics."),
         "",
     ]
     if not advice.measured_step_times:

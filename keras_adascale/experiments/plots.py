@@ -123,7 +123,7 @@ def plot_comparison(run_dirs, path):
         evaluations = read_jsonl(run_dir / "evaluations.jsonl")
         updates = _column(rows, "update")
         style = {"color": f"C{index % 10}", "linestyle": _STYLES[index % len(_STYLES)],
-                 "linewidth": 1.2 + 0.8 * (count - 1 - index), "zorder": 2 + index,
+                 "linewidth": 1.0 + 0.6 * (count - 1 - index), "zorder": 2 + index,
                  "marker": _MARKERS[index % len(_MARKERS)], "markersize": 5, "label": label}
         spaced = max(1, len(rows) // 12)
         accuracy_x = [0] + [row["update"] for row in evaluations] + [final["updates"]]
