@@ -184,3 +184,15 @@ def test_site_builds_strict_with_every_config_key_and_the_api(tmp_path):
         assert f"keras-adascale {command}" in cli_page, command
     notebook = (site / "tutorials" / "01_quickstart" / "index.html").read_text()
     assert "AdaScaleSGD" in notebook
+
+
+def test_readme_is_a_landing_page():
+    """Two set-up commands first; under 200 lines; the rest lives in the site, linked from it."""
+    text = (ROOT / "README.md").read_text()
+    first = next(_BLOCK.finditer(text))
+    assert [line.split("#")[0].strip() for line in first["code"].splitlines()] == ["make demo", "make test"]
+    assert len(text.splitlines()) < 200
+    for heading in ("## Should I use it?", "## How do I pick S?", "## Install"):
+        assert heading in text
+    for link in re.findall(r"\]\((docs/[^)#]+|CHANGELOG\.md)(?:#[^)]*)?\)", text):
+        assert (ROOT / link).is_file(), link
