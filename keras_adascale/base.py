@@ -524,6 +524,9 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 "(`optimizer.build(model.trainable_variables)`) with the same arguments "
                 f"({self._shape_arguments}, `gradient_accumulation_steps`) as the saved one, "
                 "or load the model with `compile=False` to restore only the weights."
+                + (" If it was saved by keras-adascale 0.1.0, which kept 2 fewer (S and the accumulation "
+                   "count became optimizer variables in 0.2.0), load it with `compile=False`."
+                   if saved == len(self.variables) - 2 else "")
             )
         for index, variable in enumerate(self.variables):
             shape = tuple(store[str(index)].shape)

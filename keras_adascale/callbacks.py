@@ -38,9 +38,9 @@ class AdaScaleCallback(keras.callbacks.Callback):
     `skipped_updates` (updates skipped for NaN or Inf gradients),
     `gradient_variance` and `gradient_sqr_norm` (the smoothed sigma^2 and mu^2),
     `gradient_noise_scale` (sigma^2 / mu^2 in baseline batches, see
-    `AdaScaleSGD.gradient_noise_scale`) and `scaling_efficiency` (gain / S:
-    the share of the S-fold batch that turns into progress) to the
-    batch and epoch logs, so they appear in the progress bar, in `History` and,
+    `AdaScaleSGD.gradient_noise_scale`), `scaling_efficiency` (gain / S:
+    the share of the S-fold batch that turns into progress), and `scale` and
+    `accumulation_steps` (S and k of the next update) to the batch and epoch logs, so they appear in the progress bar, in `History` and,
     when `keras.callbacks.TensorBoard` comes after this callback in the list,
     in TensorBoard (per epoch by default). Sets `model.stop_training` once tau
     reaches `total_steps`.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import LeastSquares, read_jsonl, reference_history
-from reference import AdaScaleAdamReference
+from reference import AdaScaleAdamReference, AdaScaleReference
 
 WORKERS, UPDATES, ROWS = 2, 3, 128
 
@@ -223,3 +223,54 @@ def test_a_job_with_a_killed_worker_restarts_and_ends_where_an_uninterrupted_job
     rows = [read_jsonl(path / "metrics.jsonl") for path in finished]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
     assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)
+
+
+# model.fit whose accumulation count changes between updates (1 -> 2 -> 3), as AutoScale changes it:
+# S = 2 workers x k at each update.
+CHANGING_FIT = COMMON + r"""
+class ChangeSteps(keras.callbacks.Callback):
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = plan
+
+    def on_train_batch_end(self, batch, logs=None):
+        updates = int(self.model.optimizer.iterations)
+        if updates in self.plan:
+            self.model.optimizer.set_accumulation_steps(self.plan.pop(updates))
+
+with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=1)
+    model.compile(optimizer=optimizer, loss="mse")
+
+def dataset_fn(context):
+    local = np.concatenate([rows(k, context.input_pipeline_id) for k in range(8)])
+    return tf.data.Dataset.from_tensor_slices((x[local], y[local])).batch(8)
+
+model.fit(strategy.distribute_datasets_from_function(dataset_fn), epochs=1, steps_per_epoch=8, verbose=0,
+          callbacks=[ChangeSteps({1: 2, 3: 3})])
+report(model, optimizer)
+print("UPDATES " + str(int(optimizer.iterations)), flush=True)
+"""
+
+
+def test_two_workers_with_a_changing_accumulation_count_match_the_reference():
+    """Micro-step m of the job averages blocks 2m and 2m + 1 (one per worker); update u holds its k_u micro-steps."""
+    results = run_workers(CHANGING_FIT)
+    assert results[0]["weights"] == results[1]["weights"] and results[0]["tau"] == results[1]["tau"]
+    rng = np.random.RandomState(0)
+    x = rng.randn(ROWS, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 1) + rng.randn(ROWS, 1)).astype(np.float32)
+    problem = LeastSquares.from_arrays(x, y, np.zeros(4))
+    expected = AdaScaleReference(problem.initial, scale=2, learning_rate=0.05, momentum=0.9)
+    block = 0
+    for k in (1, 2, 2, 3):
+        expected.scale = WORKERS * k
+        expected.step([problem.gradient(expected.params, (block + i) * 8, (block + i + 1) * 8)
+                       for i in range(WORKERS * k)])
+        block += WORKERS * k
+    assert block * 8 == ROWS
+    for result in results:
+        assert result["scale"] == WORKERS * 3
+        np.testing.assert_allclose(result["weights"], expected.params, rtol=2e-5, atol=1e-6)
+        assert result["tau"] == pytest.approx(expected.tau, rel=1e-5)

@@ -651,3 +651,22 @@ def test_a_truncated_weights_file_fails_loudly_naming_the_truncation(least_squar
     corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(OSError, match="truncated file"):
         compiled_with_weights_of(least_squares, momentum=0.9).load_weights(corrupt)
+
+
+def test_a_file_with_two_fewer_optimizer_variables_names_version_0_1_0(least_squares, saved_weights, tmp_path):
+    """0.1.0 had no S and accumulation-count variables: its files hold 2 fewer, and the error says what to do."""
+    import h5py
+
+    _, path = saved_weights
+    old = tmp_path / "old.weights.h5"
+    old.write_bytes(path.read_bytes())
+    with h5py.File(old, "r+") as store:
+        group = store["optimizer"]["vars"]
+        count = len(group)
+        values = [group[str(i)][()] for i in range(count)]
+        for i in range(count):
+            del group[str(i)]
+        for i, value in enumerate(values[:-2]):
+            group.create_dataset(str(i), data=value)
+    with pytest.raises(ValueError, match=r"saved by keras-adascale 0\.1\.0.*`compile=False`"):
+        compiled_with_weights_of(least_squares, momentum=0.9).load_weights(old)

@@ -129,7 +129,9 @@ SCHEMA = {
         warmup=Key(None, "tau before the first decision; default total_steps / 20", NUMBER, minimum=0,
                    nullable=True),
         threshold=Key(0.05, "a change needs a predicted improvement above this fraction", float, minimum=0.0),
-        decisions=Key(40, "epochs over the run (one decision at the start of each): sets the epoch length",
+        decisions=Key(40, "sets the epoch length (one decision at the start of each epoch): 1/decisions of the "
+                      "micro-batches of a perfectly scaling run at the least S, so a run has at least this many "
+                      "epochs, more as S grows (the demo's auto run: 79)",
                       int, minimum=1),
     ),
     "runs": Key(None, "list of variants to train, each {name: ..., <key>: <override>...}", list, nullable=True),

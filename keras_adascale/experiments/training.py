@@ -133,13 +133,14 @@ def _autoscale_plan(run, replicas):
     """The `AutoScale` arguments of an auto-scale run, and its epoch length in `model.fit` steps.
 
     The decision comes at each epoch's start; every allowed count divides the epoch, so each epoch
-    ends on an update boundary and a backup resumes exactly. The epoch is about
-    1 / `autoscale.decisions` of the run at its least S.
+    ends on an update boundary and a backup resumes exactly. The epoch is 1 / `autoscale.decisions` of
+    the micro-batches the run would take at its least S with perfect scaling (gain = S), the fewest it
+    can take: a real run has more epochs (the demo's auto run: 79 for 40 decisions).
     """
     settings = run["autoscale"]
     scale_per_step, allowed = config_lib.auto_steps(run, replicas)
     least_scale = scale_per_step * allowed[0]
-    micro_batches = run["total_steps"] / least_scale * allowed[0]  # an upper bound, at gain 1
+    micro_batches = run["total_steps"] / least_scale * allowed[0]  # the fewest: at the least S, gain = S
     largest = allowed[-1]
     steps_per_epoch = largest * max(1, math.ceil(micro_batches / settings["decisions"] / largest))
     warmup = settings["warmup"] if settings["warmup"] is not None else run["total_steps"] / 20
