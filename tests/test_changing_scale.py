@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adascale
+from change_steps import ChangeSteps
 from conftest import BATCH, Interrupt, LeastSquares, flat_weights, mirrored
 from reference import AdaScaleAdamReference, AdaScaleReference
 
@@ -146,19 +147,6 @@ def test_two_mirrored_replicas_with_changing_accumulation_match_the_reference():
         np.testing.assert_allclose(variable.numpy(), reference.params, rtol=2e-5, atol=1e-6)
         assert float(optimizer.gain) == pytest.approx(reference.gain, rel=1e-5)
     assert len(traces) == 1
-
-
-class ChangeSteps(keras.callbacks.Callback):
-    """Calls `set_accumulation_steps(k)` at the update boundaries a plan names: {update index: k}."""
-
-    def __init__(self, plan):
-        super().__init__()
-        self.plan = plan
-
-    def on_train_batch_end(self, batch, logs=None):
-        updates = int(self.model.optimizer.iterations)
-        if updates in self.plan:
-            self.model.optimizer.set_accumulation_steps(self.plan.pop(updates))
 
 
 def fit_reference(problem, steps, **kwargs):

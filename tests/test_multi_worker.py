@@ -92,7 +92,7 @@ def start_workers(command, procs):
         env = dict(
             os.environ,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            PYTHONPATH=repo,
+            PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]),
             TF_CPP_MIN_LOG_LEVEL="2",
         )
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -228,15 +228,7 @@ def test_a_job_with_a_killed_worker_restarts_and_ends_where_an_uninterrupted_job
 # model.fit whose accumulation count changes between updates (1 -> 2 -> 3), as AutoScale changes it:
 # S = 2 workers x k at each update.
 CHANGING_FIT = COMMON + r"""
-class ChangeSteps(keras.callbacks.Callback):
-    def __init__(self, plan):
-        super().__init__()
-        self.plan = plan
-
-    def on_train_batch_end(self, batch, logs=None):
-        updates = int(self.model.optimizer.iterations)
-        if updates in self.plan:
-            self.model.optimizer.set_accumulation_steps(self.plan.pop(updates))
+from change_steps import ChangeSteps  # tests/ is on the workers' PYTHONPATH
 
 with strategy.scope():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
