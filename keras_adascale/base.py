@@ -179,9 +179,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
         def write(counters, setting, scales):
             counter_values, scale_values = self._setting_values(setting)
-            return [counters.assign(counter_values), scales.assign(scale_values)]
+            self.assign(counters, counter_values)
+            self.assign(scales, scale_values)
 
-        return distribution.extended.update(
+        distribution.extended.update(
             self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
         )
 
@@ -304,14 +305,17 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         return gain_lib.AdaScaleState(**fields)
 
     def _state_assignments(self, distribution, state):
-        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context."""
+        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context.
+
+        Returns the variables' values read after the writes, for what must run after them.
+        """
 
         def write(floats, counters, state):
             dtype = self._statistics_dtype
-            return [
-                floats.assign(tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS])),
-                counters.assign(tf.stack([getattr(state, f) for f in _COUNTER_FIELDS])),
-            ]
+            self.assign(floats, tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS]))
+            self.assign(counters, tf.stack([getattr(state, f) for f in _COUNTER_FIELDS]))
+            # `self.assign` returns nothing; a read of a variable is ordered after its write.
+            return [floats.read_value(), counters.read_value()]
 
         return distribution.extended.update(
             self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),

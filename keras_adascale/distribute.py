@@ -252,7 +252,7 @@ class AdaScaleMechanics:
                                    self._next_setting(setting))
             for accumulator in accumulators + [statistic_accumulator]:
                 for component in distribution.experimental_local_results(accumulator.value):
-                    component.assign(tf.zeros_like(component))
+                    self.assign(component, tf.zeros_like(component))
             return tf.no_op()
 
         setting = self._scale_setting()
