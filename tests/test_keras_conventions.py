@@ -68,7 +68,7 @@ def _watched_writes(optimizer, model_variable):
         original = getattr(optimizer, method)
 
         def write(variable, value):
-            target = variable.value if isinstance(variable, keras.Variable) else variable
+            target = variable if isinstance(variable, tf.Variable) else variable.value
             if isinstance(value, tf.IndexedSlices):
                 is_model = any(target is c for c in model_components) or target is model_variable.value
                 seen["sparse"].add("model" if is_model else "optimizer")
