@@ -148,7 +148,7 @@ class AdaScaleMechanics:
     a merge_call, the one merge_call comes first and the update branches in
     cross-replica context, with one batched all-reduce of the accumulators.
 
-    `base.AdaScaleBase` provides `_statistics_dtype`, `_statistic_words_dtype`,
+    `base.AdaScaleBase` provides `_strategy` (the strategy it was made under), `_statistics_dtype`, `_statistic_words_dtype`,
     `_read_state()`, `_state_assignments(distribution, state)`, `_state_step`
     (the compiled `gain.step`), `samples_per_update`, `scale`, `smoothing` and
     `_sample_sqr_norm_accumulator` (with accumulation); the optimizer gives the
@@ -174,7 +174,7 @@ class AdaScaleMechanics:
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         if name != "gradient_accumulator":
             return super().add_variable_from_reference(reference_variable, name, initializer)
-        with self._distribution_strategy.extended.colocate_vars_with(reference_variable.value):
+        with self._strategy.extended.colocate_vars_with(reference_variable.value):
             return self._add_replica_local_variable(
                 reference_variable.shape,
                 reference_variable.dtype,
@@ -314,7 +314,7 @@ class AdaScaleMechanics:
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._apply_and_record,
-            self._distribution_strategy,
+            self._strategy,
             list(zip(grads, trainable_variables)),
             learning_rate,
             state,

@@ -9,9 +9,14 @@ _UPSTREAM = "keras-team/keras#20585, tensorflow/tensorflow#72388"
 
 
 def _multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode()
-    )
+    """Whether `strategy` spans several workers (what TensorFlow's private `_in_multi_worker_mode` says)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    if resolver.task_type == "evaluator":  # an evaluator trains alone
+        return False
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1
 
 
 def _first_local_value(strategy, value):
@@ -49,7 +54,7 @@ def enable_multi_worker_fit():
         return
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
+        strategy = self.distribute_strategy
         if strategy is None or iterator is None or not _multi_worker(strategy):
             return original_build(self, iterator=iterator, data_batch=data_batch)
         for _, _, batches in iterator:
