@@ -25,6 +25,8 @@ class PrivateName(NamedTuple):
 
 
 _OPTIMIZER = "a built keras.optimizers.SGD"
+# Found as a base of keras.Model: its name changed (TensorFlowTrainer through 3.15, Trainer in the 3.16 nightlies).
+_TRAINER = "Keras's TensorFlow trainer class (keras_fixes.trainer_class())"
 _HOOK = "the update hook AdaScale takes over; Keras's optimizers override the same"
 
 NAMES = (
@@ -67,13 +69,11 @@ NAMES = (
                 keras_below=(3, 10)),
     PrivateName("keras.Variable(0.0)", "_initialize_with_initializer", "distribute.py (_OnReadVariable)",
                 "as `_value`", keras_below=(3, 10)),
-    PrivateName("keras.src.backend.tensorflow.trainer", "TensorFlowTrainer", "keras_fixes.py",
-                "replaces two functions that fail under MultiWorkerMirroredStrategy (keras-team/keras#20585)"),
-    PrivateName("keras.src.backend.tensorflow.trainer", "reduce_per_replica", "keras_fixes.py", "as above"),
-    PrivateName("keras.src.backend.tensorflow.trainer.TensorFlowTrainer", "_maybe_symbolic_build",
-                "keras_fixes.py", "as above"),
-    PrivateName("keras.src.backend.tensorflow.trainer.TensorFlowTrainer", "_symbolic_build", "keras_fixes.py",
-                "as above"),
+    PrivateName("keras.src.backend.tensorflow.trainer", "reduce_per_replica", "keras_fixes.py",
+                "replaced with `_maybe_symbolic_build`: both fail under MultiWorkerMirroredStrategy "
+                "(keras-team/keras#20585)"),
+    PrivateName(_TRAINER, "_maybe_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
+    PrivateName(_TRAINER, "_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
     PrivateName("tf.distribute.MirroredStrategy", "_collective_key_base", "experiments/strategies.py, tests",
                 "strategies of different sizes in one process need distinct collective keys"),
     PrivateName("a keras.callbacks.BackupAndRestore", "_save_model", "experiments/training.py",
@@ -100,6 +100,15 @@ def _trainer_module():
     return trainer
 
 
+def _trainer_class():
+    from keras_adascale import keras_fixes
+
+    trainer = keras_fixes.trainer_class()
+    if trainer is None:
+        raise LookupError("no base class of keras.Model comes from keras.src.backend.tensorflow.trainer")
+    return trainer
+
+
 _OWNERS = {
     _OPTIMIZER: lambda: _built(keras.optimizers.SGD(gradient_accumulation_steps=2, use_ema=True)),
     "a built keras.optimizers.Adam(amsgrad=True)": lambda: _built(keras.optimizers.Adam(amsgrad=True)),
@@ -107,7 +116,7 @@ _OWNERS = {
     "tf.__internal__.distribute.interim": lambda: tf.__internal__.distribute.interim,
     "keras.Variable(0.0)": lambda: keras.Variable(0.0),
     "keras.src.backend.tensorflow.trainer": _trainer_module,
-    "keras.src.backend.tensorflow.trainer.TensorFlowTrainer": lambda: _trainer_module().TensorFlowTrainer,
+    _TRAINER: lambda: _trainer_class(),
     "tf.distribute.MirroredStrategy": lambda: tf.distribute.MirroredStrategy,
     "a keras.callbacks.BackupAndRestore": lambda: keras.callbacks.BackupAndRestore("unused_backup_dir"),
 }
