@@ -67,7 +67,7 @@ def enable_multi_worker_fit():
         strategy = self.distribute_strategy
         if iterator is None or not _multi_worker(strategy):
             return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
+        for *_, batches in iterator:  # (step, batches) through Keras 3.10, (begin, end, batches) since 3.11
             data_batch = tf.nest.map_structure(lambda value: _first_local_value(strategy, value), next(batches))
             break
         with strategy.scope():
