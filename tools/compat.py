@@ -24,11 +24,13 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAIRS_FILE = ROOT / "tools" / "compat_pairs.toml"
-# The tests of the optimizer itself: what a user of the package relies on. The rest of the suite
-# tests the experiment runner, its data and the tutorials, which pin their own extras.
+# The tests of the optimizer itself, on one device and under tf.distribute: what a user of the
+# package relies on (`-m "not slow"`; a test that needs the runner's extra skips). The rest of the
+# suite tests the experiment runner, its data and the tutorials, which pin their own extras.
 CORE_TESTS = ("tests/test_gain.py", "tests/test_optimizer.py", "tests/test_adam.py", "tests/test_schedules.py",
               "tests/test_callbacks.py", "tests/test_validation.py", "tests/test_init.py",
-              "tests/test_keras_conventions.py", "tests/test_private_api.py")
+              "tests/test_keras_conventions.py", "tests/test_private_api.py", "tests/test_mirrored.py",
+              "tests/test_distribute.py", "tests/test_changing_scale.py", "tests/test_multi_worker.py")
 # What the core tests import besides the package, as the `test` and `examples` extras pin them
 # (TensorFlow >= 2.21 no longer installs tensorboard, which the callback's TensorBoard tests need).
 TEST_TOOLS = ("pytest", "hypothesis", "tensorboard")
@@ -119,7 +121,7 @@ def run_pair(pair, venvs, fresh):
         else:
             row["tensorflow"], row["keras"], row["python"] = json.loads(found.stdout.strip().splitlines()[-1])
     if row["problem"] is None:
-        tests = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", *CORE_TESTS],
+        tests = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not slow", *CORE_TESTS],
                                cwd=ROOT, capture_output=True, text=True,
                                env=_environment("2"))
         with open(log, "a") as stream:
