@@ -45,10 +45,11 @@ def test_the_core_tests_exist():
 
 
 @pytest.mark.parametrize("line, counts", [
-    ("194 passed in 100.1s", (194, 0, 0)),
-    ("60 failed, 124 passed, 13 warnings, 10 errors in 157.4s", (124, 60, 10)),
-    ("1 failed, 2 passed, 1 error in 3s", (2, 1, 1)),
-    ("no tests ran", (0, 0, 0)),
+    ("194 passed in 100.1s", (194, 0, 0, 0)),
+    ("60 failed, 124 passed, 13 warnings, 10 errors in 157.4s", (124, 60, 10, 0)),
+    ("1 failed, 2 passed, 1 error in 3s", (2, 1, 1, 0)),
+    ("319 passed, 2 skipped, 2 deselected, 17 warnings in 110.80s", (319, 0, 0, 2)),
+    ("no tests ran", (0, 0, 0, 0)),
 ])
 def test_pytest_counts_are_read_from_its_closing_line(line, counts):
     assert compat._summary_counts("....\n" + line + "\n") == counts
@@ -56,13 +57,13 @@ def test_pytest_counts_are_read_from_its_closing_line(line, counts):
 
 def test_the_table_names_a_failing_pair_and_marks_a_nightly_not_blocking():
     row = {"tensorflow": "2.16.2", "keras": "3.5.0", "python": "3.11.9", "passed": 130, "failed": 60,
-           "errors": 10, "date": "2026-11-29"}
+           "errors": 10, "skipped": 2, "date": "2026-11-29"}
     rows = [{**row, "pair": "oldest", "blocking": True, "problem": "core tests failed (exit 1)"},
             {**row, "pair": "nightly", "blocking": False, "problem": "core tests failed (exit 1)"},
             {**row, "pair": "newest", "blocking": True, "problem": None, "failed": 0, "errors": 0}]
     lines = compat.table(rows).splitlines()
     assert lines[0].startswith("| pair | TensorFlow | Keras |")
-    assert lines[2] == "| oldest | 2.16.2 | 3.5.0 | 3.11.9 | 130 | 60 | 10 | FAILED | 2026-11-29 |"
+    assert lines[2] == "| oldest | 2.16.2 | 3.5.0 | 3.11.9 | 130 | 60 | 10 | 2 | FAILED | 2026-11-29 |"
     assert lines[3].endswith("| failed (not blocking) | 2026-11-29 |")
     assert lines[4].endswith("| ok | 2026-11-29 |")
 
@@ -72,7 +73,7 @@ def test_a_failing_blocking_pair_fails_the_run_naming_it_and_a_nightly_does_not(
                                                                                  pair, exit_code):
     def failing(pair, venvs, fresh):
         return {"pair": pair["name"], "blocking": pair["blocking"], "tensorflow": "2.16.2", "keras": "3.5.0",
-                "python": "3.11.9", "passed": 1, "failed": 2, "errors": 0, "minutes": 0.1, "date": "2026-11-29",
+                "python": "3.11.9", "passed": 1, "failed": 2, "errors": 0, "skipped": 0, "minutes": 0.1, "date": "2026-11-29",
                 "log": "x.log", "problem": "core tests failed (exit 1)"}
 
     monkeypatch.setattr(compat, "run_pair", failing)

@@ -3,7 +3,7 @@
 The pairs are in tools/compat_pairs.toml. Each gets a virtual environment under `--venvs` (kept and
 reused while its requirements are unchanged; `--fresh` rebuilds), the project installed editable in
 it, and the core test modules run there. Prints one row per pair (the versions actually imported,
-passed / failed / errors, minutes, the date) as a Markdown table, and exits 1 when a blocking pair
+passed / failed / errors / skipped, minutes, the date) as a Markdown table, and exits 1 when a blocking pair
 failed, naming it. A non-blocking pair (the nightlies) is reported and never fails the run.
 
     python tools/compat.py                 # every pair
@@ -93,12 +93,12 @@ def build_venv(pair, venv, log, fresh):
 
 
 def _summary_counts(output):
-    """(passed, failed, errors) from pytest's closing line."""
-    counts = {kind: 0 for kind in ("passed", "failed", "error")}
+    """(passed, failed, errors, skipped) from pytest's closing line."""
+    counts = {kind: 0 for kind in ("passed", "failed", "error", "skipped")}
     lines = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", line)]
-    for number, kind in re.findall(r"(\d+) (passed|failed|error)", lines[-1] if lines else ""):
+    for number, kind in re.findall(r"(\d+) (passed|failed|error|skipped)", lines[-1] if lines else ""):
         counts[kind] = int(number)
-    return counts["passed"], counts["failed"], counts["error"]
+    return counts["passed"], counts["failed"], counts["error"], counts["skipped"]
 
 
 def run_pair(pair, venvs, fresh):
@@ -109,7 +109,7 @@ def run_pair(pair, venvs, fresh):
     log.write_text("")
     start = time.monotonic()
     row = {"pair": pair["name"], "blocking": pair["blocking"], "date": datetime.date.today().isoformat(),
-           "tensorflow": "-", "keras": "-", "python": "-", "passed": 0, "failed": 0, "errors": 0,
+           "tensorflow": "-", "keras": "-", "python": "-", "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
            "minutes": 0.0, "log": str(log)}
     row["problem"] = build_venv(pair, venv, log, fresh)
     python = str(venv / "bin" / "python")
@@ -126,7 +126,7 @@ def run_pair(pair, venvs, fresh):
                                env=_environment("2"))
         with open(log, "a") as stream:
             stream.write(tests.stdout + tests.stderr)
-        row["passed"], row["failed"], row["errors"] = _summary_counts(tests.stdout)
+        row["passed"], row["failed"], row["errors"], row["skipped"] = _summary_counts(tests.stdout)
         if tests.returncode:
             row["problem"] = f"core tests failed (exit {tests.returncode})"
     row["minutes"] = round((time.monotonic() - start) / 60, 1)
@@ -135,12 +135,12 @@ def run_pair(pair, venvs, fresh):
 
 def table(rows):
     """The rows as a Markdown table."""
-    lines = ["| pair | TensorFlow | Keras | Python | passed | failed | errors | result | date |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pair | TensorFlow | Keras | Python | passed | failed | errors | skipped | result | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         result = "ok" if row["problem"] is None else "FAILED" if row["blocking"] else "failed (not blocking)"
         lines.append(f"| {row['pair']} | {row['tensorflow']} | {row['keras']} | {row['python']} | {row['passed']} "
-                     f"| {row['failed']} | {row['errors']} | {result} | {row['date']} |")
+                     f"| {row['failed']} | {row['errors']} | {row['skipped']} | {result} | {row['date']} |")
     return "\n".join(lines)
 
 
@@ -164,7 +164,7 @@ def main(argv=None):
         rows.append(run_pair(pair, args.venvs.resolve(), args.fresh))
         row = rows[-1]
         print(f"compat: {pair['name']}: {row['problem'] or 'ok'}; {row['passed']} passed, {row['failed']} failed, "
-              f"{row['errors']} errors, {row['minutes']} min; log {row['log']}", flush=True)
+              f"{row['errors']} errors, {row['skipped']} skipped, {row['minutes']} min; log {row['log']}", flush=True)
     print(table(rows))
     broken = [row for row in rows if row["problem"] and row["blocking"]]
     for row in rows:
