@@ -4,12 +4,18 @@ Keras's `optimizer_sparse_test.py` feeds a `tf.IndexedSlices` gradient and requi
 to a non-scalar variable goes through `optimizer.assign` / `assign_add` / `assign_sub` (a direct
 `variable.assign` densifies a sparse update, and bypasses what a backend or a wrapper such as
 `LossScaleOptimizer` does in those methods), and that a sparse gradient gives the same weights as the
-same gradient dense. The same two checks here, on AdaScaleSGD and AdaScaleAdam in the configurations
-that take different code paths: one sample (S = 1), gradient accumulation (the gain from two
-micro-batches), momentum, AMSGrad, preconditioned statistics.
+same gradient dense. Keras's own test module runs here on both AdaScale optimizers, and the same two
+checks, written out, on the configurations that take different code paths: one sample (S = 1),
+gradient accumulation (the gain from two micro-batches), momentum, AMSGrad, preconditioned statistics,
+MirroredStrategy.
 """
 
 import contextlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -20,6 +26,8 @@ import tensorflow as tf
 
 import keras_adascale
 from conftest import mirrored
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # (name, optimizer class, keyword arguments, which variables a sparse gradient updates sparsely).
 # At S = 1 AdaScaleSGD applies SGD's `assign_add(variable, -lr * g)` to the sparse gradient itself;
@@ -150,6 +158,41 @@ def test_state_is_written_through_the_optimizers_assign_methods_under_mirrored_s
     _assert_no_direct_writes(optimizer, seen)
     assert optimizer.iterations.numpy() == 1
     assert optimizer.gain.numpy() > 1.0  # the update ran, with the replicas' different samples
+
+
+KERAS_SPARSE_CASES = """
+import warnings
+import keras_adascale
+
+warnings.simplefilter("ignore")  # "S = 1 ... behaves as plain SGD/Adam"
+ADASCALE_CASES = [
+    {"testcase_name": "adascale_sgd", "optimizer_class": keras_adascale.AdaScaleSGD,
+     "expect_model_sparse_variable_updates": True},
+    {"testcase_name": "adascale_sgd_momentum", "optimizer_class": keras_adascale.AdaScaleSGD,
+     "init_kwargs": {"momentum": 0.05}},
+    {"testcase_name": "adascale_adam", "optimizer_class": keras_adascale.AdaScaleAdam},
+    {"testcase_name": "adascale_adam_amsgrad", "optimizer_class": keras_adascale.AdaScaleAdam,
+     "init_kwargs": {"amsgrad": True}},
+]
+TEST_CASES = ADASCALE_CASES + ["""
+
+
+def test_keras_own_sparse_gradient_tests_pass_on_both_adascale_optimizers(tmp_path):
+    # Keras's own test module, from the installed Keras, with the AdaScale optimizers added to its cases.
+    source = pathlib.Path(keras.__file__).parent / "src" / "optimizers" / "optimizer_sparse_test.py"
+    if not source.exists():
+        pytest.skip(f"this Keras ({keras.version()}) ships no {source.name}")
+    text = source.read_text()
+    assert text.count("\nTEST_CASES = [") == 1, f"Keras {keras.version()}'s {source.name} changed its TEST_CASES"
+    (tmp_path / "test_keras_sparse.py").write_text(text.replace("\nTEST_CASES = [", KERAS_SPARSE_CASES, 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", "-k", "adascale", "test_keras_sparse.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)},
+    )
+    passed = re.findall(r"^PASSED \S+::(test_sparse_\w+)", result.stdout, re.MULTILINE)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert len([name for name in passed if "adascale" in name]) == 8, result.stdout[-4000:]
 
 
 @pytest.mark.parametrize("name, optimizer_class, kwargs, sparse_updates", CASES, ids=IDS)
