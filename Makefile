@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # whole on one worker (--dist loadscope), so a module's fixtures are made once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test docs docs-serve clean
+.PHONY: demo test docs docs-serve compat compat-oldest clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,14 @@ docs: $(VENV)/.docs
 docs-serve: $(VENV)/.docs
 	$(PY) -m mkdocs serve --strict
 
+# One virtual environment per TensorFlow / Keras pair of tools/compat_pairs.toml (kept under .compat/),
+# the core tests in each, and a table; a failing pair is named. The nightly pair never fails it.
+compat:
+	$(PYTHON) tools/compat.py
+
+# What CI runs besides `make test`: the oldest supported pair, the lower bounds of pyproject.toml.
+compat-oldest:
+	$(PYTHON) tools/compat.py --pairs oldest
+
 clean:
-	rm -rf $(VENV) runs site
+	rm -rf $(VENV) runs site .compat

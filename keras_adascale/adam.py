@@ -187,7 +187,7 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         )
         self._distributed_tf_update_step(distribution, grads_and_vars, coefficients)
         distribution.extended.update(
-            self._moment_ages.value, lambda variable, value: variable.assign(value), args=(ages,), group=False
+            self._moment_ages.value, self.assign, args=(ages,), group=False
         )
 
     def update_step(self, gradient, variable, coefficients):

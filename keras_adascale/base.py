@@ -86,6 +86,8 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         # `set_accumulation_steps` can start from k = 1. Keras builds the accumulators for any
         # truthy value, and every other use of the count is this class's.
         super().__init__(**kwargs)
+        # The strategy in scope, as Keras's TensorFlow optimizer captures it (there privately).
+        self._strategy = tf.distribute.get_strategy()
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self._requested_scale = scale
         self._requested_smoothing = smoothing
@@ -93,7 +95,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         # float64 statistics square any float32 gradient without overflow or
         # underflow; TPUs have no float64.
         self._statistics_dtype = (
-            tf.float32 if isinstance(self._distribution_strategy, tf.distribute.TPUStrategy) else tf.float64
+            tf.float32 if isinstance(self._strategy, tf.distribute.TPUStrategy) else tf.float64
         )
         # Per optimizer, not at import: a compiled function outlives a reset of TensorFlow's
         # context (keras's tests do that) and then fails on its first call.
@@ -102,7 +104,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             jit_compile=True,
         )
         self._add_state_variables()
-        keras_fixes.enable_for(self._distribution_strategy)
+        keras_fixes.enable_for(self._strategy)
 
     def _add_state_variables(self):
         # Created here rather than in build() so that `learning_rate`, which reads tau,
@@ -124,7 +126,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             name="adascale_counters",
         )
         steps = self.gradient_accumulation_steps or 1
-        replicas = self._distribution_strategy.num_replicas_in_sync
+        replicas = self._strategy.num_replicas_in_sync
         self._configured_counts = (self.gradient_accumulation_steps or 0, replicas)
         self._configured_scale = float(self._requested_scale or 0.0)
         self._initial_scale = self._requested_scale or replicas * steps
@@ -179,9 +181,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
         def write(counters, setting, scales):
             counter_values, scale_values = self._setting_values(setting)
-            return [counters.assign(counter_values), scales.assign(scale_values)]
+            self.assign(counters, counter_values)
+            self.assign(scales, scale_values)
 
-        return distribution.extended.update(
+        distribution.extended.update(
             self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
         )
 
@@ -225,7 +228,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         return self._setting_numbers().next_steps
 
     def _check_setting(self, steps, scale, argument):
-        replicas = self._distribution_strategy.num_replicas_in_sync
+        replicas = self._strategy.num_replicas_in_sync
         if replicas * steps == 1 and scale > 1:
             raise ValueError(
                 f"Argument `{argument}` would give S = {scale:g} with one gradient sample per update "
@@ -304,14 +307,17 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         return gain_lib.AdaScaleState(**fields)
 
     def _state_assignments(self, distribution, state):
-        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context."""
+        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context.
+
+        Returns the variables' values read after the writes, for what must run after them.
+        """
 
         def write(floats, counters, state):
             dtype = self._statistics_dtype
-            return [
-                floats.assign(tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS])),
-                counters.assign(tf.stack([getattr(state, f) for f in _COUNTER_FIELDS])),
-            ]
+            self.assign(floats, tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS]))
+            self.assign(counters, tf.stack([getattr(state, f) for f in _COUNTER_FIELDS]))
+            # `self.assign` returns nothing; a read of a variable is ordered after its write.
+            return [floats.read_value(), counters.read_value()]
 
         return distribution.extended.update(
             self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),
@@ -330,7 +336,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     @property
     def samples_per_update(self):
         """N, the gradient samples per update: replicas x accumulation steps (int)."""
-        replicas = self._distribution_strategy.num_replicas_in_sync
+        replicas = self._strategy.num_replicas_in_sync
         return replicas * self.accumulation_steps
 
     @property
@@ -462,7 +468,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight))
 
     def _check_strategy(self):
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._distribution_strategy:
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._strategy:
             raise ValueError(
                 f"{type(self).__name__} was created outside the `strategy.scope()` it is used in, so "
                 "it cannot see the replicas. Create the optimizer (and compile the model) "
@@ -480,7 +486,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             return
         self._check_strategy()
         # The configured values: build may run inside a traced function.
-        replicas = self._distribution_strategy.num_replicas_in_sync
+        replicas = self._strategy.num_replicas_in_sync
         if replicas * (self.gradient_accumulation_steps or 1) == 1 and self._initial_scale > 1:
             raise ValueError(
                 f"Argument `scale` is {self._initial_scale}, but each update sees one gradient "

@@ -5,6 +5,8 @@ gradients are: it is mixed in before a Keras optimizer class (see `AdaScaleSGD`)
 reduced values to the pure `gain.step`.
 """
 
+import inspect
+
 import keras
 import tensorflow as tf
 
@@ -100,6 +102,36 @@ def all_reduce(gradients, local_sqr_norm_sum):
     return reduced[:count], decode_statistic(reduced[count:], local_sqr_norm_sum.dtype), replicas
 
 
+# Keras 3.10 moved the count of `_iterations` from `_backend_apply_gradients` into `apply`, and
+# gave `keras.Variable` its `synchronization` argument.
+_KERAS_APPLY_COUNTS_ITERATIONS = tuple(int(part) for part in keras.version().split(".")[:2]) >= (3, 10)
+_KERAS_VARIABLE_TAKES_SYNCHRONIZATION = "synchronization" in inspect.signature(keras.Variable.__init__).parameters
+
+
+class _OnReadVariable(keras.Variable):
+    """A Keras variable held once per replica and summed on read, for Keras releases whose
+    `keras.Variable` has no `synchronization` argument (and makes every variable mirrored)."""
+
+    def _initialize(self, value):
+        self._value = tf.Variable(
+            value,
+            dtype=self._dtype,
+            trainable=False,
+            name=self.name,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+        )
+
+    def _initialize_with_initializer(self, initializer):
+        self._initialize(lambda: initializer(self._shape, dtype=self._dtype))
+
+
+def _tf_variable(variable):
+    """The tf.Variable behind a Keras variable. Not `isinstance(v, keras.Variable)`: in Keras < 3.10
+    (3.5 at least) layers make variables of a backend class that `keras.Variable` only derives from."""
+    return variable if isinstance(variable, tf.Variable) else variable.value
+
+
 class AdaScaleMechanics:
     """The Keras optimizer hooks that feed AdaScale, for a Keras optimizer class after it in the MRO.
 
@@ -116,7 +148,7 @@ class AdaScaleMechanics:
     a merge_call, the one merge_call comes first and the update branches in
     cross-replica context, with one batched all-reduce of the accumulators.
 
-    `base.AdaScaleBase` provides `_statistics_dtype`, `_statistic_words_dtype`,
+    `base.AdaScaleBase` provides `_strategy` (the strategy it was made under), `_statistics_dtype`, `_statistic_words_dtype`,
     `_read_state()`, `_state_assignments(distribution, state)`, `_state_step`
     (the compiled `gain.step`), `samples_per_update`, `scale`, `smoothing` and
     `_sample_sqr_norm_accumulator` (with accumulation); the optimizer gives the
@@ -124,15 +156,17 @@ class AdaScaleMechanics:
     """
 
     def _add_replica_local_variable(self, shape, dtype, name):
+        variable_class = keras.Variable if _KERAS_VARIABLE_TAKES_SYNCHRONIZATION else _OnReadVariable
+        options = {"synchronization": "on_read"} if _KERAS_VARIABLE_TAKES_SYNCHRONIZATION else {}
         with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
+            variable = variable_class(
                 initializer=keras.initializers.Zeros(),
                 shape=shape,
                 dtype=dtype,
                 trainable=False,
-                synchronization="on_read",
                 aggregation="sum",
                 name=name,
+                **options,
             )
         self._track_variable(variable)
         return variable
@@ -140,7 +174,7 @@ class AdaScaleMechanics:
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         if name != "gradient_accumulator":
             return super().add_variable_from_reference(reference_variable, name, initializer)
-        with self._distribution_strategy.extended.colocate_vars_with(reference_variable.value):
+        with self._strategy.extended.colocate_vars_with(reference_variable.value):
             return self._add_replica_local_variable(
                 reference_variable.shape,
                 reference_variable.dtype,
@@ -181,6 +215,9 @@ class AdaScaleMechanics:
                 self._cross_replica_update_from_accumulators,
                 args=(accumulators, trainable_variables),
             )
+        if not _KERAS_APPLY_COUNTS_ITERATIONS:
+            # This replaces the method that counts the micro-step in Keras < 3.10.
+            self.assign_add(self._iterations, 1)
         if self.use_ema:
             self._update_model_variables_moving_average(self._trainable_variables)
             if self.ema_overwrite_frequency:
@@ -252,7 +289,7 @@ class AdaScaleMechanics:
                                    self._next_setting(setting))
             for accumulator in accumulators + [statistic_accumulator]:
                 for component in distribution.experimental_local_results(accumulator.value):
-                    component.assign(tf.zeros_like(component))
+                    self.assign(component, tf.zeros_like(component))
             return tf.no_op()
 
         setting = self._scale_setting()
@@ -277,7 +314,7 @@ class AdaScaleMechanics:
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._apply_and_record,
-            self._distribution_strategy,
+            self._strategy,
             list(zip(grads, trainable_variables)),
             learning_rate,
             state,
@@ -311,7 +348,7 @@ class AdaScaleMechanics:
         `next_setting`, under gradient accumulation, is the `ScaleSetting` after this update:
         written whether or not the update was finite (its micro-batches are spent either way).
         """
-        grads_and_vars = [(g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars]
+        grads_and_vars = [(g, _tf_variable(v)) for g, v in grads_and_vars]
 
         def first_replicas(value):  # identical on every replica
             if isinstance(value, tf.distribute.DistributedValues):

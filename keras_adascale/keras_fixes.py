@@ -2,16 +2,31 @@
 
 import warnings
 
+import keras
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as _tf_trainer
 
 _UPSTREAM = "keras-team/keras#20585, tensorflow/tensorflow#72388"
 
 
+def trainer_class():
+    """Keras's TensorFlow trainer class, the base of `keras.Model` from that module (None if there is none).
+
+    Found through `keras.Model` rather than by name: it is `TensorFlowTrainer` through Keras 3.15 and
+    `Trainer` in the 3.16 nightlies (3.16.0.dev2026102704).
+    """
+    return next((cls for cls in keras.Model.__mro__ if cls.__module__ == _tf_trainer.__name__), None)
+
+
 def _multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode()
-    )
+    """Whether `strategy` spans several workers (what TensorFlow's private `_in_multi_worker_mode` says)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    if resolver.task_type == "evaluator":  # an evaluator trains alone
+        return False
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1
 
 
 def _first_local_value(strategy, value):
@@ -36,23 +51,23 @@ def enable_multi_worker_fit():
     Raises:
         RuntimeError: if this Keras no longer has the functions it replaces.
     """
-    trainer_class = getattr(_tf_trainer, "TensorFlowTrainer", None)
-    original_build = getattr(trainer_class, "_maybe_symbolic_build", None)
+    trainer = trainer_class()
+    original_build = getattr(trainer, "_maybe_symbolic_build", None)
     original_reduce = getattr(_tf_trainer, "reduce_per_replica", None)
     if original_build is None or original_reduce is None:
         raise RuntimeError(
-            "enable_multi_worker_fit: this Keras has no TensorFlowTrainer._maybe_symbolic_build or "
-            f"reduce_per_replica to replace ({_UPSTREAM}); check whether model.fit under "
-            "MultiWorkerMirroredStrategy works without it."
+            f"enable_multi_worker_fit: Keras {keras.version()} has no TensorFlow trainer "
+            f"_maybe_symbolic_build or reduce_per_replica to replace ({_UPSTREAM}); check whether "
+            "model.fit under MultiWorkerMirroredStrategy works without it."
         )
     if getattr(original_reduce, "_keras_adascale_fix", False):
         return
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None or not _multi_worker(strategy):
+        strategy = self.distribute_strategy
+        if iterator is None or not _multi_worker(strategy):
             return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
+        for *_, batches in iterator:  # (step, batches) through Keras 3.10, (begin, end, batches) since 3.11
             data_batch = tf.nest.map_structure(lambda value: _first_local_value(strategy, value), next(batches))
             break
         with strategy.scope():
@@ -71,7 +86,7 @@ def enable_multi_worker_fit():
         return tf.nest.map_structure(mean_over_workers, values)
 
     reduce_per_replica._keras_adascale_fix = True
-    trainer_class._maybe_symbolic_build = _maybe_symbolic_build
+    trainer._maybe_symbolic_build = _maybe_symbolic_build
     _tf_trainer.reduce_per_replica = reduce_per_replica
 
 

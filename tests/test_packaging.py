@@ -1,6 +1,8 @@
-"""The package as a user gets it: the wheel alone in a fresh virtual environment, and the checks it makes
-before it needs what it may lack (the runner's packages, Keras's TensorFlow backend)."""
+"""The package as a user gets it: the sdist and wheel that `python -m build` makes (twine-checked, one
+version), that wheel alone in a fresh virtual environment, and the checks it makes before it needs what
+it may lack (the runner's packages, Keras's TensorFlow backend)."""
 
+import ast
 import email
 import json
 import math
@@ -10,7 +12,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import tomllib
 import zipfile
 
 import pytest
@@ -66,20 +70,68 @@ class _Clock:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """The project's wheel, built (with pip, build isolation on) from a copy holding only what it ships."""
-    root = tmp_path_factory.mktemp("wheel")
+def dist(tmp_path_factory):
+    """The project's sdist and wheel, built by `python -m build` (the wheel from the sdist, build isolation
+    on) from a copy holding only what they ship: `(wheel, sdist, clock)`."""
+    root = tmp_path_factory.mktemp("dist")
     source = root / "source"
     shutil.copytree(ROOT / "keras_adascale", source / "keras_adascale",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in"):
         shutil.copy(ROOT / name, source / name)
     clock = _Clock(BUDGET_SECONDS)
-    result = clock.run("build", [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
-                                 str(root / "dist"), str(source)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = (root / "dist").glob("keras_adascale-*.whl")
-    return path, clock
+    result = clock.run("build", [sys.executable, "-m", "build", "--outdir", str(root / "dist"), str(source)])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (wheel_path,) = (root / "dist").glob("keras_adascale-*.whl")
+    (sdist_path,) = (root / "dist").glob("keras_adascale-*.tar.gz")
+    return wheel_path, sdist_path, clock
+
+
+@pytest.fixture(scope="module")
+def wheel(dist):
+    wheel_path, _, clock = dist
+    return wheel_path, clock
+
+
+def _source_version():
+    """`__version__` as keras_adascale/__init__.py writes it (the one version source)."""
+    tree = ast.parse((ROOT / "keras_adascale" / "__init__.py").read_text())
+    (value,) = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(target, "id", None) for target in node.targets] == ["__version__"]]
+    return value
+
+
+@pytest.mark.slow
+def test_twine_check_passes_on_the_sdist_and_the_wheel(dist):
+    wheel_path, sdist_path, clock = dist
+    result = clock.run("twine", [sys.executable, "-m", "twine", "check", "--strict", str(wheel_path), str(sdist_path)])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.count("PASSED") == 2, result.stdout
+
+
+@pytest.mark.slow
+def test_the_sdist_and_the_wheel_carry_the_packages_one_version(dist):
+    wheel_path, sdist_path, _ = dist
+    version = _source_version()
+    assert wheel_path.name.startswith(f"keras_adascale-{version}-")
+    assert sdist_path.name == f"keras_adascale-{version}.tar.gz"
+    with zipfile.ZipFile(wheel_path) as archive:
+        metadata_name = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        metadata = email.message_from_string(archive.read(metadata_name).decode())
+    assert metadata["Version"] == version
+    assert "Programming Language :: Python :: 3.11" in metadata.get_all("Classifier")
+    with tarfile.open(sdist_path) as archive:
+        names = archive.getnames()
+        (pkg_info,) = [name for name in names if name.count("/") == 1 and name.endswith("/PKG-INFO")]
+        assert email.message_from_string(archive.extractfile(pkg_info).read().decode())["Version"] == version
+    assert any(name.endswith("/CHANGELOG.md") for name in names)
+
+
+def test_the_version_has_one_source():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "keras_adascale.__version__"}
+    assert f"## {_source_version()} " in (ROOT / "CHANGELOG.md").read_text()
 
 
 def _requirements(metadata):

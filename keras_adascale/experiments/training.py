@@ -200,6 +200,10 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.is_chief = is_chief
 
     def on_train_begin(self, logs=None):
+        metadata = pathlib.Path(self._training_metadata_path)
+        named = json.loads(metadata.read_text()).get("weights") if metadata.exists() else None
+        if named:  # written by `_save_model` below (Keras's own layout has only latest.weights.h5)
+            self._weights_path = str(pathlib.Path(self.backup_dir) / named)
         try:
             super().on_train_begin(logs)
         except OSError as error:  # h5py's, for a backup cut short (a run killed while it was written)
@@ -224,13 +228,6 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         for older in backup.glob("*.weights.h5"):
             if older.name != weights:
                 older.unlink()
-
-    def _load_model(self):
-        metadata = pathlib.Path(self._training_metadata_path)
-        named = json.loads(metadata.read_text()).get("weights") if metadata.exists() else None
-        if named:  # written by `_save_model` above (Keras's own layout has only latest.weights.h5)
-            self._weights_path = str(pathlib.Path(self.backup_dir) / named)
-        super()._load_model()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.is_chief:

@@ -1,0 +1,158 @@
+"""Every private Keras and TensorFlow name that keras_adascale and its runner rely on, in one place.
+
+An AdaScale optimizer is a Keras optimizer subclass that takes over how an update is applied, so it
+overrides and calls the hooks that Keras's own optimizers use (`_backend_update_step`,
+`_get_variable_index`, ...): Keras has no public API for them. Each name here says where it is used
+and why no public API does the same; `missing()` checks them all on the installed Keras and
+TensorFlow, and tests/test_private_api.py fails naming any that upstream renamed or removed.
+Names used only by the code for older releases carry the Keras versions they are needed for.
+"""
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+
+class PrivateName(NamedTuple):
+    """One private name: `owner` (a key of `_OWNERS`) has attribute `name`; used in `used_by`, because `why`."""
+
+    owner: str
+    name: str
+    used_by: str
+    why: str
+    keras_below: tuple = None  # needed only for Keras releases before this one
+
+
+_OPTIMIZER = "a built keras.optimizers.SGD"
+# Found as a base of keras.Model: its name changed (TensorFlowTrainer through 3.15, Trainer in the 3.16 nightlies).
+_TRAINER = "Keras's TensorFlow trainer class (keras_fixes.trainer_class())"
+_HOOK = "the update hook AdaScale takes over; Keras's optimizers override the same"
+
+NAMES = (
+    PrivateName(_OPTIMIZER, "_iterations", "base.py, distribute.py",
+                "the micro-step counter: the public `iterations` counts updates under accumulation"),
+    PrivateName(_OPTIMIZER, "_learning_rate", "base.py, callbacks.py",
+                "the schedule object itself: the public `learning_rate` is its value"),
+    PrivateName(_OPTIMIZER, "_get_current_learning_rate", "base.py", "overridden: a schedule keyed on tau"),
+    PrivateName(_OPTIMIZER, "_accumulated_gradients", "distribute.py", "Keras's gradient accumulators"),
+    PrivateName(_OPTIMIZER, "_trainable_variables", "distribute.py", "the variables EMA averages"),
+    PrivateName(_OPTIMIZER, "_get_variable_index", "distribute.py, adam.py",
+                "a variable's slot in the optimizer's lists, as in every Keras optimizer's update_step"),
+    PrivateName(_OPTIMIZER, "_track_variable", "distribute.py",
+                "tracks the per-replica accumulator, which `add_variable` cannot make (no synchronization)"),
+    PrivateName(_OPTIMIZER, "_backend_apply_gradients", "distribute.py", _HOOK),
+    PrivateName(_OPTIMIZER, "_backend_update_step", "distribute.py", _HOOK),
+    PrivateName(_OPTIMIZER, "_clip_gradients", "distribute.py", _HOOK + " (clipping after the all-reduce)"),
+    PrivateName(_OPTIMIZER, "_apply_weight_decay", "distribute.py", _HOOK + " (decay at the gain-scaled rate)"),
+    PrivateName(_OPTIMIZER, "_use_weight_decay", "optimizer.py, adam.py", "`exclude_from_weight_decay`"),
+    PrivateName(_OPTIMIZER, "_distributed_tf_update_step", "distribute.py, adam.py",
+                "runs update_step on every variable in cross-replica context"),
+    PrivateName(_OPTIMIZER, "_update_model_variables_moving_average", "distribute.py", "EMA, as Keras's apply"),
+    PrivateName(_OPTIMIZER, "_overwrite_model_variables_with_average_value", "distribute.py",
+                "EMA, as Keras's apply"),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_momentums", "adam.py", "Adam's m"),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocities", "adam.py", "Adam's v"),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocity_hats", "adam.py", "AMSGrad's v_hat"),
+    PrivateName("tf.__internal__.distribute", "strategy_supports_no_merge_call", "distribute.py",
+                "whether the update may run in replica context, as Keras's TF optimizer decides"),
+    PrivateName("tf.__internal__.distribute.interim", "maybe_merge_call", "distribute.py",
+                "the one merge_call of an update, as Keras's TF optimizer makes it"),
+    PrivateName("keras.Variable(0.0)", "_value", "distribute.py (_OnReadVariable)",
+                "Keras < 3.10 has no `synchronization` argument: the tf.Variable is made here",
+                keras_below=(3, 10)),
+    PrivateName("keras.Variable(0.0)", "_dtype", "distribute.py (_OnReadVariable)", "as `_value`",
+                keras_below=(3, 10)),
+    PrivateName("keras.Variable(0.0)", "_shape", "distribute.py (_OnReadVariable)", "as `_value`",
+                keras_below=(3, 10)),
+    PrivateName("keras.Variable(0.0)", "_initialize", "distribute.py (_OnReadVariable)", "as `_value`",
+                keras_below=(3, 10)),
+    PrivateName("keras.Variable(0.0)", "_initialize_with_initializer", "distribute.py (_OnReadVariable)",
+                "as `_value`", keras_below=(3, 10)),
+    PrivateName("keras.src.backend.tensorflow.trainer", "reduce_per_replica", "keras_fixes.py",
+                "replaced with `_maybe_symbolic_build`: both fail under MultiWorkerMirroredStrategy "
+                "(keras-team/keras#20585)"),
+    PrivateName(_TRAINER, "_maybe_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
+    PrivateName(_TRAINER, "_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
+    PrivateName("tf.distribute.MirroredStrategy", "_collective_key_base", "experiments/strategies.py, tests",
+                "strategies of different sizes in one process need distinct collective keys"),
+    PrivateName("a keras.callbacks.BackupAndRestore", "_save_model", "experiments/training.py",
+                "overridden: an atomic backup that only the chief writes"),
+    PrivateName("a keras.callbacks.BackupAndRestore", "_weights_path", "experiments/training.py",
+                "the file Keras restores from"),
+    PrivateName("a keras.callbacks.BackupAndRestore", "_training_metadata_path", "experiments/training.py",
+                "the file Keras reads the epoch from"),
+    PrivateName("a keras.callbacks.BackupAndRestore", "_current_epoch", "experiments/training.py",
+                "the epoch the backup records"),
+    PrivateName("a keras.callbacks.BackupAndRestore", "_last_batch_seen", "experiments/training.py",
+                "the batch the backup records"),
+)
+
+
+def _built(optimizer):
+    optimizer.build([keras.Variable(tf.zeros((2,)))])
+    return optimizer
+
+
+def _trainer_module():
+    from keras.src.backend.tensorflow import trainer
+
+    return trainer
+
+
+def _trainer_class():
+    from keras_adascale import keras_fixes
+
+    trainer = keras_fixes.trainer_class()
+    if trainer is None:
+        raise LookupError("no base class of keras.Model comes from keras.src.backend.tensorflow.trainer")
+    return trainer
+
+
+_OWNERS = {
+    _OPTIMIZER: lambda: _built(keras.optimizers.SGD(gradient_accumulation_steps=2, use_ema=True)),
+    "a built keras.optimizers.Adam(amsgrad=True)": lambda: _built(keras.optimizers.Adam(amsgrad=True)),
+    "tf.__internal__.distribute": lambda: tf.__internal__.distribute,
+    "tf.__internal__.distribute.interim": lambda: tf.__internal__.distribute.interim,
+    "keras.Variable(0.0)": lambda: keras.Variable(0.0),
+    "keras.src.backend.tensorflow.trainer": _trainer_module,
+    _TRAINER: lambda: _trainer_class(),
+    "tf.distribute.MirroredStrategy": lambda: tf.distribute.MirroredStrategy,
+    "a keras.callbacks.BackupAndRestore": lambda: keras.callbacks.BackupAndRestore("unused_backup_dir"),
+}
+
+
+def keras_version():
+    """The installed Keras's (major, minor)."""
+    return tuple(int(part) for part in keras.version().split(".")[:2])
+
+
+def versions():
+    """'Keras X with TensorFlow Y', for messages."""
+    return f"Keras {keras.version()} with TensorFlow {tf.__version__}"
+
+
+def needed(entry):
+    """Whether the installed Keras is one that `entry` is used with."""
+    return entry.keras_below is None or keras_version() < entry.keras_below
+
+
+def missing(entries=NAMES):
+    """A message for each needed entry that the installed Keras / TensorFlow lacks (empty when all are there)."""
+    messages, owners = [], {}
+    for entry in entries:
+        if not needed(entry):
+            continue
+        if entry.owner not in owners:
+            try:
+                owners[entry.owner] = _OWNERS[entry.owner]()
+            except Exception as error:  # an owner that cannot be made at all: every name on it is missing
+                owners[entry.owner] = error
+        owner = owners[entry.owner]
+        if isinstance(owner, Exception) or not hasattr(owner, entry.name):
+            problem = f" ({type(owner).__name__}: {owner})" if isinstance(owner, Exception) else ""
+            messages.append(
+                f"{entry.owner} has no `{entry.name}` in {versions()}{problem}: keras_adascale uses it in "
+                f"{entry.used_by} ({entry.why}). Upstream changed a private API: adapt {entry.used_by}."
+            )
+    return messages
