@@ -60,7 +60,7 @@ def test_every_page_has_its_blocks_found():
 
 
 def placeholders():
-    """What the README leaves to the reader: a 3-class model and its data, a loss, T_SI."""
+    """What the README and the pages leave to the reader: a 3-class model and its data, a loss, T_SI."""
     rng = np.random.RandomState(0)
     x = rng.randn(64, 4).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)

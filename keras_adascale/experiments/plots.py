@@ -130,7 +130,8 @@ def plot_comparison(run_dirs, path):
         accuracy = [np.nan] + [row["test_accuracy"] for row in evaluations] + [final["test_accuracy"]]
         accuracies.append(np.asarray(accuracy[1:], np.float64))
         handles.append(axes[0, 0].plot(accuracy_x, accuracy, **style)[0])
-        per_update = {**style, "markevery": (min(index * max(1, spaced // max(count, 1)), len(rows) - 1), spaced)}
+        # Run i's markers start i / count of the way into the spacing, so coinciding runs alternate.
+        per_update = {**style, "markevery": (index * spaced // count, spaced)}
         axes[0, 1].plot(updates, _smooth(_column(rows, "loss")), **per_update)
         axes[1, 0].plot(updates, _column(rows, "gain"), **per_update)
         axes[1, 1].plot(updates, _column(rows, "learning_rate"), **per_update)
