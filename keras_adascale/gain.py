@@ -17,8 +17,8 @@ class AdaScaleState(NamedTuple):
     """Everything AdaScale carries from one update to the next.
 
     Attributes:
-        variance_average: running (uncorrected) average of sigma2, statistics dtype.
-        sqr_norm_average: running (uncorrected) average of mu2, statistics dtype.
+        variance_average: running (uncorrected) average of the raw sigma2 estimates, statistics dtype.
+        sqr_norm_average: running (uncorrected) average of the raw mu2 estimates, statistics dtype.
         average_weight: running average of 1 (`1 - theta^t`): the bias correction.
         gain: r of the last update, float32 (1 before any).
         tau_whole: int64 whole part of tau, the scale-invariant iterations.
@@ -82,7 +82,7 @@ def sqr_norm_sum(tensors, dtype=tf.float64):
 
 
 def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
-    """Unbiased estimates of the gradient variance and squared norm, in baseline batches.
+    """Unbiased estimates of the gradient variance and squared norm, in baseline batches, not clipped.
 
     With N gradient samples g_1..g_N and their mean g (the applied gradient),
     the sample variance is
@@ -90,9 +90,17 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
     S / N baseline batches (S examples per update over the baseline batch
     B0), so the variance of one baseline-batch gradient is
     `sigma2 = sample_var * S / N` and the squared norm of the true gradient
-    `mu2 = ||g||^2 - sample_var / N`, both clipped at 0. With N = S these are
-    the paper's estimates. With N = 1 there is no variance to see:
-    `sigma2 = 0`, `mu2 = ||g||^2`.
+    `mu2 = ||g||^2 - sample_var / N`. With N = S these are the paper's
+    estimates. With N = 1 there is no variance to see: `sigma2 = 0`,
+    `mu2 = ||g||^2`.
+
+    Both are unbiased, so either may be negative for one update (at small N,
+    mu2 often is: the noise dominates one update's mean). They go into the
+    moving averages as they are, and only what is read from the averages is
+    clipped at 0 (`corrected_moments`): clipping each update's estimate
+    first (FairScale's way) lifts the negative mu2 estimates and biases the
+    noise scale low (McCandlish et al., 2018, Appendix A; AdaptDL's
+    `GradientNoiseScale` averages the raw estimates too).
 
     Args:
         sample_sqr_norm_sum: float scalar, `sum_i ||g_i||^2`.
@@ -101,7 +109,7 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
         scale: float scalar of the same dtype, S >= 1.
 
     Returns:
-        `(gradient_variance, gradient_sqr_norm)`, scalars >= 0.
+        `(gradient_variance, gradient_sqr_norm)`, scalars of any sign.
 
     References:
         Johnson et al., 2020, Section 3.3 and Algorithm 1.
@@ -110,7 +118,7 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
     sample_variance = tf.where(samples > 1.0, sample_variance, tf.zeros_like(sample_variance))
     sqr_norm = mean_sqr_norm - sample_variance / samples
     variance = sample_variance * (scale / samples)
-    return tf.maximum(variance, 0.0), tf.maximum(sqr_norm, 0.0)
+    return variance, sqr_norm
 
 
 def moving_average(average, value, smoothing):
@@ -128,6 +136,26 @@ def moving_average(average, value, smoothing):
         The updated running average.
     """
     return smoothing * average + (1.0 - smoothing) * value
+
+
+def corrected_moments(variance_average, sqr_norm_average, average_weight):
+    """(sigma2, mu2) as read from the moving averages: bias-corrected, then clipped at 0.
+
+    The averages hold raw, unbiased estimates (see `gradient_moments`); the
+    clip comes only here, on read, so that it does not bias them. 0 before
+    any update (a weight of 0).
+
+    Args:
+        variance_average: running (uncorrected) average of the sigma2 estimates.
+        sqr_norm_average: running (uncorrected) average of the mu2 estimates.
+        average_weight: the same average of 1 (`1 - theta^t`), the bias correction.
+
+    Returns:
+        `(gradient_variance, gradient_sqr_norm)`, scalars >= 0 of the averages' dtype.
+    """
+    zero = tf.zeros_like(variance_average)
+    return (tf.maximum(tf.math.divide_no_nan(variance_average, average_weight), zero),
+            tf.maximum(tf.math.divide_no_nan(sqr_norm_average, average_weight), zero))
 
 
 def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
@@ -193,8 +221,8 @@ def update_gain(
         samples: N, the gradient samples per update.
         scale: S, examples per update over the baseline batch.
         smoothing: theta in [0, 1).
-        variance_average: running average of sigma2 (uncorrected).
-        sqr_norm_average: running average of mu2 (uncorrected).
+        variance_average: running average of the raw sigma2 estimates (uncorrected).
+        sqr_norm_average: running average of the raw mu2 estimates (uncorrected).
         average_weight: running average of 1 (`1 - theta^t`), the bias correction.
 
     Returns:
@@ -204,9 +232,7 @@ def update_gain(
     variance_average = moving_average(variance_average, variance, smoothing)
     sqr_norm_average = moving_average(sqr_norm_average, sqr_norm, smoothing)
     average_weight = moving_average(average_weight, 1.0, smoothing)
-    gain = gain_ratio(
-        variance_average / average_weight, sqr_norm_average / average_weight, scale
-    )
+    gain = gain_ratio(*corrected_moments(variance_average, sqr_norm_average, average_weight), scale)
     return variance_average, sqr_norm_average, average_weight, gain
 
 

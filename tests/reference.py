@@ -20,11 +20,12 @@ def piecewise_constant(boundaries, values):
     return learning_rate
 
 
-def gain_statistics(samples, scale=None):
-    """Returns (sigma2, mu2) of a list of N flat gradient samples, clipped at 0.
+def gain_statistics(samples, scale=None, clip=False):
+    """Returns the unbiased (sigma2, mu2) of a list of N flat gradient samples; either may be negative.
 
     sigma2 is the variance of one baseline-batch gradient: each of the N
-    samples holds scale / N baseline batches (scale defaults to N).
+    samples holds scale / N baseline batches (scale defaults to N). With
+    `clip=True`, both are clipped at 0 (FairScale's per-update rule).
     """
     samples = np.asarray(samples, dtype=np.float64)
     count = samples.shape[0]
@@ -37,7 +38,9 @@ def gain_statistics(samples, scale=None):
     sample_var = float(np.sum(deviations * deviations)) / (count - 1)
     sigma2 = sample_var * scale / count
     mu2 = mean_sqr - sample_var / count
-    return max(sigma2, 0.0), max(mu2, 0.0)
+    if clip:
+        return max(sigma2, 0.0), max(mu2, 0.0)
+    return sigma2, mu2
 
 
 class AdaScaleReference:
@@ -51,10 +54,14 @@ class AdaScaleReference:
             changed between updates (S that varies during training); the bias correction
             is then the same average taken of 1, which is 1 - theta^t while theta is fixed.
         momentum, nesterov, weight_decay: as keras.optimizers.SGD.
+        clip: where sigma2 and mu2 are clipped at 0: "read" (the averages take each update's raw,
+            unbiased estimates and what is read from them is clipped: McCandlish et al. 2018,
+            Appendix A, and AdaptDL) or "update" (each update's estimates are clipped before they
+            enter the averages: FairScale's AdaScale, biased low in the noise scale at small N).
     """
 
     def __init__(self, params, learning_rate, scale, smoothing=None, momentum=0.0,
-                 nesterov=False, weight_decay=None):
+                 nesterov=False, weight_decay=None, clip="read"):
         self.params = np.asarray(params, dtype=np.float64).copy()
         self.learning_rate = (
             learning_rate if callable(learning_rate) else (lambda step: learning_rate)
@@ -64,6 +71,9 @@ class AdaScaleReference:
         self.momentum = momentum
         self.nesterov = nesterov
         self.weight_decay = weight_decay
+        if clip not in ("read", "update"):
+            raise ValueError(f"clip must be 'read' or 'update', not {clip!r}")
+        self.clip = clip
         self.velocity = np.zeros_like(self.params)
         self.variance_ema = 0.0
         self.sqr_norm_ema = 0.0
@@ -79,17 +89,28 @@ class AdaScaleReference:
             return self.fixed_smoothing
         return max(1.0 - self.scale / 1000.0, 0.0)
 
+    def moments(self):
+        """(sigma2, mu2) read from the averages: bias-corrected and clipped at 0 (0 before any update)."""
+        if self.weight == 0:
+            return 0.0, 0.0
+        return max(self.variance_ema / self.weight, 0.0), max(self.sqr_norm_ema / self.weight, 0.0)
+
+    def noise_scale(self):
+        """B_simple = sigma2 / mu2 from `moments` (inf where mu2 = 0 < sigma2, 0 where both are 0)."""
+        variance, sqr_norm = self.moments()
+        if sqr_norm > 0:
+            return variance / sqr_norm
+        return math.inf if variance > 0 else 0.0
+
     def update_gain(self, samples):
         """Algorithm 1's statistics and gain for one update's N samples; returns the gain r."""
         theta = self.smoothing
         self.weight = theta * self.weight + (1 - theta)
-        sigma2, mu2 = gain_statistics(samples, self.scale)
+        sigma2, mu2 = gain_statistics(samples, self.scale, clip=self.clip == "update")
         self.updates += 1
         self.variance_ema = theta * self.variance_ema + (1 - theta) * sigma2
         self.sqr_norm_ema = theta * self.sqr_norm_ema + (1 - theta) * mu2
-        correction = self.weight
-        variance = self.variance_ema / correction
-        sqr_norm = self.sqr_norm_ema / correction
+        variance, sqr_norm = self.moments()
         if variance + sqr_norm > 0:
             self.gain = (variance + sqr_norm) / (variance / self.scale + sqr_norm)
         else:
