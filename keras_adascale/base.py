@@ -12,10 +12,12 @@ import warnings
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_adascale import distribute, keras_fixes, validation
 from keras_adascale import gain as gain_lib
+from keras_adascale import setting as setting_lib
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -26,29 +28,13 @@ _FLOAT_FIELDS = (
 )
 _FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
 _COUNTER_FIELDS = ("tau_whole", "skipped_updates")
-# How S and the accumulation count are stored (see `ScaleSetting`): the counters in one int64
-# variable, then the configuration they were made under (a restore into an optimizer made with
-# another one takes the new configuration); S and its configured value in a statistics-dtype one.
-_SETTING_COUNTERS = ("steps", "next_steps", "update_start", "updates", "configured_steps", "replicas")
-_SETTING_SCALES = ("scale", "configured_scale")
 
 
-class ScaleSetting(NamedTuple):
-    """S and the accumulation count in effect, as tensors (see `AdaScaleBase.set_accumulation_steps`).
-
-    Attributes:
-        steps: int64, k, the micro-batches the update in progress accumulates.
-        next_steps: int64, the k of the updates after it (a change made mid-update waits here).
-        update_start: int64, the micro-step (`optimizer._iterations`) the update in progress began at.
-        updates: int64, the updates completed (`optimizer.iterations` under accumulation).
-        scale: S of the update in progress, statistics dtype.
-    """
-
-    steps: tf.Tensor
-    next_steps: tf.Tensor
-    update_start: tf.Tensor
-    updates: tf.Tensor
-    scale: tf.Tensor
+def _xla_available():
+    """Whether the state step is XLA-compiled: where the machine has an accelerator, as Keras's
+    `jit_compile="auto"` decides (Keras turns XLA off on CPU-only machines: it is slower there, and
+    TensorFlow would log "Compiled cluster using XLA!" for a run whose model is not compiled)."""
+    return any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
 
 
 def unique_name(prefix):
@@ -92,19 +78,42 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         self._requested_scale = scale
         self._requested_smoothing = smoothing
         self.non_finite = non_finite
-        # float64 statistics square any float32 gradient without overflow or
-        # underflow; TPUs have no float64.
-        self._statistics_dtype = (
-            tf.float32 if isinstance(self._strategy, tf.distribute.TPUStrategy) else tf.float64
+        self._statistics_dtype = self._choose_statistics_dtype()
+        self._configuration = setting_lib.Configuration(
+            steps=gradient_accumulation_steps or 0,
+            replicas=self._strategy.num_replicas_in_sync,
+            scale=float(scale or 0.0),
         )
         # Per optimizer, not at import: a compiled function outlives a reset of TensorFlow's
         # context (keras's tests do that) and then fails on its first call.
         self._state_step = tf.function(
             functools.partial(gain_lib.step, learning_rate_scale=type(self)._learning_rate_scale),
-            jit_compile=True,
+            jit_compile=_xla_available(),
         )
         self._add_state_variables()
         keras_fixes.enable_for(self._strategy)
+
+    def _choose_statistics_dtype(self):
+        # float64 statistics square any float32 gradient without overflow or underflow; TPUs have no float64.
+        return tf.float32 if isinstance(self._strategy, tf.distribute.TPUStrategy) else tf.float64
+
+    @property
+    def gradient_accumulation_steps(self):
+        """k, the micro-batches per update: eagerly the count in effect (None without accumulation).
+
+        Keras's attribute. It follows `set_accumulation_steps` and `AutoScale`, so it always equals
+        `accumulation_steps` when read eagerly; `get_config` (and so a saved model's config) keeps
+        the count the optimizer was made with, and a traced function reads that one.
+        """
+        configured = self.__dict__.get("_configured_accumulation_steps")
+        if not configured or "_setting_counters" not in self.__dict__ or not tf.executing_eagerly():
+            return configured
+        return self._setting_numbers().next_steps
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps):
+        # Keras's __init__ sets it (to None here); then this class's, once.
+        self.__dict__["_configured_accumulation_steps"] = steps
 
     def _add_state_variables(self):
         # Created here rather than in build() so that `learning_rate`, which reads tau,
@@ -125,116 +134,84 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             aggregation="only_first_replica",
             name="adascale_counters",
         )
-        steps = self.gradient_accumulation_steps or 1
-        replicas = self._strategy.num_replicas_in_sync
-        self._configured_counts = (self.gradient_accumulation_steps or 0, replicas)
-        self._configured_scale = float(self._requested_scale or 0.0)
-        self._initial_scale = self._requested_scale or replicas * steps
+        # S and k (see `setting`): the counters and the configuration in one int64 variable, S in one of
+        # the statistics dtype.
+        counters, scales = setting_lib.initial_values(self._configuration)
         self._setting_counters = self.add_variable(
-            shape=(len(_SETTING_COUNTERS),),
-            initializer=keras.initializers.Constant([steps, steps, 0, 0, *self._configured_counts]),
+            shape=(len(setting_lib.COUNTERS),),
+            initializer=keras.initializers.Constant(counters),
             dtype="int64",
             aggregation="only_first_replica",
             name="adascale_accumulation",
         )
         self._setting_scales = self.add_variable(
-            shape=(len(_SETTING_SCALES),),
-            initializer=keras.initializers.Constant([float(self._initial_scale), self._configured_scale]),
+            shape=(len(setting_lib.SCALES),),
+            initializer=keras.initializers.Constant(scales),
             dtype=self._statistics_dtype.name,
             aggregation="only_first_replica",
             name="adascale_scale",
         )
 
+    def _resolved_setting(self):
+        """`(ScaleSetting, same)` as tensors, from one read of the two variables (see `setting.resolve`)."""
+        return setting_lib.resolve(tf.convert_to_tensor(self._setting_counters.value),
+                                   tf.convert_to_tensor(self._setting_scales.value),
+                                   self._configuration, setting_lib.TENSORS)
+
     def _scale_setting(self):
-        """The `ScaleSetting` in effect, from one read of its two variables.
-
-        The stored one, unless it was made under another configuration (a checkpoint
-        restored into an optimizer made with another `scale`, `gradient_accumulation_steps` or
-        replica count): then this optimizer's own S and k, from the restored update counts.
-        """
-        counters = tf.convert_to_tensor(self._setting_counters.value)
-        scales = tf.convert_to_tensor(self._setting_scales.value)
-        configured = tf.constant(self._configured_counts, tf.int64)
-        same = tf.logical_and(
-            tf.reduce_all(tf.equal(counters[4:], configured)),
-            tf.equal(scales[1], tf.constant(self._configured_scale, scales.dtype)),
-        )
-        steps = tf.constant(self.gradient_accumulation_steps or 1, tf.int64)
-        return ScaleSetting(
-            steps=tf.where(same, counters[0], steps),
-            next_steps=tf.where(same, counters[1], steps),
-            update_start=counters[2],
-            updates=counters[3],
-            scale=tf.where(same, scales[0], tf.constant(float(self._initial_scale), scales.dtype)),
-        )
-
-    def _setting_values(self, setting):
-        """The two variables' values holding `setting` and this optimizer's configuration."""
-        counters = tf.stack([tf.cast(value, tf.int64) for value in (
-            setting.steps, setting.next_steps, setting.update_start, setting.updates, *self._configured_counts)])
-        dtype = self._setting_scales.dtype
-        scales = tf.stack([tf.cast(setting.scale, dtype), tf.constant(self._configured_scale, dtype)])
-        return counters, scales
+        """The `setting.ScaleSetting` in effect, as tensors."""
+        return self._resolved_setting()[0]
 
     def _setting_assignments(self, distribution, setting):
-        """Writes `setting` into its two variables, in cross-replica context."""
+        """Writes `setting` (tensors) into its two variables, in cross-replica context."""
 
         def write(counters, setting, scales):
-            counter_values, scale_values = self._setting_values(setting)
-            self.assign(counters, counter_values)
-            self.assign(scales, scale_values)
+            counter_values, scale_values = setting_lib.values(setting, self._configuration, setting_lib.TENSORS,
+                                                              counters, scales)
+            self.assign(counters, tf.stack(counter_values))
+            self.assign(scales, tf.stack(scale_values))
 
         distribution.extended.update(
             self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
         )
 
-    def _write_setting(self, setting):
-        """Eagerly writes `setting` (from `set_accumulation_steps` / `set_scale`, between steps)."""
-        counters, scales = self._setting_values(setting)
-        self.assign(self._setting_counters, counters)
-        self.assign(self._setting_scales, scales)
-
     def _setting_numbers(self):
         """`_scale_setting` as Python numbers, eagerly, from one `.numpy()` of each variable.
 
-        The same rule in NumPy: callbacks read it after every batch, where a dozen eager ops
-        would cost more than the step of a small model.
+        The same `setting.resolve` over NumPy: callbacks read it after every batch, where a dozen eager
+        ops would cost more than the step of a small model.
         """
-        counters = self._setting_counters.numpy()
-        scales = self._setting_scales.numpy()
-        same = (tuple(int(c) for c in counters[4:]) == tuple(self._configured_counts)
-                and float(scales[1]) == self._configured_scale)
-        steps = self.gradient_accumulation_steps or 1
-        return ScaleSetting(
-            steps=int(counters[0]) if same else steps,
-            next_steps=int(counters[1]) if same else steps,
-            update_start=int(counters[2]),
-            updates=int(counters[3]),
-            scale=float(scales[0]) if same else float(self._initial_scale),
+        setting, _ = setting_lib.resolve(self._setting_counters.numpy(), self._setting_scales.numpy(),
+                                         self._configuration, setting_lib.NUMBERS)
+        return setting_lib.ScaleSetting(
+            steps=int(setting.steps), next_steps=int(setting.next_steps), update_start=int(setting.update_start),
+            updates=int(setting.updates), scale=float(setting.scale), next_scale=float(setting.next_scale),
         )
+
+    def _write_setting(self, setting):
+        """Eagerly writes `setting` (numbers; from `set_accumulation_steps` / `set_scale`, between steps)."""
+        counters, scales = setting_lib.values(setting, self._configuration, setting_lib.NUMBERS,
+                                              self._setting_counters.numpy(), self._setting_scales.numpy())
+        self.assign(self._setting_counters, counters)
+        self.assign(self._setting_scales, scales)
 
     @property
     def iterations(self):
         """The updates so far (a micro-batch of gradient accumulation is not one), as Keras counts them."""
-        if not self.gradient_accumulation_steps:
+        if not self._configuration.steps:
             return self._iterations
-        return tf.convert_to_tensor(self._setting_counters.value)[_SETTING_COUNTERS.index("updates")]
+        return tf.convert_to_tensor(self._setting_counters.value)[setting_lib.COUNTERS.index("updates")]
 
     @property
     def accumulation_steps(self):
-        """k, the micro-batches each update accumulates now (1 without gradient accumulation)."""
+        """k, the micro-batches each update accumulates from the next update on (1 without gradient accumulation).
+
+        A change made in the middle of an update (`set_accumulation_steps`) shows here at once; the
+        update in progress keeps its own count.
+        """
         if not tf.executing_eagerly():
             return self._scale_setting().next_steps
         return self._setting_numbers().next_steps
-
-    def _check_setting(self, steps, scale, argument):
-        replicas = self._strategy.num_replicas_in_sync
-        if replicas * steps == 1 and scale > 1:
-            raise ValueError(
-                f"Argument `{argument}` would give S = {scale:g} with one gradient sample per update "
-                "(one replica, one micro-batch): the gain needs at least two samples to see the "
-                "gradient variance. Accumulate >= 2 micro-batches or use >= 2 replicas."
-            )
 
     def set_accumulation_steps(self, steps):
         """Makes each update from now on accumulate `steps` micro-batches, without a retrace.
@@ -244,10 +221,11 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         state (momentum, Adam's moments) carry over: the averages are kept in
         baseline-batch units, so they stay valid at the new S. Called between
         two micro-batches of one update, the change waits for that update to
-        finish. Call it between steps, outside `tf.function` (a callback or a
-        custom loop's Python); the compiled step reads the count from a
-        variable. The new k and S are optimizer state: saved and restored with
-        it.
+        finish (the update in progress keeps its k and S; `accumulation_steps`
+        and `scale` tell the new ones at once). Call it between steps, outside
+        `tf.function` (a callback or a custom loop's Python); the compiled step
+        reads the count from a variable. The new k and S are optimizer state:
+        saved and restored with it.
 
         Args:
             steps: int >= 1, the micro-batches per update. With one replica,
@@ -258,7 +236,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 without `gradient_accumulation_steps`.
         """
         steps = validation.accumulation_steps(steps, "steps")
-        if not self.gradient_accumulation_steps:
+        if not self._configuration.steps:
             raise ValueError(
                 f"{type(self).__name__} was created without gradient accumulation, so its accumulation "
                 "steps cannot change: create it with `gradient_accumulation_steps=k` (any k >= 1, "
@@ -266,35 +244,33 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             )
         if not tf.executing_eagerly():
             raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a tf.function).")
-        setting = self._setting_numbers()
-        in_update = int(self._iterations.numpy()) != setting.update_start
-        # S belongs to the count of the update in progress; a change still pending replaces
-        # the pending one.
-        scale = setting.scale * steps / setting.steps
-        self._check_setting(steps, scale, "steps")
-        if in_update:
-            setting = setting._replace(next_steps=steps)
-        else:
-            setting = setting._replace(steps=steps, next_steps=steps, scale=scale)
-        self._write_setting(setting)
+        changed = setting_lib.change_steps(self._setting_numbers(), steps, int(self._iterations.numpy()))
+        setting_lib.check(self._configuration.replicas, changed.next_steps, changed.next_scale, "steps")
+        self._write_setting(changed)
 
     def set_scale(self, scale):
         """Sets S, the examples per update over the baseline batch, from the next update on.
 
         For custom loops that change their own per-replica batch (FairScale's
-        `set_scale`): N stays, S changes. tau and the averages carry over. A
-        change of the accumulation steps still pending scales it by
-        `k_new / k`. Call it eagerly, between steps.
+        `set_scale`): N stays, S changes. tau and the averages carry over.
+        Called between two micro-batches of one update, the change waits for
+        that update to finish, and is checked against the count the next
+        update will use (a change of the accumulation steps still pending). A
+        later `set_accumulation_steps` scales it by `k_new / k`. Call it
+        eagerly, between steps.
 
         Args:
             scale: number >= 1, S.
+
+        Raises:
+            ValueError: for a bad `scale`, or S > 1 where the next update sees one gradient sample.
         """
         scale = validation.scale(scale)
         if not tf.executing_eagerly():
             raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a tf.function).")
-        setting = self._setting_numbers()
-        self._check_setting(setting.steps, scale, "scale")
-        self._write_setting(setting._replace(scale=float(scale)))
+        current = self._setting_numbers()
+        setting_lib.check(self._configuration.replicas, current.next_steps, scale, "scale")
+        self._write_setting(setting_lib.change_scale(current, scale, int(self._iterations.numpy())))
 
     def _read_state(self):
         """The `gain.AdaScaleState` held in the state variables."""
@@ -326,10 +302,13 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
     @property
     def scale(self):
-        """S, the examples per update over the baseline batch (defaults to N; an int where it is one)."""
+        """S, the examples per update over the baseline batch, from the next update on (defaults to N; an int where it is one).
+
+        Like `accumulation_steps`, a change made in the middle of an update shows here at once.
+        """
         if not tf.executing_eagerly():
-            return self._scale_setting().scale
-        value = self._setting_numbers().scale
+            return self._scale_setting().next_scale
+        value = self._setting_numbers().next_scale
         keep_float = isinstance(self._requested_scale, float) and value == self._requested_scale
         return int(value) if value.is_integer() and not keep_float else value
 
@@ -437,14 +416,16 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         Returns:
             A dict with `gain`, `scale_invariant_iterations`, `effective_learning_rate`,
             `skipped_updates` (int), `gradient_variance`, `gradient_sqr_norm`,
-            `gradient_noise_scale`, `scaling_efficiency` (gain / S), `scale` (S) and
-            `accumulation_steps` (k; both for the next update).
+            `gradient_noise_scale` (of the last update), and `scale` (S),
+            `accumulation_steps` (k) and `scaling_efficiency` (the predicted gain at that S over
+            S; the last update's gain / S while S is unchanged), all three of the next update.
         """
         state = self._read_state()
         setting = self._setting_numbers()
         variance, sqr_norm = self._moments(state)
+        scale = setting.next_scale
+        predicted = gain_lib.gain_ratio(variance, sqr_norm, tf.constant(scale, variance.dtype))
         gain = float(state.gain.numpy())
-        scale = setting.scale
         return {
             "gain": gain,
             "scale_invariant_iterations": float(state.tau_whole.numpy()) + float(state.tau_fraction.numpy()),
@@ -453,19 +434,18 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             "gradient_variance": float(variance.numpy()),
             "gradient_sqr_norm": float(sqr_norm.numpy()),
             "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm).numpy()),
-            "scaling_efficiency": gain / scale,
+            "scaling_efficiency": float(predicted.numpy()) / scale,
             "scale": scale,
             "accumulation_steps": setting.next_steps,
         }
 
     def _corrected_moments(self):
-        """(sigma^2, mu^2): the bias-corrected averages, from one read of the state."""
+        """(sigma^2, mu^2): the bias-corrected averages clipped at 0, from one read of the state."""
         return self._moments(self._read_state())
 
     @staticmethod
     def _moments(state):
-        return (tf.math.divide_no_nan(state.variance_average, state.average_weight),
-                tf.math.divide_no_nan(state.sqr_norm_average, state.average_weight))
+        return gain_lib.corrected_moments(state.variance_average, state.sqr_norm_average, state.average_weight)
 
     def _check_strategy(self):
         if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._strategy:
@@ -486,15 +466,15 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             return
         self._check_strategy()
         # The configured values: build may run inside a traced function.
-        replicas = self._strategy.num_replicas_in_sync
-        if replicas * (self.gradient_accumulation_steps or 1) == 1 and self._initial_scale > 1:
+        configuration = self._configuration
+        if configuration.replicas * configuration.initial_steps == 1 and configuration.initial_scale > 1:
             raise ValueError(
-                f"Argument `scale` is {self._initial_scale}, but each update sees one gradient "
+                f"Argument `scale` is {configuration.initial_scale:g}, but each update sees one gradient "
                 "sample (num_replicas_in_sync=1, no gradient accumulation), and the "
                 "gain needs at least two samples to see the gradient variance. Use "
                 ">= 2 replicas or `gradient_accumulation_steps >= 2`."
             )
-        if self._initial_scale == 1 and not self.gradient_accumulation_steps:
+        if configuration.initial_scale == 1 and not configuration.steps:
             warnings.warn(
                 f"{type(self).__name__} has scale S = 1 (each update holds one baseline batch): "
                 f"the gain is always 1 and it behaves as plain {self._plain_optimizer}. Use several "
@@ -504,7 +484,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         dtypes = {tf.as_dtype(v.dtype) for v in variables}
         # The statistic travels in the gradients' all-reduce, in their dtype where it can.
         self._statistic_words_dtype = dtypes.pop() if len(dtypes) == 1 else None
-        if self.gradient_accumulation_steps:
+        if configuration.steps:
             words = distribute.encode_statistic(tf.zeros((), self._statistics_dtype), self._statistic_words_dtype)
             words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
             self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
@@ -534,6 +514,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                    "count became optimizer variables in 0.2.0), load it with `compile=False`."
                    if saved == len(self.variables) - 2 else "")
             )
+        store = self._migrated(store)
         for index, variable in enumerate(self.variables):
             shape = tuple(store[str(index)].shape)
             if shape != tuple(variable.shape):
@@ -543,8 +524,32 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 )
         super().load_own_variables(store)
 
+    def _migrated(self, store):
+        """A 0.2.0 checkpoint's setting in this version's layout (the store as it is for any other).
+
+        0.2.0 kept S of the update in progress and the configured S; this version keeps the next
+        update's S between them (the same as the update in progress's between updates). Without
+        accumulation 0.2.0 never wrote the update count, which is `_iterations` there.
+        """
+        indices = {id(variable): str(index) for index, variable in enumerate(self.variables)}
+        scales_key, counters_key = indices[id(self._setting_scales)], indices[id(self._setting_counters)]
+        if tuple(store[scales_key].shape) != (2,) or len(setting_lib.SCALES) != 3:
+            return store
+        migrated = {key: np.asarray(store[key]) for key in store.keys()}
+        scale, configured = migrated[scales_key]
+        migrated[scales_key] = np.asarray([scale, scale, configured], migrated[scales_key].dtype)
+        counters = migrated[counters_key].copy()
+        if counters[setting_lib.COUNTERS.index("configured_steps")] == 0:
+            iterations = int(migrated[indices[id(self._iterations)]])
+            counters[setting_lib.COUNTERS.index("update_start")] = iterations
+            counters[setting_lib.COUNTERS.index("updates")] = iterations
+        migrated[counters_key] = counters
+        return migrated
+
     def get_config(self):
         config = super().get_config()
+        # Keras's attribute tells the count in effect; the config keeps the one this optimizer was made with.
+        config["gradient_accumulation_steps"] = self._configuration.steps or None
         config.update(
             {
                 "scale": self._requested_scale,

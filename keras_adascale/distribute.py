@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_adascale import gain as gain_lib
+from keras_adascale import setting as setting_lib
 
 # A float64 sum of squares travels inside the float32 gradients' all-reduce as two float32
 # words scaled by these powers of two: the first keeps its precision down to ~1e-68, the
@@ -191,7 +192,7 @@ class AdaScaleMechanics:
         return
 
     def _backend_apply_gradients(self, grads, trainable_variables):
-        if not self.gradient_accumulation_steps:
+        if not self._configuration.steps:
             super()._backend_apply_gradients(grads, trainable_variables)
             return
         accumulators = [
@@ -227,19 +228,16 @@ class AdaScaleMechanics:
                     tf.no_op,
                 )
 
+    def _micro_step(self):
+        return tf.cast(tf.convert_to_tensor(self._iterations), tf.int64)
+
     def _is_update_step(self, setting):
         # The count is a variable: a change of k needs no retrace.
-        return self._iterations - setting.update_start + 1 >= setting.steps
+        return setting_lib.is_update_step(setting, self._micro_step())
 
     def _next_setting(self, setting):
-        """The setting after the update in progress completes: its pending count takes effect, S follows k."""
-        steps = tf.cast(setting.steps, setting.scale.dtype)
-        return setting._replace(
-            steps=setting.next_steps,
-            update_start=tf.cast(self._iterations, tf.int64) + 1,
-            updates=setting.updates + 1,
-            scale=setting.scale * tf.cast(setting.next_steps, setting.scale.dtype) / steps,
-        )
+        """The setting after the update in progress completes: its pending count and S take effect."""
+        return setting_lib.complete(setting, self._micro_step(), setting_lib.TENSORS)
 
     def _statistic_gradients(self, grads, variables):
         """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
@@ -254,11 +252,13 @@ class AdaScaleMechanics:
     def _update_from_accumulators(self, accumulators, trainable_variables, learning_rate, setting):
         # Replica context, no merge_call needed (default strategy; XLA on GPU).
         grads = [tf.convert_to_tensor(a.value) for a in accumulators]
-        grads = [g / tf.cast(setting.steps, g.dtype) for g in grads]
+        micro_batches = setting_lib.accumulated(setting, self._micro_step())
+        grads = [g / tf.cast(micro_batches, g.dtype) for g in grads]
         local_sqr_norm_sum = decode_statistic(
             [tf.convert_to_tensor(self._sample_sqr_norm_accumulator.value)], self._statistics_dtype
         )
-        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting)
+        self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting,
+                                micro_batches)
         for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
             self.assign(accumulator, tf.zeros_like(accumulator.value))
         return tf.no_op()
@@ -279,11 +279,12 @@ class AdaScaleMechanics:
                     tf.distribute.ReduceOp.SUM, [(statistic_accumulator.value, trainable_variables[0].value)]
                 )
             sums = [distribution.experimental_local_results(s)[0] for s in sums]
-            grads = [s / tf.cast(setting.steps, s.dtype) for s in sums[:-1]]
+            micro_batches = setting_lib.accumulated(setting, self._micro_step())
+            grads = [s / tf.cast(micro_batches, s.dtype) for s in sums[:-1]]
             sample_sqr_norm_sum = decode_statistic(sums[-1:], self._statistics_dtype)
             state, finite, grads, learning_rate = self._adascale_step(
                 grads, trainable_variables, sample_sqr_norm_sum, distribution.num_replicas_in_sync,
-                self.learning_rate, setting,
+                self.learning_rate, setting, micro_batches,
             )
             self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite,
                                    self._next_setting(setting))
@@ -301,15 +302,16 @@ class AdaScaleMechanics:
             self._statistic_gradients(grads, trainable_variables), self._statistics_dtype
         )
         self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate,
-                                self._scale_setting())
+                                self._scale_setting(), 1)
 
-    def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting):
+    def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting,
+                           micro_batches):
         """Replica context: one all-reduce, the state step, one merge_call to apply."""
         grads, sample_sqr_norm_sum, replicas = all_reduce(grads, local_sqr_norm_sum)
         # With one sample, the sample is the mean: no second pass over it.
-        single_sample = replicas == 1 and not self.gradient_accumulation_steps
+        single_sample = replicas == 1 and not self._configuration.steps
         state, finite, grads, learning_rate = self._adascale_step(
-            grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate, setting,
+            grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate, setting, micro_batches,
             mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
@@ -319,34 +321,38 @@ class AdaScaleMechanics:
             learning_rate,
             state,
             finite,
-            self._next_setting(setting) if self.gradient_accumulation_steps else None,
+            self._next_setting(setting),
         )
 
     def _adascale_step(self, grads, variables, sample_sqr_norm_sum, replicas, learning_rate, setting,
-                       mean_sqr_norm=None):
-        """Algorithm 1 on reduced values: `(new state, finite, clipped grads, effective learning rate)`."""
+                       micro_batches, mean_sqr_norm=None):
+        """Algorithm 1 on reduced values: `(new state, finite, clipped grads, effective learning rate)`.
+
+        `micro_batches` is how many the update holds (its k, unless a restore into another
+        configuration left more): N = replicas x micro_batches, S in its ratio to them.
+        """
         dtype = self._statistics_dtype
         if mean_sqr_norm is None:
             mean_sqr_norm = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
-        scale = tf.cast(setting.scale, dtype)
+        scale = tf.cast(setting_lib.update_scale(setting, micro_batches, setting_lib.TENSORS), dtype)
         state, finite = self._state_step(
             self._read_state(),
             sample_sqr_norm_sum,
             mean_sqr_norm,
             tf.cast(learning_rate, tf.float32),
-            float(replicas) * tf.cast(setting.steps, dtype),
+            float(replicas) * tf.cast(micro_batches, dtype),
             scale,
             self._smoothing_tensor(scale),
         )
         return state, finite, super()._clip_gradients(grads), state.effective_learning_rate
 
-    def _apply_and_record(self, distribution, grads_and_vars, learning_rate, state, finite, next_setting=None):
+    def _apply_and_record(self, distribution, grads_and_vars, learning_rate, state, finite, next_setting):
         """Cross-replica context: the update (where finite), then the state in one write per variable.
 
-        `next_setting`, under gradient accumulation, is the `ScaleSetting` after this update:
-        written whether or not the update was finite (its micro-batches are spent either way).
+        `next_setting` is the `setting.ScaleSetting` after this update: written whether or not the
+        update was finite (its micro-batches are spent either way).
         """
         grads_and_vars = [(g, _tf_variable(v)) for g, v in grads_and_vars]
 
@@ -362,8 +368,7 @@ class AdaScaleMechanics:
             return tf.no_op()
 
         tf.cond(finite, apply_finite_update, tf.no_op)
-        if next_setting is not None:
-            self._setting_assignments(distribution, next_setting)
+        self._setting_assignments(distribution, next_setting)
         assignments = self._state_assignments(distribution, state)
         if self.non_finite == "raise":
             # After the skip is recorded. XLA drops Assert: AdaScaleCallback raises there.

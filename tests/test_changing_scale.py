@@ -104,7 +104,10 @@ def test_a_change_in_the_middle_of_an_update_waits_for_its_end():
     first, second = samples_of(0, 3), samples_of(1, 5)
     applier.update(first[:1])
     optimizer.set_accumulation_steps(5)
-    assert optimizer.scale == 3  # S of the update in progress
+    # S and k of the next update, one setting (the update in progress keeps k = 3, S = 3: the reference says so).
+    assert optimizer.accumulation_steps == 5 and optimizer.scale == 5
+    snapshot = optimizer.snapshot()
+    assert (snapshot["accumulation_steps"], snapshot["scale"]) == (5, 5)
     applier.update(first[1:])
     reference.step(first)
     assert int(optimizer.iterations) == 1
