@@ -214,3 +214,45 @@ def test_gradient_accumulation_steps_is_the_count_in_effect_and_the_config_keeps
     optimizer.set_accumulation_steps(5)  # pending
     assert optimizer.gradient_accumulation_steps == optimizer.accumulation_steps == 5
     assert keras_adascale.AdaScaleSGD(0.1).gradient_accumulation_steps is None
+
+
+# --- a 0.2.0 checkpoint: S of the update in progress and the configured S only -----------------------------------
+
+def stored_as_0_2_0(optimizer):
+    """The optimizer's variables as Keras's store holds them, the setting in 0.2.0's layout."""
+    store = {str(index): np.array(variable.numpy()) for index, variable in enumerate(optimizer.variables)}
+    scales_key = str(next(i for i, v in enumerate(optimizer.variables) if v is optimizer._setting_scales))
+    scale, _, configured = store[scales_key]
+    store[scales_key] = np.asarray([scale, configured], store[scales_key].dtype)
+    return store
+
+
+def test_a_0_2_0_checkpoint_loads_with_its_s_and_k():
+    saved = keras_adascale.AdaScaleSGD(1.0, gradient_accumulation_steps=2)
+    _, apply = applier(saved)
+    for _ in range(4):
+        apply(1.0)
+    saved.set_accumulation_steps(3)
+    restored = keras_adascale.AdaScaleSGD(1.0, gradient_accumulation_steps=2)
+    variable, apply = applier(restored)
+    restored.load_own_variables(stored_as_0_2_0(saved))
+    assert (restored.accumulation_steps, restored.scale, int(restored.iterations)) == (3, 3, 2)
+    for _ in range(3):
+        apply(1.0)
+    assert int(restored.iterations) == 3 and float(variable.numpy()[0]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_a_0_2_0_checkpoint_without_accumulation_gets_its_update_count():
+    with pytest.warns(UserWarning, match="scale S = 1"):
+        saved = keras_adascale.AdaScaleSGD(1.0)
+        _, apply = applier(saved)
+    for _ in range(3):
+        apply(1.0)
+    store = stored_as_0_2_0(saved)
+    counters_key = str(next(i for i, v in enumerate(saved.variables) if v is saved._setting_counters))
+    store[counters_key][2:4] = 0  # 0.2.0 never wrote the update count without accumulation
+    with pytest.warns(UserWarning, match="scale S = 1"):
+        restored = keras_adascale.AdaScaleSGD(1.0)
+        applier(restored)
+    restored.load_own_variables(store)
+    assert restored._setting_numbers().updates == 3 == int(restored.iterations)
