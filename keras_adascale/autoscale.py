@@ -16,10 +16,13 @@ accumulation counts k (S = S_per_step x k) by that model, from the optimizer's c
   above a target e, i.e. S <= (b + 1) / e - b: S grows in proportion to b.
 - "goodput": the k with the most tau per second, r(S(k)) / t(k), with t(k) = alpha + beta k fitted to
   the seconds per update measured at each k run so far (Pollux's throughput model, without its
-  network terms); with one k measured, alpha is half its time (Pollux's prior).
+  network terms); with one k measured, alpha is half its time (Pollux's prior), and the decision's
+  reason says so.
 
 A change is made only when the chosen k is predicted better than the current one by more than
-`threshold` (AdaptDL's 5%), so that noise in the statistics does not make k flicker.
+`threshold` (AdaptDL's 5%), so that noise in the statistics does not make k flicker; under
+"efficiency", the current k is left for a smaller one only when its predicted efficiency falls below
+the target x (1 - threshold), for the same reason on the way down.
 """
 
 import math
@@ -71,11 +74,14 @@ def budget_scale(noise_scale, update_cost):
     return math.sqrt(noise_scale * update_cost) if not math.isinf(noise_scale) else math.inf
 
 
+ONE_COUNT_PRIOR = "half of the one measured step time assumed fixed (Pollux's prior)"
+
+
 def fit_step_time(seconds_by_steps):
     """(alpha, beta) of t(k) = alpha + beta k, least squares over {k: seconds per update}.
 
-    With one k measured, alpha is half its time (Pollux's prior: optimistic about larger k).
-    Both are kept >= 0.
+    With one k measured, alpha is half its time (Pollux's prior: optimistic about larger k; a decision
+    made on it says so, `ONE_COUNT_PRIOR`). Both are kept >= 0.
     """
     points = sorted(seconds_by_steps.items())
     if not points:
@@ -106,7 +112,8 @@ def _scores(objective, noise_scale, scales, steps, update_cost, target_efficienc
 
 
 def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, min_steps=1, max_steps=32,
-           threshold=0.05, update_cost=1.0, target_efficiency=0.8, step_time=None, allowed_steps=None):
+           threshold=0.05, update_cost=1.0, target_efficiency=0.8, step_time=None, allowed_steps=None,
+           assumption=None):
     """The accumulation count to use next, from the gradient noise scale.
 
     Args:
@@ -121,14 +128,21 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
         target_efficiency: "efficiency": the least r(S) / S allowed.
         step_time: "goodput": (alpha, beta) of the seconds per update t(k) = alpha + beta k.
         allowed_steps: optional list of the counts allowed (e.g. powers of two), within the bounds.
+        assumption: optional words on what the inputs assume, added to a change's reason.
 
     Returns:
         A `Decision`.
+
+    Raises:
+        ValueError: for a bad objective, goodput without `step_time`, or a NaN or negative noise scale
+            (which no count can be ranked by).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
     if objective == "goodput" and step_time is None:
         raise ValueError("The goodput objective needs `step_time`, (alpha, beta) of t(k) = alpha + beta k.")
+    if not noise_scale >= 0.0:  # NaN, or negative
+        raise ValueError(f"Argument `noise_scale` must be a number >= 0 (or inf). Received: noise_scale={noise_scale!r}")
     steps = [k for k in (allowed_steps or range(min_steps, max_steps + 1)) if min_steps <= k <= max_steps]
     if current_steps not in steps:
         steps = sorted(set(steps) | {min(max(current_steps, min_steps), max_steps)})
@@ -137,19 +151,27 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
     current = min(max(current_steps, min_steps), max_steps)
     current_score = scores[steps.index(current)]
     if objective == "efficiency" and current_score == -math.inf:
-        # Below the target: the largest count that keeps it, else the smallest count.
-        allowed = [k for k, score in zip(steps, scores) if score > -math.inf]
-        best = max(allowed) if allowed else min_steps
-        return _decision(best, scale_per_step, current_steps, 0.0,
-                         f"efficiency r/S at S = {scale_per_step * current:g} is below the target "
-                         f"{target_efficiency:g} (noise scale {noise_scale:.3g})")
+        current_scale = scale_per_step * current
+        efficiency = gain(noise_scale, current_scale) / current_scale
+        if efficiency >= target_efficiency * (1.0 - threshold):
+            # Hysteresis on the way down: within the threshold below the target, the count stays.
+            scores[steps.index(current)] = gain(noise_scale, current_scale)
+            current_score = scores[steps.index(current)]
+        else:
+            # Below the target by more than the threshold: the largest count that keeps it, else the smallest.
+            allowed = [k for k, score in zip(steps, scores) if score > -math.inf]
+            best = max(allowed) if allowed else min_steps
+            return _decision(best, scale_per_step, current_steps, 0.0,
+                             f"efficiency r/S = {efficiency:.2f} at S = {current_scale:g} is below the target "
+                             f"{target_efficiency:g} x (1 - {threshold:g}) (noise scale {noise_scale:.3g})")
     best_index = max(range(len(steps)), key=lambda i: (scores[i], -steps[i]))
     best, best_score = steps[best_index], scores[best_index]
     improvement = _improvement(best_score, current_score)
     if best != current and improvement > threshold:
+        assumed = f" ({assumption})" if assumption else ""
         return _decision(best, scale_per_step, current_steps, improvement,
                          f"{objective}: S = {scale_per_step * best:g} is predicted {100 * improvement:.0f}% better "
-                         f"than S = {scale_per_step * current:g} at noise scale {noise_scale:.3g}")
+                         f"than S = {scale_per_step * current:g} at noise scale {noise_scale:.3g}{assumed}")
     if current != current_steps:
         return _decision(current, scale_per_step, current_steps, 0.0, f"k = {current_steps} is outside the bounds")
     return _decision(current, scale_per_step, current_steps, 0.0,
@@ -167,6 +189,12 @@ def _improvement(best, current):
 
 def _decision(steps, scale_per_step, current_steps, improvement, reason):
     return Decision(steps, scale_per_step * steps, steps != current_steps, improvement, reason)
+
+
+def updates_done(optimizer):
+    """`optimizer.iterations` as an int, also where it is a `MirroredVariable` (whose `int()` raises)."""
+    iterations = optimizer.iterations
+    return int(iterations.numpy()) if hasattr(iterations, "numpy") else int(iterations)
 
 
 class ScalePolicy:
@@ -238,23 +266,26 @@ class ScalePolicy:
         if tau < self._next_decision:
             return None
         self._next_decision = tau + self.interval
+        if math.isnan(snapshot["gradient_noise_scale"]):
+            return None  # nothing to rank the counts by: no change
         replicas = optimizer.samples_per_update // steps
         min_steps = self.min_steps if self.min_steps is not None else max(1, -(-2 // replicas))
-        step_time = None
+        step_time, assumption = None, None
         if self.objective == "goodput":
             measured = self.seconds_per_update()
             if not measured:
                 return None
             step_time = fit_step_time(measured)
+            assumption = ONE_COUNT_PRIOR if len(measured) == 1 else None
         decision = decide(
             snapshot["gradient_noise_scale"], steps, snapshot["scale"] / steps, self.objective,
             min_steps=min(min_steps, self.max_steps), max_steps=self.max_steps, threshold=self.threshold,
             update_cost=self.update_cost, target_efficiency=self.target_efficiency, step_time=step_time,
-            allowed_steps=self.allowed_steps,
+            allowed_steps=self.allowed_steps, assumption=assumption,
         )
         if decision.changed:
             optimizer.set_accumulation_steps(decision.steps)
-            self.changes.append({"update": int(optimizer.iterations), "scale_invariant_iterations": tau,
+            self.changes.append({"update": updates_done(optimizer), "scale_invariant_iterations": tau,
                                  "from_steps": steps, "steps": decision.steps, "scale": decision.scale,
                                  "noise_scale": snapshot["gradient_noise_scale"], "reason": decision.reason})
         return decision

@@ -1,21 +1,50 @@
 """AdaScaleCallback: stop at tau >= T_SI and log gain, tau and learning rate; AutoScale: S chosen during training."""
 
+import inspect
 import os
+import sys
 import time
 import warnings
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from keras_adascale import autoscale, validation
 from keras_adascale.base import AdaScaleBase
 from keras_adascale.schedules import ScaleInvariantSchedule
 
 
-# What goes into the logs (and, with log_dir, TensorBoard as update_<name>): from `snapshot()`.
-_LOGGED = ("gain", "scale_invariant_iterations", "effective_learning_rate", "skipped_updates",
-           "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale", "scaling_efficiency",
-           "scale", "accumulation_steps")
+# Every statistic of `snapshot()`: with log_dir all go to TensorBoard as update_<name>.
+STATISTICS = ("gain", "scale_invariant_iterations", "effective_learning_rate", "skipped_updates",
+              "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale", "scaling_efficiency",
+              "scale", "accumulation_steps")
+# What AdaScaleCallback adds to the logs by default: what a user watches in the progress bar.
+DEFAULT_LOGGED = ("gain", "scale_invariant_iterations", "effective_learning_rate", "scale")
+
+
+def print_message(message):
+    """Prints as Keras's callbacks do: to stdout, or to absl's log where interactive logging is off
+    (`keras.config.disable_interactive_logging()`)."""
+    if keras.config.is_interactive_logging_enabled():
+        sys.stdout.write(f"{message}\n")
+        sys.stdout.flush()
+    else:
+        logging.info(message)
+
+
+def _logged_names(logged):
+    if logged == "all":
+        return STATISTICS
+    if isinstance(logged, str):
+        logged = (logged,)
+    names = tuple(logged)
+    unknown = [name for name in names if name not in STATISTICS]
+    if unknown:
+        raise ValueError(
+            f"Argument `logged` must be 'all' or names among {', '.join(STATISTICS)}. Received: {unknown}"
+        )
+    return names
 
 
 def _adascale_optimizer(model, who):
@@ -33,17 +62,21 @@ def _adascale_optimizer(model, who):
 class AdaScaleCallback(keras.callbacks.Callback):
     """Logs AdaScale's state and stops training once tau >= T_SI.
 
-    Adds `gain`, `scale_invariant_iterations`, `effective_learning_rate`
-    (the gain times the scheduled rate, as used by the last update) and
+    Adds to the batch and epoch logs, so that they appear in the progress
+    bar, in `History` and, when `keras.callbacks.TensorBoard` comes after this
+    callback in the list, in TensorBoard (per epoch by default), the
+    statistics named in `logged`. By default what a user watches: `gain`,
+    `scale_invariant_iterations` (tau), `effective_learning_rate` (the gain's
+    factor times the scheduled rate, as used by the last update) and `scale`
+    (S of the next update). `logged="all"` adds the rest too:
     `skipped_updates` (updates skipped for NaN or Inf gradients),
     `gradient_variance` and `gradient_sqr_norm` (the smoothed sigma^2 and mu^2),
     `gradient_noise_scale` (sigma^2 / mu^2 in baseline batches, see
     `AdaScaleSGD.gradient_noise_scale`), `scaling_efficiency` (gain / S:
-    the share of the S-fold batch that turns into progress), and `scale` and
-    `accumulation_steps` (S and k of the next update) to the batch and epoch logs, so they appear in the progress bar, in `History` and,
-    when `keras.callbacks.TensorBoard` comes after this callback in the list,
-    in TensorBoard (per epoch by default). Sets `model.stop_training` once tau
-    reaches `total_steps`.
+    the share of the S-fold batch that turns into progress) and
+    `accumulation_steps` (k of the next update). `optimizer.snapshot()`
+    reads all of them at any time, and `log_dir` writes all of them. Sets
+    `model.stop_training` once tau reaches `total_steps`.
 
     Keras's `TensorBoard(update_freq="batch")` indexes its `batch_*` scalars by
     `model.fit` step, which under `gradient_accumulation_steps` is a
@@ -61,17 +94,22 @@ class AdaScaleCallback(keras.callbacks.Callback):
             the optimizer's `ScaleInvariantSchedule`, if it has one; with
             neither, training is not stopped.
         log_dir: optional path; the `log_dir` of a `keras.callbacks.TensorBoard`
-            to add the per-update scalars to. Needs the `tensorboard` package.
+            to add the per-update scalars to (every statistic, whatever `logged`
+            says). Needs the `tensorboard` package.
+        logged: the statistics added to the logs: a tuple of names (default: gain,
+            tau, learning rate and S), or `"all"`.
 
     References:
         Johnson et al., 2020, Algorithm 1 (the loop `while tau < T_SI`).
     """
 
-    def __init__(self, total_steps=None, log_dir=None):
+    def __init__(self, total_steps=None, log_dir=None, logged=DEFAULT_LOGGED):
         super().__init__()
         self.total_steps = validation.optional(validation.positive, total_steps, "total_steps")
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.logged = _logged_names(logged)
         self._writer = None
+        self._warned = False
 
     def _optimizer(self):
         return _adascale_optimizer(self.model, type(self).__name__)
@@ -88,20 +126,23 @@ class AdaScaleCallback(keras.callbacks.Callback):
         optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_updates)
         total_steps = self._resolved_total_steps(optimizer)
-        if total_steps is None:
-            warnings.warn(
+        if total_steps is None and not self._warned:
+            # Once per callback, not once per process: warnings.warn's registry would silence the
+            # same warning from a second callback in the same session.
+            self._warned = True
+            warnings.warn_explicit(
                 "AdaScaleCallback has no T_SI to stop at: the optimizer's learning rate is not a "
                 "ScaleInvariantSchedule with total_steps, and no total_steps was given, so training runs "
                 "every epoch passed to fit. Give T_SI as AdaScaleCallback(total_steps=...) or "
                 "ScaleInvariantSchedule(..., total_steps=...).",
-                stacklevel=2,
+                UserWarning, __file__, inspect.currentframe().f_lineno, module=__name__, registry={},
             )
         if total_steps is not None and float(optimizer.scale_invariant_iterations) >= total_steps:
             self.model.stop_training = True
         if self.log_dir is not None:
             # The same folder as keras.callbacks.TensorBoard's training scalars: one run in TensorBoard.
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-            self._logged_update = int(optimizer.iterations.numpy())
+            self._logged_update = autoscale.updates_done(optimizer)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -113,19 +154,19 @@ class AdaScaleCallback(keras.callbacks.Callback):
         optimizer = self._optimizer()
         snapshot = optimizer.snapshot()
         if logs is not None:
-            logs.update({name: snapshot[name] for name in _LOGGED})
+            logs.update({name: snapshot[name] for name in self.logged})
         total_steps = self._resolved_total_steps(optimizer)
         if total_steps is not None and snapshot["scale_invariant_iterations"] >= total_steps:
             self.model.stop_training = True
         return snapshot
 
     def _write_update(self, optimizer, snapshot):
-        update = int(optimizer.iterations.numpy())
+        update = autoscale.updates_done(optimizer)
         if update == self._logged_update:
             return  # a micro-batch of gradient accumulation: no update yet
         self._logged_update = update
         with self._writer.as_default(step=update):
-            for name in _LOGGED:
+            for name in STATISTICS:
                 tf.summary.scalar(f"update_{name}", snapshot[name])
 
     def on_train_batch_end(self, batch, logs=None):
@@ -158,7 +199,10 @@ class AutoScale(keras.callbacks.Callback):
     S = R x k by default). tau keeps the single-batch schedule, so nothing
     else changes. The objectives ("budget", "efficiency", "goodput") and
     their parameters are `keras_adascale.autoscale.ScalePolicy`'s; "goodput"
-    times each update here.
+    times each update here: its micro-batches' steps only (from this
+    callback's batch begin to its batch end), not what runs between them
+    (callbacks listed after this one, epoch ends), and neither the first
+    update of a `fit` nor the first after a change (they may hold a trace).
 
     Adds `scale` and `accumulation_steps` to the batch and epoch logs (the
     progress bar, `History`, and TensorBoard when `keras.callbacks.TensorBoard`
@@ -201,6 +245,7 @@ class AutoScale(keras.callbacks.Callback):
         self.policy.allowed_steps = None if allowed_steps is None else sorted(allowed_steps)
         self.every = every
         self.verbose = verbose
+        self._clock = time.perf_counter  # the goodput objective's clock (tests give a fake one)
 
     @property
     def changes(self):
@@ -215,34 +260,48 @@ class AutoScale(keras.callbacks.Callback):
                 "`gradient_accumulation_steps=k` (the count to start from; 1 is allowed). Received: "
                 f"{type(optimizer).__name__} without gradient accumulation."
             )
-        self._update = int(optimizer.iterations)
-        self._started = time.perf_counter()
+        self._update = autoscale.updates_done(optimizer)
+        # "goodput" times the updates only: from this callback's batch begin to its batch end, summed over
+        # an update's micro-batches, so that what runs between steps (evaluations in callbacks after this
+        # one, epoch ends, backups) is not charged to the next update. The first update of a fit (the
+        # trace) and the first after a change of k are not timed.
+        self._update_seconds = 0.0
+        self._untimed = True
+        self._batch_started = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_started = self._clock()
 
     def on_train_batch_end(self, batch, logs=None):
         optimizer = _adascale_optimizer(self.model, type(self).__name__)
-        update = int(optimizer.iterations)
+        if self._batch_started is not None:
+            self._update_seconds += self._clock() - self._batch_started
+            self._batch_started = None
+        update = autoscale.updates_done(optimizer)
         if update != self._update:
-            now = time.perf_counter()
-            seconds = (now - self._started) / (update - self._update)
-            self._update, self._started = update, now
+            seconds = None if self._untimed else self._update_seconds / (update - self._update)
+            self._update, self._update_seconds, self._untimed = update, 0.0, False
             if self.every == "update":
                 self._decide(optimizer, seconds)
-            else:
+            elif seconds is not None:
                 self.policy.record_time(optimizer.accumulation_steps, seconds)
         self._log(optimizer, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.every == "epoch":
             self._decide(_adascale_optimizer(self.model, type(self).__name__), None)
-        self._started = time.perf_counter()
 
     def _decide(self, optimizer, seconds):
         changes = len(self.policy.changes)
         self.policy.step(optimizer, seconds=seconds)
+        if len(self.policy.changes) > changes:
+            self._untimed = True  # the next update's time may hold a retrace: not timed
         if self.verbose and len(self.policy.changes) > changes:
             change = self.policy.changes[-1]
-            keras.utils.io_utils.print_msg(
-                f"\nAutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
+            # After a progress bar's line (fit's verbose=1 or "auto"), on a line of its own.
+            newline = "\n" if self.params.get("verbose") in (1, "auto") else ""
+            print_message(
+                f"{newline}AutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
                 f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}."
             )
 

@@ -157,3 +157,107 @@ def test_autoscale_needs_gradient_accumulation():
     model.compile(optimizer=keras_adascale.AdaScaleSGD(scale=1), loss="mse")
     with pytest.raises(ValueError, match="made with `gradient_accumulation_steps=k`"):
         model.fit(problem.x, problem.y, verbose=0, callbacks=[keras_adascale.AutoScale()])
+
+
+def test_autoscale_with_its_default_verbose_prints_each_change_on_a_line_of_its_own(capsys):
+    # The default path (verbose=1) through a change of S, under fit's default progress bar.
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 8)).astype("float32")
+    y = x @ rng.normal(size=(8, 1)).astype("float32") + 2.0 * rng.normal(size=(1024, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    optimizer = keras_adascale.AdaScaleSGD(0.02, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="mse")
+    callback = keras_adascale.AutoScale("budget", update_cost=16.0, interval=10, max_steps=16)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback])
+    assert callback.changes, "the example must change S to test the printing"
+    out = capsys.readouterr().out
+    change = callback.changes[0]
+    line = (f"\nAutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
+            f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}.\n")
+    assert line in out
+
+
+def test_autoscale_prints_to_the_absl_log_when_interactive_logging_is_off(monkeypatch, capsys):
+    from keras_adascale import callbacks
+
+    logged = []
+    monkeypatch.setattr(callbacks.logging, "info", logged.append)
+    optimizer = FakeOptimizer()
+    callback = keras_adascale.AutoScale(warmup=0, update_cost=4.0)
+    callback.set_params({"verbose": 0})
+    keras.config.disable_interactive_logging()
+    try:
+        callback._decide(optimizer, None)
+    finally:
+        keras.config.enable_interactive_logging()
+    assert optimizer.calls == [8] and capsys.readouterr().out == ""
+    assert len(logged) == 1 and logged[0].startswith("AutoScale: update 0 (tau 0): k 2 -> 8, S = 8. budget:")
+
+
+def test_efficiency_leaves_the_current_count_only_below_the_target_by_more_than_the_threshold():
+    # Target 0.8: S = 4 keeps it at b >= 11 ((b + 1) / (b + 4) >= 0.8). At b = 10.9 it is 0.7987: within 5% below,
+    # so k = 4 stays, where a noise scale moving between 11.0 and 10.9 used to flip k 2 -> 4 -> 2 -> 4.
+    assert autoscale.decide(11.0, 2, 1.0, "efficiency", target_efficiency=0.8, max_steps=4).steps == 4
+    stay = autoscale.decide(10.9, 4, 1.0, "efficiency", target_efficiency=0.8, max_steps=4)
+    assert stay.steps == 4 and not stay.changed
+    # Below target x (1 - threshold) = 0.76 (b = 5: 6 / 9 = 0.67): down to the largest count that keeps 0.8
+    # (S = 2: 6 / 7 = 0.86).
+    down = autoscale.decide(5.0, 4, 1.0, "efficiency", target_efficiency=0.8, max_steps=4)
+    assert down.steps == 2 and "below the target 0.8 x (1 - 0.05)" in down.reason
+
+
+def test_a_nan_noise_scale_is_refused_by_decide_and_changes_nothing_in_the_policy():
+    with pytest.raises(ValueError, match="`noise_scale` must be a number >= 0"):
+        autoscale.decide(math.nan, 2, 1.0, "efficiency")
+    optimizer = FakeOptimizer()
+    optimizer.noise_scale = math.nan
+    assert autoscale.ScalePolicy("efficiency", warmup=0).step(optimizer) is None
+    assert optimizer.calls == [] and optimizer.steps == 2
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_goodput_times_only_the_updates_steps_and_drops_the_first_update_and_the_first_after_a_change(monkeypatch):
+    from keras_adascale import callbacks
+
+    optimizer, clock = FakeOptimizer(steps=2), FakeClock()
+    optimizer.gradient_accumulation_steps = 2
+    monkeypatch.setattr(callbacks, "_adascale_optimizer", lambda model, who: optimizer)
+    callback = keras_adascale.AutoScale("goodput", interval=0, warmup=0, threshold=1e9, verbose=0)
+    callback._clock = clock
+    callback.on_train_begin()
+
+    def update(step_seconds, gap_seconds):
+        """One update of k micro-batches of `step_seconds` each, `gap_seconds` of other callbacks after each."""
+        for micro in range(optimizer.steps):
+            callback.on_train_batch_begin(micro)
+            clock.now += step_seconds
+            if micro == optimizer.steps - 1:
+                optimizer.iterations += 1
+            callback.on_train_batch_end(micro)
+            clock.now += gap_seconds  # an evaluation in a callback after AutoScale, an epoch end...
+
+    update(3.0, 0.0)  # the first update: the trace, not timed
+    assert callback.policy.seconds_per_update() == {}
+    update(0.01, 5.0)
+    update(0.01, 5.0)
+    assert callback.policy.seconds_per_update() == pytest.approx({2: 0.02})
+    # A change (any count is now predicted better: no threshold); its first update is not timed.
+    callback.policy.threshold = 0.0
+    optimizer.noise_scale = 1e6
+    update(0.01, 0.0)
+    assert optimizer.calls and optimizer.steps != 2
+    assert "half of the one measured step time assumed fixed" in callback.changes[-1]["reason"]
+    callback.policy.threshold = 1e9
+    new_steps = optimizer.steps
+    update(1.0, 0.0)  # the first update at the new count: dropped
+    assert set(callback.policy.seconds_per_update()) == {2}
+    update(0.03, 2.0)
+    assert callback.policy.seconds_per_update()[new_steps] == pytest.approx(0.03 * new_steps)

@@ -63,7 +63,8 @@ def test_the_snapshot_holds_what_the_properties_say(least_squares):
                  "gradient_sqr_norm", "gradient_noise_scale"):
         assert snapshot[name] == float(getattr(optimizer, name)), name
     assert snapshot["skipped_updates"] == int(optimizer.skipped_updates) == 0
-    assert snapshot["scaling_efficiency"] == snapshot["gain"] / 4
+    # The next update's predicted efficiency: at an unchanged S, the last gain / S (the gain is float32).
+    assert snapshot["scaling_efficiency"] == pytest.approx(snapshot["gain"] / 4, rel=1e-6)
     assert snapshot["gain"] > 1.0
 
 
@@ -76,12 +77,31 @@ def test_an_explicit_total_steps_wins_over_the_schedules(least_squares):
     assert 3 <= float(optimizer.scale_invariant_iterations) < 3 + float(optimizer.gain)
 
 
-def test_progress_bar_shows_gain_and_tau(least_squares, capsys):
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_the_progress_bar_shows_what_a_user_watches_and_history_what_was_asked(least_squares, capsys, verbose):
     model, _ = compiled(least_squares)
-    model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=1,
-              callbacks=[keras_adascale.AdaScaleCallback()], verbose=2)
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=1,
+                        callbacks=[keras_adascale.AdaScaleCallback()], verbose=verbose)
     out = capsys.readouterr().out
-    assert "gain:" in out and "scale_invariant_iterations:" in out
+    for name in ("gain", "scale_invariant_iterations", "effective_learning_rate", "scale"):
+        assert f" {name}:" in out and name in history.history, name
+    for name in ("skipped_updates", "gradient_variance", "gradient_sqr_norm", "gradient_noise_scale",
+                 "scaling_efficiency", "accumulation_steps"):
+        assert name not in out and name not in history.history, name
+
+
+def test_logged_all_adds_every_statistic(least_squares, capsys):
+    model, _ = compiled(least_squares)
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=1,
+                        callbacks=[keras_adascale.AdaScaleCallback(logged="all")], verbose=2)
+    out = capsys.readouterr().out
+    for name in keras_adascale.callbacks.STATISTICS:
+        assert f" {name}:" in out and name in history.history, name
+
+
+def test_logged_refuses_unknown_names():
+    with pytest.raises(ValueError, match="`logged` must be 'all' or names among gain, "):
+        keras_adascale.AdaScaleCallback(logged=("gain", "noise"))
 
 
 def test_rejects_a_model_without_adascale(least_squares):
@@ -95,7 +115,7 @@ def fit_at_scale_six(problem):
     """Two epochs at S = 6 from N = 4 samples with the callback: `(optimizer, history)`."""
     model, optimizer = compiled(problem, scale=6)
     history = model.fit(problem.x, problem.y, batch_size=8, epochs=2,
-                        callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+                        callbacks=[keras_adascale.AdaScaleCallback(logged="all")], verbose=0)
     return optimizer, history
 
 
@@ -172,7 +192,8 @@ def fit_with_a_nan_batch(jit_compile, non_finite, callbacks=()):
     optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2, non_finite=non_finite)
     model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
     return model, optimizer, lambda: model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
-                                               callbacks=[keras_adascale.AdaScaleCallback(), *callbacks])
+                                               callbacks=[keras_adascale.AdaScaleCallback(logged="all"),
+                                                          *callbacks])
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -202,6 +223,34 @@ def test_without_a_t_si_to_stop_at_it_warns_once_how_to_give_one(least_squares):
         model.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, epochs=2, verbose=0,
                   callbacks=[keras_adascale.AdaScaleCallback()])
     assert sum("no T_SI" in str(warning.message) for warning in caught) == 1
+
+
+_TWO_CALLBACKS = """
+import warnings
+import keras, numpy as np, keras_adascale
+
+x, y = np.ones((16, 3), "float32"), np.ones((16, 1), "float32")
+for _ in range(2):  # a second callback in the same session, with Python's default warning filters
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.02, gradient_accumulation_steps=2), loss="mse")
+    callback = keras_adascale.AdaScaleCallback()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])  # the same callback: no second
+"""
+
+
+def test_the_missing_t_si_warning_is_shown_once_per_callback_not_once_per_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_callbacks.py"
+    script.write_text(_TWO_CALLBACKS)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("AdaScaleCallback has no T_SI to stop at") == 2, result.stderr[-2000:]
 
 
 def test_with_a_t_si_it_does_not_warn(least_squares):

@@ -225,3 +225,19 @@ def test_soak_2000_updates_on_4_replicas_do_not_grow_the_memory(soaked):
     _, _, optimizer, start, end = soaked
     assert int(optimizer.iterations.numpy()) == 2000
     assert end - start < 50, f"RSS grew by {end - start:.1f} MB over 1900 updates"
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_the_documented_update_count_works_under_mirrored_strategy(accumulation):
+    # `int(optimizer.iterations)` raises TypeError on a MirroredVariable (Keras's SGD too); the docs use .numpy().
+    strategy = mirrored(2)
+    with strategy.scope():
+        variable = keras.Variable(np.zeros(3, np.float32))
+        optimizer = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=accumulation)
+        optimizer.build([variable])
+    for _ in range(accumulation or 1):
+        strategy.run(lambda: optimizer.apply_gradients([(tf.ones(3), variable)]))
+    assert int(optimizer.iterations.numpy()) == 1
+    from keras_adascale import autoscale
+
+    assert autoscale.updates_done(optimizer) == 1

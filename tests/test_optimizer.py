@@ -670,3 +670,25 @@ def test_a_file_with_two_fewer_optimizer_variables_names_version_0_1_0(least_squ
             group.create_dataset(str(i), data=value)
     with pytest.raises(ValueError, match=r"saved by keras-adascale 0\.1\.0.*`compile=False`"):
         compiled_with_weights_of(least_squares, momentum=0.9).load_weights(old)
+
+
+def test_on_a_cpu_only_machine_the_state_step_is_not_xla_compiled(tmp_path):
+    # As Keras's jit_compile="auto": no XLA without an accelerator, and so no "Compiled cluster using XLA!" in the
+    # log of a run whose model is not compiled with XLA (plain SGD logs none).
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import keras, numpy as np, keras_adascale\n"
+        "model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+        "model.compile(optimizer=keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2), loss='mse')\n"
+        "model.fit(np.ones((16, 3), 'float32'), np.ones((16, 1), 'float32'), batch_size=4, verbose=0)\n"
+        "print('updates', int(model.optimizer.iterations.numpy()))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "updates 2" in result.stdout
+    assert "Compiled cluster using XLA" not in result.stderr

@@ -105,7 +105,7 @@ class RunRecorder(keras.callbacks.Callback):
         """The callbacks to pass to `model.fit` for a run with `optimizer`: this one, after
         an `AdaScaleCallback` for an AdaScale optimizer."""
         self.adascale = isinstance(optimizer, AdaScaleBase)
-        return [AdaScaleCallback(), self] if self.adascale else [self]
+        return [AdaScaleCallback(logged="all"), self] if self.adascale else [self]
 
     def _truncate(self, path, update):
         rows = [row for row in read_jsonl(path) if row["update"] <= update]
