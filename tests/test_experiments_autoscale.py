@@ -3,6 +3,7 @@ metrics.jsonl, the examples in final.json, `compare` and `advise` on a run whose
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,19 +75,31 @@ def test_final_json_counts_the_examples_of_every_update(auto_run):
     assert final["tau"] >= 80 and final["test_accuracy"] > 0.5
 
 
-def test_compare_shows_an_auto_runs_mean_and_final_s(auto_run):
+def test_compare_shows_an_auto_runs_range_and_mean_s(auto_run):
     run_dir, _ = auto_run
     result = keras_adascale("compare", run_dir, "--output", run_dir.parent / "compared.png")
     assert result.returncode == 0, result.stderr[-2000:]
     final = json.loads((run_dir / "final.json").read_text())
-    assert f"auto {final['scale']:.1f} -> {final['final_scale']:g}" in result.stdout
+    assert f"auto {final['min_scale_used']:g}-{final['max_scale_used']:g}, mean {final['scale']:.1f}" in result.stdout
 
 
-def test_advise_reads_a_run_whose_s_changed(auto_run):
+def test_advise_on_a_run_whose_s_changed_tells_its_path_and_advises_a_fixed_s(auto_run):
     run_dir, _ = auto_run
     result = keras_adascale("advise", run_dir, "--scales", "1,2,8")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "this run" in result.stdout
+    out = " ".join(result.stdout.split())  # the paragraphs are wrapped
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    final = json.loads((run_dir / "final.json").read_text())
+    assert "a run that chose S during training" in out
+    first_change = next(index for index, row in enumerate(rows) if row["scale"] != 2)
+    assert f"S = 2 for tau 0-{rows[first_change - 1]['tau']:.0f} ({first_change} updates)" in out
+    assert f"{final['updates']} updates in all, at a mean S of {final['scale']:.1f} per update" in out
+    assert "Recommendation for a fixed S: S = " in out
+    # No row at the mean S (no one ran at it), and S printed as people write it.
+    table_scales = re.findall(r"^ *(\S+) +\d+ +[\d,]+ +\d+% ", result.stdout, re.M)
+    assert table_scales[:3] == ["1", "2", "8"]
+    if not float(final["scale"]).is_integer():
+        assert f"{final['scale']:g}" not in result.stdout
 
 
 def test_scale_auto_needs_an_adascale_optimizer():

@@ -51,6 +51,15 @@ class Advice:
     predictions: list
 
     cut_at: float | None = None  # the default scales stopped after this one (negligible efficiency)
+    step_seconds: float | None = None  # this run's own wall time per update
+    # For a run that chose S during training (`optimizer.scale: auto`): its S over tau, as
+    # (S, first tau, last tau, updates) per stretch at one S; `scale` is then its mean S over updates.
+    scale_path: tuple = ()
+
+    @property
+    def auto(self):
+        """Whether the run chose S during training (its rows are then for a fixed S, not its own)."""
+        return bool(self.scale_path)
 
     @property
     def critical_scale(self):
@@ -60,6 +69,8 @@ class Advice:
 
     @property
     def own_step_seconds(self):
+        if self.step_seconds is not None:
+            return self.step_seconds
         return next(p.step_seconds for p in self.predictions if p.scale == self.scale)
 
     @property
@@ -152,7 +163,10 @@ def advise(run_dir, scales=None, step_times=None):
     sqr_norms = [row["gradient_sqr_norm"] for row in rows]
     own_step = final["wall_time"] / final["updates"]
     step_times = dict(step_times or {})
-    wanted = sorted(set(scales or DEFAULT_SCALES) | {final["scale"]} | set(step_times))
+    auto = final.get("scale_setting") == "auto"
+    # An auto run's S changed: its mean is no S anyone ran at, so no row of its own.
+    own = set() if auto else {final["scale"]}
+    wanted = sorted(set(scales or DEFAULT_SCALES) | own | set(step_times))
     predictions, cut_at = [], None
     for scale in wanted:
         updates = predicted_updates(scale, taus, variances, sqr_norms, total_steps)
@@ -173,7 +187,28 @@ def advise(run_dir, scales=None, step_times=None):
     noise_scale = float(np.sum(ratios[finite] * pieces[finite]) / max(np.sum(pieces[finite]), 1e-300))
     return Advice(run=f"{final['experiment']}/{final['run']}", scale=final["scale"], baseline_batch_size=baseline,
                   total_steps=total_steps, actual_updates=final["updates"], noise_scale=noise_scale,
-                  predictions=predictions, cut_at=cut_at)
+                  predictions=predictions, cut_at=cut_at, step_seconds=own_step,
+                  scale_path=scale_path(rows) if auto else ())
+
+
+def scale_path(rows):
+    """A run's S over tau from its per-update rows: `(S, first tau, last tau, updates)` per stretch at one S."""
+    path = []
+    previous_tau = 0.0
+    for row in rows:
+        if path and path[-1][0] == row["scale"]:
+            scale, start, _, updates = path[-1]
+            path[-1] = (scale, start, row["tau"], updates + 1)
+        else:
+            path.append((row["scale"], previous_tau, row["tau"], 1))
+        previous_tau = row["tau"]
+    return tuple(path)
+
+
+def scale_text(scale):
+    """S as people write it: 4, 16, 5.9 (not 5.91832)."""
+    scale = float(scale)
+    return f"{scale:g}" if scale.is_integer() else f"{scale:.1f}"
 
 
 def _duration(seconds):
@@ -194,17 +229,29 @@ def table(advice):
     header = ("S", "updates", "examples", "efficiency", "step time", "wall time")
     rows = []
     for p in advice.predictions:
-        own = " (this run: {} updates)".format(advice.actual_updates) if p.scale == advice.scale else ""
+        own = f" (this run: {advice.actual_updates} updates)" if p.scale == advice.scale and not advice.auto else ""
         rows.append((f"{p.scale:g}", f"{p.updates}", f"{p.examples:,}", f"{100 * p.efficiency:.0f}%",
                      f"{1000 * p.step_seconds:.1f} ms" + ("" if p.step_time_measured else " *"),
                      _duration(p.wall_seconds) + own))
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = [
-        _paragraph(f"Advice from {advice.run} (S = {advice.scale:g}, baseline batch B0 = "
-                   f"{advice.baseline_batch_size}, T_SI = {advice.total_steps:g}): updates a run at S needs to "
-                   "reach T_SI, replayed from this run's gradient statistics."),
-        "",
-    ]
+    if advice.auto:
+        stretches = ", ".join(f"S = {scale_text(scale)} for tau {start:.0f}-{end:.0f} ({updates} updates)"
+                              for scale, start, end, updates in advice.scale_path)
+        lines = [
+            _paragraph(f"Advice from {advice.run}, a run that chose S during training (baseline batch B0 = "
+                       f"{advice.baseline_batch_size}, T_SI = {advice.total_steps:g}). It ran {stretches}: "
+                       f"{advice.actual_updates} updates in all, at a mean S of {scale_text(advice.scale)} per "
+                       "update. The rows are what a run at one fixed S all the way would need to reach T_SI, "
+                       "replayed from this run's gradient statistics; compare them with its own count."),
+            "",
+        ]
+    else:
+        lines = [
+            _paragraph(f"Advice from {advice.run} (S = {scale_text(advice.scale)}, baseline batch B0 = "
+                       f"{advice.baseline_batch_size}, T_SI = {advice.total_steps:g}): updates a run at S needs "
+                       "to reach T_SI, replayed from this run's gradient statistics."),
+            "",
+        ]
     if not advice.measured_step_times:
         lines += [
             _paragraph(f"WARNING: no step times given. The wall-time column assumes this run's "
@@ -236,11 +283,12 @@ def table(advice):
     if far:
         lines.append(_paragraph(
             f"CONSERVATIVE at S >= {min(far):g}: the noise scale a run measures grows with its own S, so runs "
-            f"far above S = {advice.scale:g} need fewer updates than these rows say (measured on MNIST from an "
+            f"far above S = {scale_text(advice.scale)} need fewer updates than these rows say (measured on MNIST from an "
             "S = 4 run: +33% too many predicted at S = 16, +85% at S = 32; docs/benchmarks.md, section 3). "
             "Train a short run at a larger S and advise from it to check."))
     best, reason = advice.recommendation()
-    lines += ["", _paragraph(f"Recommendation: S = {best.scale:g}, {reason}.")]
+    fixed = " for a fixed S" if advice.auto else ""
+    lines += ["", _paragraph(f"Recommendation{fixed}: S = {best.scale:g}, {reason}.")]
     return "\n".join(lines)
 
 
@@ -254,16 +302,19 @@ def plot(advice, output):
     if advice.critical_scale is not None:
         left.axvline(advice.critical_scale, color="tab:red", linestyle="--",
                      label=f"critical scale S = {advice.critical_scale:g}")
+    own_label = "this run (actual, at its mean S)" if advice.auto else "this run (actual)"
     left.plot([advice.scale], [100 * advice.total_steps / advice.actual_updates / advice.scale], "k*",
-              markersize=12, label="this run (actual)")
+              markersize=12, label=own_label)
     left.set(xscale="log", xlabel="scale S", ylabel="scaling efficiency (%)", ylim=(0, 105),
              title="gain / S: progress per example vs. S = 1")
     right.plot(scales, [p.updates for p in advice.predictions], "o-", label="predicted updates")
     right.plot(scales, advice.total_steps / scales, color="grey", linestyle=":", label="perfect scaling, T_SI / S")
-    right.plot([advice.scale], [advice.actual_updates], "k*", markersize=12, label="this run (actual)")
+    right.plot([advice.scale], [advice.actual_updates], "k*", markersize=12, label=own_label)
     right.set(xscale="log", yscale="log", xlabel="scale S", ylabel="updates to reach T_SI",
               title=f"predicted updates (B_simple = {advice.noise_scale:.3g} baseline batches)")
-    figure.suptitle(f"{advice.run} (S = {advice.scale:g}): replayed at other scales")
+    own_scale = f"S chosen during training, mean {scale_text(advice.scale)}" if advice.auto else \
+        f"S = {scale_text(advice.scale)}"
+    figure.suptitle(f"{advice.run} ({own_scale}): replayed at fixed scales")
     for axes in (left, right):
         axes.set_xticks(scales, [f"{scale:g}" for scale in scales])
         axes.minorticks_off()

@@ -26,9 +26,9 @@ _COLUMNS = (
 
 
 def _scale_cell(final):
-    # An auto-scale run's S changed: its mean over updates, and where it ended.
+    # An auto-scale run's S changed: the range it used and its mean over updates.
     if final.get("scale_setting") == "auto":
-        return f"auto {final['scale']:.1f} -> {final['final_scale']:g}"
+        return f"auto {final['min_scale_used']:g}-{final['max_scale_used']:g}, mean {final['scale']:.1f}"
     return final["scale"]
 
 
