@@ -1,12 +1,19 @@
-"""MkDocs hooks: pages generated from the code, so that they cannot drift from it.
+"""Pages generated from the code, committed so that a reader of the repository sees them, and checked by
+the MkDocs build (this file is its hook) and the tests, so that they cannot drift from the code.
 
-- `<!-- generated: config-reference -->` becomes a table per section of every runner config key
+- docs/runner/config.md: a table per section of every runner config key
   (`keras_adascale.experiments.config.SCHEMA`): its default, what it accepts and what it means.
-- `<!-- generated: cli-reference -->` becomes the `--help` of `keras-adascale` and of each command.
+- docs/runner/cli.md: the `--help` of `keras-adascale` and of each command.
+
+Each page holds its generated part between `<!-- generated: NAME (...) -->` and `<!-- end generated: NAME -->`.
+After changing the schema or the command line, run `python docs/hooks.py` to write them anew.
 """
 
 import json
 import os
+import pathlib
+import re
+import sys
 
 from keras_adascale.experiments import cli, config
 
@@ -61,12 +68,58 @@ def cli_reference():
     return "\n".join(lines)
 
 
-_GENERATED = {"config-reference": config_reference, "cli-reference": cli_reference}
+DOCS = pathlib.Path(__file__).resolve().parent
+# page (relative to docs/) -> (name, the function that writes its generated part)
+GENERATED = {"runner/config.md": ("config-reference", config_reference),
+             "runner/cli.md": ("cli-reference", cli_reference)}
+_COMMAND = "python docs/hooks.py"
+
+
+def _section(name):
+    return re.compile(rf"(<!-- generated: {name} [^>]*-->\n)(.*?)(<!-- end generated: {name} -->)", re.S)
+
+
+def regenerated(text, name, make):
+    """`text` with its generated part `name` written anew (ValueError if it has none)."""
+    section = _section(name)
+    if not section.search(text):
+        raise ValueError(f"no '<!-- generated: {name} ... -->' ... '<!-- end generated: {name} -->' section")
+    return section.sub(lambda match: f"{match[1]}\n{make()}\n{match[3]}", text, count=1)
+
+
+def stale_pages():
+    """The generated pages whose committed text differs from what the code generates now."""
+    stale = []
+    for page, (name, make) in GENERATED.items():
+        text = (DOCS / page).read_text()
+        if regenerated(text, name, make) != text:
+            stale.append(page)
+    return stale
+
+
+def write_pages():
+    """Writes every generated part anew; returns the pages that changed."""
+    changed = []
+    for page, (name, make) in GENERATED.items():
+        path = DOCS / page
+        text = path.read_text()
+        new = regenerated(text, name, make)
+        if new != text:
+            path.write_text(new)
+            changed.append(page)
+    return changed
 
 
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs's hook signature)
-    for name, make in _GENERATED.items():
-        marker = f"<!-- generated: {name} -->"
-        if marker in markdown:
-            markdown = markdown.replace(marker, make())
+    entry = GENERATED.get(page.file.src_uri)
+    if entry is not None and regenerated(markdown, *entry) != markdown:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(f"docs/{page.file.src_uri} is out of date with the code: run `{_COMMAND}`.")
     return markdown
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    written = write_pages()
+    print("\n".join(f"wrote docs/{page}" for page in written) or "up to date", file=sys.stdout)

@@ -196,3 +196,21 @@ def test_readme_is_a_landing_page():
         assert heading in text
     for link in re.findall(r"\]\((docs/[^)#]+|CHANGELOG\.md)(?:#[^)]*)?\)", text):
         assert (ROOT / link).is_file(), link
+
+
+def test_the_committed_reference_pages_match_the_code():
+    """docs/runner/config.md and cli.md carry the generated tables in the repository (a reader of the README's
+    links sees them); they must be what the schema and the parser say now (`python docs/hooks.py` writes them)."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    assert hooks.stale_pages() == [], "run `python docs/hooks.py`"
+    from keras_adascale.experiments import config
+
+    page = (ROOT / "docs" / "runner" / "config.md").read_text()
+    missing = [key for key in _schema_keys(config.SCHEMA) if f"| `{key}` |" not in page]
+    assert not missing, missing
+    stale = hooks.regenerated(page.replace("| `seed` | `0` |", "| `seed` | `1` |"), *hooks.GENERATED["runner/config.md"])
+    assert stale == page  # a hand edit inside the generated part is seen and undone
