@@ -15,8 +15,11 @@ targets of the auto-scale issue (auto keeps the S = 1 quality; no fixed S and no
 frontier interpolated on a log scale takes both fewer updates and fewer examples; at most 10% more
 examples than S = 1 for >= 30% fewer updates; the margin against the frontier at equal examples) and
 writes two plots: every run in the (examples, updates) plane with the fixed-S frontier, and S(tau)
-with the noise scale B_simple(tau) of the auto runs. The last line printed is a JSON summary. Runs
-finished from the same config are kept, so a stopped study resumes where it was.
+with the noise scale B_simple(tau) of the auto runs. It also prints the recorded B_simple of the fixed-S
+runs at 25%, 50%, 75% and 99.6% of T_SI (the noise scale a run measures grows with its own S), and the
+gain model's bound for target (c): each S = 1 run's b(tau) replayed with the best continuous schedule
+S = sqrt(b / lambda) at +10% examples. The last line printed is a JSON summary. Runs finished from the
+same config are kept, so a stopped study resumes where it was.
 """
 
 import argparse
@@ -36,6 +39,11 @@ AUTO_VARIANTS = {
     "auto_efficiency80": {"objective": "efficiency", "target_efficiency": 0.8},
 }
 OPTIMIZERS = {"sgd": "adascale", "adam": "adascale_adam"}
+# Where the fixed-S runs' B_simple is read, as fractions of T_SI (floored to whole tau): the last one is
+# just below T_SI, where every run still has a recorded update (2,390 of 2,400 in the demo's recipe).
+NOISE_FRACTIONS = (0.25, 0.5, 0.75, 0.996)
+# Target (c): at most this share of extra examples over S = 1.
+EXTRA_EXAMPLES = 0.10
 
 
 def parse_args(argv=None):
@@ -180,6 +188,123 @@ def model_margins(experiment_dir, finals, scales, total_steps):
             {scale: statistics.mean(values) for scale, values in predictions.items()})
 
 
+def seed_of(run_name):
+    return int(run_name.rsplit("_seed", 1)[1])
+
+
+def value_at(rows, key, tau):
+    """`key` of the last update with row["tau"] <= tau (the statistics as they stood at tau); None before the first."""
+    value = None
+    for row in rows:
+        if row["tau"] > tau:
+            break
+        value = row.get(key)
+    return value
+
+
+def noise_scale_by_scale(experiment_dir, finals, total_steps):
+    """(taus, {S: [B_simple at each tau, mean over seeds]}) for the fixed-S runs, from their metrics.jsonl.
+
+    B_simple is the recorded `gradient_noise_scale` (sigma^2 / mu^2 in baseline batches) at
+    floor(fraction x T_SI) for each of NOISE_FRACTIONS, read as the value of the last update with
+    row["tau"] <= that tau. A seed with no update at or before a tau is left out of that mean (None
+    where no seed has one).
+    """
+    from keras_adascale.experiments.rundirs import read_jsonl
+
+    taus = [math.floor(fraction * total_steps) for fraction in NOISE_FRACTIONS]
+    values = {}
+    for final in finals:
+        method = method_of(final["run"])
+        if method.startswith("auto"):
+            continue
+        rows = read_jsonl(experiment_dir / final["run"] / "metrics.jsonl")
+        values.setdefault(final["scale"], []).append([value_at(rows, "gradient_noise_scale", tau) for tau in taus])
+    means = {}
+    for scale, seeds in sorted(values.items()):
+        columns = [[value for value in column if value is not None] for column in zip(*seeds)]
+        means[scale] = [statistics.mean(column) if column else None for column in columns]
+    return taus, means
+
+
+def best_schedule_bound(rows, total_steps, max_scale, extra_examples=EXTRA_EXAMPLES):
+    """The gain model's fewest updates at (1 + extra_examples) x an S = 1 run's examples, from its statistics.
+
+    `rows` are an S = 1 run's metrics.jsonl rows. As `keras-adascale advise` replays them
+    (`advice.predicted_updates`), update k covers the piece [tau_(k-1), tau_k] of tau (cut at T_SI =
+    `total_steps`) with noise scale b = gradient_variance / gradient_sqr_norm as it recorded (0 where
+    both are 0, inf where only the variance is > 0). Under AdaScale's gain model r(S) = (b + 1) / (b / S + 1),
+    a piece of length d tau at scale S takes d tau / r(S) updates and d tau x S / r(S) baseline batches
+    of examples (`keras_adascale.autoscale.updates_per_tau`, `examples_per_tau`). For a price lambda of
+    examples in updates, the schedule with the fewest updates + lambda x examples is
+    S(tau) = max(1, sqrt(b(tau) / lambda)) (`autoscale.budget_scale`), S = 1 where b = 0 and
+    S = `max_scale` where b is infinite (there r(S) = S: updates are free in examples). Its examples E
+    fall as lambda grows, to the S = 1 run's (the sum of the pieces, T_SI for a finished run); lambda is
+    bisected on a log scale until E = (1 + extra_examples) x that, and the schedule's updates U are the
+    fewest any schedule takes for those examples under the model.
+
+    Returns a dict: `reference` (the S = 1 run's updates and examples under the model), `lambda`,
+    `updates` (U), `examples` (E), `scale_mean` (S averaged over tau) and `fewer_updates`
+    (1 - U / reference). Where no piece has a finite b > 0, no schedule spends more examples than
+    S = 1; `lambda` is then None and the schedule is S = 1 (S = max_scale where b is infinite).
+    """
+    from keras_adascale.autoscale import examples_per_tau, updates_per_tau
+
+    pieces, start = [], 0.0
+    for row in rows:
+        length = max(0.0, min(row["tau"], total_steps) - start)
+        start = max(start, row["tau"])
+        variance, sqr_norm = row["gradient_variance"], row["gradient_sqr_norm"]
+        noise = variance / sqr_norm if sqr_norm > 0 else (math.inf if variance > 0 else 0.0)
+        if length > 0:
+            pieces.append((length, noise))
+    reference = sum(length for length, _ in pieces)
+
+    def scale_at(noise, price):
+        return float(max_scale) if math.isinf(noise) else max(1.0, math.sqrt(noise / price))
+
+    def schedule(price):
+        updates = examples = weighted_scale = 0.0
+        for length, noise in pieces:
+            scale = scale_at(noise, price)
+            updates += length * updates_per_tau(noise, scale)
+            examples += length * examples_per_tau(noise, scale)
+            weighted_scale += length * scale
+        return updates, examples, weighted_scale / reference
+
+    target = (1.0 + extra_examples) * reference
+    price = None
+    if any(0 < noise < math.inf for _, noise in pieces):
+        low = high = 1.0  # log10 of lambda; E(lambda) falls as lambda grows
+        for _ in range(60):
+            if schedule(10.0**low)[1] >= target:
+                break
+            low -= 1.0
+        for _ in range(60):
+            if schedule(10.0**high)[1] <= target:
+                break
+            high += 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if schedule(10.0**middle)[1] > target else (low, middle)
+        price = 10.0 ** ((low + high) / 2)
+    updates, examples, scale_mean = schedule(math.inf if price is None else price)
+    return {"reference": reference, "lambda": price, "updates": updates, "examples": examples,
+            "scale_mean": scale_mean, "fewer_updates": 1.0 - updates / reference}
+
+
+def target_c_bounds(experiment_dir, finals, total_steps, max_scale):
+    """seed -> `best_schedule_bound` of that seed's fixed S = 1 run, for the finished ones."""
+    from keras_adascale.experiments.rundirs import read_jsonl
+
+    bounds = {}
+    for final in sorted(finals, key=lambda final: final["run"]):
+        if method_of(final["run"]) == "fixed_s1":
+            rows = read_jsonl(experiment_dir / final["run"] / "metrics.jsonl")
+            bounds[seed_of(final["run"])] = best_schedule_bound(rows, total_steps, max_scale)
+    return bounds
+
+
 def print_table(rows, verdicts):
     metric = rows[0]["metric"].replace("test_", "test ").replace("_", " ")
     print(f"{'method':>18} {'seeds':>5} {metric + ' (mean +- std)':>32} {'updates':>8} {'examples (B0)':>13} "
@@ -277,12 +402,27 @@ def main(argv=None):
         verdicts[method]["model_margin_vs_frontier"] = margin
     print()
     print_table(rows, verdicts)
+    bounds = target_c_bounds(experiment_dir, finals, runs[0]["total_steps"], args.max_scale)
+    if bounds:
+        print(f"\n(c) the gain model's bound: each S = 1 run's b(tau) replayed with the best continuous schedule "
+              f"S = sqrt(b / lambda), at +{100 * EXTRA_EXAMPLES:.0f}% examples")
+        for seed, bound in bounds.items():
+            print(f"  seed {seed}: {100 * bound['fewer_updates']:.1f}% fewer updates than S = 1 "
+                  f"({bound['updates']:.0f} for {bound['examples']:.0f} examples against {bound['reference']:.0f}; "
+                  f"mean S {bound['scale_mean']:.2f})")
     if predictions:
         print("\nfixed S: updates measured, and predicted by the gain model from the auto runs' statistics (mean)")
         for row in fixed:
             predicted = predictions[row["scale_mean"]]
             print(f"  S = {row['scale_mean']:>4g}: {row['updates_mean']:>7.0f} measured, {predicted:>7.0f} predicted "
                   f"({100 * (predicted / row['updates_mean'] - 1):+.0f}%)")
+    taus, noise = noise_scale_by_scale(experiment_dir, finals, runs[0]["total_steps"])
+    if noise:
+        print("\nfixed S: the recorded B_simple (baseline batches, mean over seeds) at tau, the value of the last "
+              "update at or before it")
+        print(f"{'fixed S':>9}" + "".join(f"{f'tau {tau:,}':>12}" for tau in taus))
+        for scale, values in noise.items():
+            print(f"{scale:>9g}" + "".join(f"{'-' if value is None else f'{value:.1f}':>12}" for value in values))
     plot(experiment_dir, rows, finals)
     print(f"\nplots: {experiment_dir / 'autoscale_plane.png'}, {experiment_dir / 'autoscale_trajectory.png'}")
     print(json.dumps({
@@ -290,6 +430,8 @@ def main(argv=None):
         "total_steps": runs[0]["total_steps"], "model": runs[0]["model"]["name"],
         "dataset": runs[0]["dataset"]["name"], "family": args.family, "seconds": time.perf_counter() - start,
         "results": rows, "targets": verdicts, "model_fixed_updates": {str(k): v for k, v in predictions.items()},
+        "noise_scale_by_scale": {"tau": taus, "fixed": {str(k): v for k, v in noise.items()}},
+        "target_c_bound": {"extra_examples": EXTRA_EXAMPLES, "seeds": {str(k): v for k, v in bounds.items()}},
     }))
 
 

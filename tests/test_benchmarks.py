@@ -172,9 +172,10 @@ def test_scale_study_quick_adam_family_prints_every_method(tfds_data_dir, tmp_pa
 
 
 def test_autoscale_study_quick_reports_the_targets_against_the_fixed_s_frontier(tfds_data_dir, tmp_path):
-    summary = run_benchmark(["autoscale_study.py", "--quick", "--set", f"dataset.data_dir={tfds_data_dir}",
-                             "--set", "dataset.train_split=train[:2%]", "--set", "dataset.test_split=test[:5%]",
-                             "--set", "total_steps=40", "--output-dir", str(tmp_path)], tmp_path)
+    arguments = ["autoscale_study.py", "--quick", "--set", f"dataset.data_dir={tfds_data_dir}",
+                 "--set", "dataset.train_split=train[:2%]", "--set", "dataset.test_split=test[:5%]",
+                 "--set", "total_steps=40", "--output-dir", str(tmp_path)]
+    summary = run_benchmark(arguments, tmp_path)
     rows = {row["method"]: row for row in summary["results"]}
     assert set(rows) == {"fixed_s1", "fixed_s4", "auto_budget4"}
     assert rows["fixed_s1"]["updates_mean"] == 40 and rows["fixed_s1"]["examples_mean"] == 40
@@ -191,3 +192,64 @@ def test_autoscale_study_quick_reports_the_targets_against_the_fixed_s_frontier(
         assert target["margin_vs_frontier"] is None
     for plot in ("autoscale_plane.png", "autoscale_trajectory.png"):
         assert (tmp_path / "autoscale_study" / plot).stat().st_size > 0
+
+    # --report trains nothing and prints the B_simple-by-S table and target (c)'s bound from the runs' files.
+    folders = sorted(path.name for path in (tmp_path / "autoscale_study").iterdir())
+    lines = run_script(arguments + ["--report"], tmp_path)
+    report = json.loads(lines[-1])
+    assert sorted(path.name for path in (tmp_path / "autoscale_study").iterdir()) == folders
+    assert report["results"] == summary["results"]
+    noise = report["noise_scale_by_scale"]
+    assert noise["tau"] == [10, 20, 30, 39]  # 25%, 50%, 75% and 99.6% of T_SI, floored
+    assert set(noise["fixed"]) == {"1", "4"}
+    for scale, values in noise["fixed"].items():
+        metrics = [json.loads(line) for line in
+                   (tmp_path / "autoscale_study" / f"fixed_s{scale}_seed0" / "metrics.jsonl").read_text().splitlines()]
+        expected = [[row for row in metrics if row["tau"] <= tau][-1]["gradient_noise_scale"] for tau in noise["tau"]]
+        assert values == pytest.approx(expected)  # one seed: its value at the last update at or before each tau
+    header = lines.index("fixed S: the recorded B_simple (baseline batches, mean over seeds) at tau, the value of "
+                         "the last update at or before it")
+    assert lines[header + 1].split() == ["fixed", "S", "tau", "10", "tau", "20", "tau", "30", "tau", "39"]
+    for offset, scale in ((2, "1"), (3, "4")):
+        assert lines[header + offset].split() == [scale] + [f"{value:.1f}" for value in noise["fixed"][scale]]
+    bound = report["target_c_bound"]["seeds"]["0"]
+    assert bound["reference"] == pytest.approx(40)  # the S = 1 run's updates and examples under the model
+    assert bound["examples"] == pytest.approx(1.1 * bound["reference"])
+    assert 0 < bound["fewer_updates"] < 1 and bound["lambda"] > 0
+    assert bound["fewer_updates"] == pytest.approx(1 - bound["updates"] / bound["reference"])
+    title = next(index for index, line in enumerate(lines) if line.startswith("(c) the gain model's bound"))
+    assert lines[title + 1].startswith(f"  seed 0: {100 * bound['fewer_updates']:.1f}% fewer updates than S = 1")
+
+
+def test_autoscale_study_bound_on_synthetic_statistics(monkeypatch):
+    """`best_schedule_bound` against closed forms.
+
+    r(S) = (b + 1) / (b / S + 1), U = sum of d tau / r(S), E = sum of d tau x S / r(S).
+    """
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from autoscale_study import best_schedule_bound
+
+    def rows(taus, variances, sqr_norms):
+        return [{"tau": tau, "gradient_variance": variance, "gradient_sqr_norm": sqr_norm}
+                for tau, variance, sqr_norm in zip(taus, variances, sqr_norms)]
+
+    # Constant b = 9: E = T (b + S) / (b + 1) = 1.1 T at S = 2 = sqrt(b / lambda), lambda = 9 / 4,
+    # and U = T (b / S + 1) / (b + 1) = 0.55 T.
+    bound = best_schedule_bound(rows(range(1, 101), [9.0] * 100, [1.0] * 100), total_steps=100, max_scale=32)
+    assert bound["reference"] == 100 and bound["lambda"] == pytest.approx(2.25)
+    assert bound["examples"] == pytest.approx(110) and bound["updates"] == pytest.approx(55)
+    assert bound["scale_mean"] == pytest.approx(2) and bound["fewer_updates"] == pytest.approx(0.45)
+
+    # b = 9 on tau [0, 50], b = 0 after (S = 1 there), pieces of 0.5 and the last one cut at T_SI = 100:
+    # 50 + 50 (9 + S) / 10 = 110 at S = 3 (lambda = 1), U = 50 + 50 (9 / 3 + 1) / 10 = 70.
+    taus = [k / 2 for k in range(1, 200)] + [100.7]
+    variances = [9.0 if tau <= 50 else 0.0 for tau in taus]
+    bound = best_schedule_bound(rows(taus, variances, [1.0] * 200), total_steps=100, max_scale=32)
+    assert bound["reference"] == pytest.approx(100) and bound["lambda"] == pytest.approx(1)
+    assert bound["examples"] == pytest.approx(110) and bound["fewer_updates"] == pytest.approx(0.30)
+
+    # b = 0 (both statistics 0) then b = inf (only the variance): S = 1, then S = max_scale at no extra examples.
+    bound = best_schedule_bound(rows(range(1, 101), [0.0] * 50 + [1.0] * 50, [0.0] * 100), total_steps=100,
+                                max_scale=32)
+    assert bound["lambda"] is None and bound["examples"] == pytest.approx(100)
+    assert bound["updates"] == pytest.approx(50 + 50 / 32) and bound["scale_mean"] == pytest.approx(16.5)
