@@ -53,7 +53,7 @@ def parse_args(argv=None):
                         help="sgd: AdaScaleSGD; adam: AdaScaleAdam (raw statistics)")
     parser.add_argument("--scales", default=None, help="fixed S values (default 1,2,4,8,16,32; quick 1,4)")
     parser.add_argument("--autos", default=None,
-                        help=f"auto variants, of {', '.join(AUTO_VARIANTS)} (default all; quick auto_budget4)")
+                        help=f"auto variants, of {', '.join(AUTO_VARIANTS)}, or none (default all; quick auto_budget4)")
     parser.add_argument("--max-scale", type=float, default=32, help="autoscale.max_scale (default 32)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
     studies.add_recipe_arguments(parser, "autoscale_study")
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     args.scales = [float(s) if "." in s else int(s)
                    for s in (args.scales or ("1,4" if args.quick else "1,2,4,8,16,32")).split(",")]
     args.autos = (args.autos or ("auto_budget4" if args.quick else ",".join(AUTO_VARIANTS))).split(",")
+    if args.autos == ["none"]:
+        args.autos = []
     unknown = [name for name in args.autos if name not in AUTO_VARIANTS]
     if unknown:
         parser.error(f"unknown auto variants {unknown}; known: {', '.join(AUTO_VARIANTS)}")
