@@ -221,10 +221,18 @@ class ScalePolicy:
         update_cost: "budget": the baseline batches of examples one update is worth
             (1 / lambda; S* = sqrt(noise scale x update_cost)). Defaults to 1.
         target_efficiency: "efficiency": the least predicted r(S) / S. Defaults to 0.8.
+        align: apply a change only at an update boundary where the micro-batches done
+            (`optimizer._iterations`) are a multiple of the new count, waiting for one otherwise: then
+            epochs whose length every allowed count divides end on update boundaries whatever the
+            changes, and a backup at an epoch end resumes exactly (the runner's auto runs).
+
+    Decisions come where tau crosses `warmup + j x interval`, a grid fixed by tau alone: a policy made
+    anew on a resumed run (whose tau, gain and statistics are restored) decides where the uninterrupted
+    one would.
     """
 
     def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,
-                 threshold=0.05, update_cost=1.0, target_efficiency=0.8):
+                 threshold=0.05, update_cost=1.0, target_efficiency=0.8, align=False):
         if objective not in OBJECTIVES:
             raise ValueError(f"Argument `objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
         self.objective = objective
@@ -240,9 +248,11 @@ class ScalePolicy:
         if not 0.0 < target_efficiency <= 1.0:
             raise ValueError(f"Argument `target_efficiency` must be in (0, 1]. Received: {target_efficiency!r}")
         self.target_efficiency = float(target_efficiency)
+        self.align = bool(align)
         self.changes = []
         self._seconds = {}  # k -> [total seconds, updates]
         self._next_decision = None
+        self._pending = None  # (Decision, the change's record) waiting for an aligned boundary
 
     def record_time(self, steps, seconds):
         """Adds one update's wall time at `steps` micro-batches (for "goodput")."""
@@ -254,18 +264,36 @@ class ScalePolicy:
         """{k: mean seconds per update} over the updates timed so far."""
         return {k: total / count for k, (total, count) in self._seconds.items() if count}
 
+    def _grid_after(self, tau):
+        """The first decision point after tau: `warmup`, then `warmup + j x interval`."""
+        if tau < self.warmup:
+            return self.warmup
+        if self.interval == 0:
+            return tau
+        return self.warmup + self.interval * (math.floor((tau - self.warmup) / self.interval) + 1)
+
     def step(self, optimizer, seconds=None):
-        """After an update: records its time, and re-decides when due. Returns the `Decision`, or None."""
+        """After an update: records its time, applies a change waiting for alignment, and re-decides when due.
+
+        Returns the `Decision` made now, or None.
+        """
         snapshot = optimizer.snapshot()
         steps = snapshot["accumulation_steps"]
         if seconds is not None:
             self.record_time(steps, seconds)
         tau = snapshot["scale_invariant_iterations"]
         if self._next_decision is None:
-            self._next_decision = max(self.warmup, tau)
+            # From the tau before the last update: where a policy that ran all along would decide next.
+            before = tau - snapshot["gain"]
+            self._next_decision = self.warmup if before < self.warmup else self._grid_after(before)
+            if self.interval == 0 and before >= self.warmup:
+                self._next_decision = tau
+        if self._apply_pending(optimizer):
+            snapshot = optimizer.snapshot()
+            steps = snapshot["accumulation_steps"]
         if tau < self._next_decision:
             return None
-        self._next_decision = tau + self.interval
+        self._next_decision = self._grid_after(tau)
         if math.isnan(snapshot["gradient_noise_scale"]):
             return None  # nothing to rank the counts by: no change
         replicas = optimizer.samples_per_update // steps
@@ -284,9 +312,24 @@ class ScalePolicy:
             allowed_steps=self.allowed_steps, assumption=assumption,
         )
         if decision.changed:
-            optimizer.set_accumulation_steps(decision.steps)
-            self.changes.append({"update": updates_done(optimizer), "scale_invariant_iterations": tau,
-                                 "from_steps": steps, "steps": decision.steps, "scale": decision.scale,
-                                 "noise_scale": snapshot["gradient_noise_scale"], "reason": decision.reason})
+            self._pending = (decision, {"from_steps": steps, "noise_scale": snapshot["gradient_noise_scale"]})
+            self._apply_pending(optimizer)
+        elif self._pending is not None:
+            self._pending = None  # the count now preferred is the current one
         return decision
+
+    def _apply_pending(self, optimizer):
+        """Makes the change waiting for alignment where it may be made now; returns whether it did."""
+        if self._pending is None:
+            return False
+        decision, record = self._pending
+        if self.align and int(optimizer._iterations.numpy()) % decision.steps:
+            return False
+        self._pending = None
+        optimizer.set_accumulation_steps(decision.steps)
+        self.changes.append({"update": updates_done(optimizer),
+                             "scale_invariant_iterations": optimizer.snapshot()["scale_invariant_iterations"],
+                             **record, "steps": decision.steps, "scale": decision.scale,
+                             "reason": decision.reason})
+        return True
 

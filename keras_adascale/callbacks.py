@@ -229,18 +229,22 @@ class AutoScale(keras.callbacks.Callback):
             With "epoch" and a `steps_per_epoch` that every allowed k divides,
             each epoch ends at an update boundary, so that
             `keras.callbacks.BackupAndRestore` resumes exactly.
+        align: apply each change only at an update boundary where the micro-batches done are a
+            multiple of the new count (see `ScalePolicy`): with `every="update"` and a
+            `steps_per_epoch` that every allowed k divides, each epoch still ends on an update
+            boundary, and `BackupAndRestore` resumes exactly without an epoch per decision.
         verbose: 0 or 1, whether to print each change.
     """
 
     def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,
                  threshold=0.05, update_cost=1.0, target_efficiency=0.8, allowed_steps=None, every="update",
-                 verbose=1):
+                 align=False, verbose=1):
         super().__init__()
         if every not in ("update", "epoch"):
             raise ValueError(f"Argument `every` must be 'update' or 'epoch'. Received: every={every!r}")
         self.policy = autoscale.ScalePolicy(
             objective, interval=interval, warmup=warmup, min_steps=min_steps, max_steps=max_steps,
-            threshold=threshold, update_cost=update_cost, target_efficiency=target_efficiency,
+            threshold=threshold, update_cost=update_cost, target_efficiency=target_efficiency, align=align,
         )
         self.policy.allowed_steps = None if allowed_steps is None else sorted(allowed_steps)
         self.every = every

@@ -2,6 +2,7 @@
 callback in `model.fit`."""
 
 import math
+import types
 
 import keras
 import numpy as np
@@ -71,6 +72,7 @@ class FakeOptimizer:
 
     def __init__(self, replicas=1, steps=2):
         self.replicas, self.steps, self.tau, self.noise_scale, self.iterations = replicas, steps, 0.0, 16.0, 0
+        self.gain = 1.0
         self.calls = []
 
     @property
@@ -78,7 +80,7 @@ class FakeOptimizer:
         return self.replicas * self.steps
 
     def snapshot(self):
-        return {"accumulation_steps": self.steps, "scale": float(self.replicas * self.steps),
+        return {"accumulation_steps": self.steps, "scale": float(self.replicas * self.steps), "gain": self.gain,
                 "scale_invariant_iterations": self.tau, "gradient_noise_scale": self.noise_scale}
 
     def set_accumulation_steps(self, steps):
@@ -261,3 +263,51 @@ def test_goodput_times_only_the_updates_steps_and_drops_the_first_update_and_the
     assert set(callback.policy.seconds_per_update()) == {2}
     update(0.03, 2.0)
     assert callback.policy.seconds_per_update()[new_steps] == pytest.approx(0.03 * new_steps)
+
+
+def test_decisions_come_on_a_grid_of_tau_so_a_policy_made_anew_on_a_resumed_run_decides_where_the_first_would():
+    # warmup 25, interval 10: decisions at the first update reaching 25, 35, 45, ...
+    def decisions(policy, taus, optimizer):
+        made = []
+        for tau in taus:
+            optimizer.gain, optimizer.tau = tau - optimizer.tau, tau
+            if policy.step(optimizer) is not None:
+                made.append(tau)
+        return made
+
+    taus = [3.0 * update for update in range(1, 30)]
+    straight = decisions(autoscale.ScalePolicy(interval=10, warmup=25, threshold=1e9), taus, FakeOptimizer())
+    assert straight == [27.0, 36.0, 45.0, 57.0, 66.0, 75.0, 87.0]
+    for kill in (5, 10, 13, 19):  # the first policy ran through taus[:kill]; a new one takes the rest
+        resumed_optimizer = FakeOptimizer()
+        resumed_optimizer.tau = taus[kill - 1]
+        resumed = decisions(autoscale.ScalePolicy(interval=10, warmup=25, threshold=1e9), taus[kill:],
+                            resumed_optimizer)
+        assert resumed == [tau for tau in straight if tau > taus[kill - 1]], kill
+
+
+class AligningOptimizer(FakeOptimizer):
+    """FakeOptimizer with the micro-batches done, as `optimizer._iterations`."""
+
+    def __init__(self, steps):
+        super().__init__(steps=steps)
+        self.micro_batches = 0
+
+    @property
+    def _iterations(self):
+        return types.SimpleNamespace(numpy=lambda: np.int64(self.micro_batches))
+
+
+def test_with_align_a_change_waits_for_a_boundary_where_the_micro_batches_are_a_multiple_of_the_new_count():
+    optimizer = AligningOptimizer(steps=2)
+    policy = autoscale.ScalePolicy(warmup=0, interval=0, update_cost=64.0, align=True, max_steps=8,
+                                   min_steps=2)
+    optimizer.micro_batches = 2  # one update of 2 done: 2 % 8 != 0
+    policy.step(optimizer)
+    assert optimizer.calls == [] and policy.changes == []
+    optimizer.micro_batches, optimizer.iterations = 4, 1
+    policy.step(optimizer)
+    assert optimizer.calls == []
+    optimizer.micro_batches, optimizer.iterations = 8, 3  # aligned: the change is made, and recorded now
+    policy.step(optimizer)
+    assert optimizer.calls == [8] and policy.changes[0]["update"] == 3 and policy.changes[0]["from_steps"] == 2

@@ -53,15 +53,23 @@ def test_an_auto_run_records_s_and_n_per_update_and_changes_s(auto_run):
     assert "S = auto (budget)" in stdout
 
 
-def test_each_change_is_what_the_policy_says_for_the_statistics_before_it(auto_run):
+def test_each_change_is_what_the_policy_says_for_the_statistics_of_an_update_shortly_before_it(auto_run):
+    # A change waits for an update boundary where the micro-batches done are a multiple of its count
+    # (`align`): it follows its decision by at most new k / old k - 1 updates.
     run_dir, _ = auto_run
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    for before, after in zip(rows, rows[1:]):
+    changes = 0
+    for index, (before, after) in enumerate(zip(rows, rows[1:])):
         if after["scale"] != before["scale"]:
-            noise_scale = before["gradient_variance"] / before["gradient_sqr_norm"]
-            decision = autoscale.decide(noise_scale, int(before["scale"] // 2), 2.0, "budget", min_steps=1,
-                                        max_steps=4, update_cost=64.0, allowed_steps=[1, 2, 4])
-            assert decision.scale == after["scale"]
+            changes += 1
+            lag = max(1, int(after["scale"] // before["scale"]))
+            decided = []
+            for row in rows[max(0, index + 1 - lag):index + 1]:
+                noise_scale = row["gradient_variance"] / row["gradient_sqr_norm"]
+                decided.append(autoscale.decide(noise_scale, int(before["scale"] // 2), 2.0, "budget", min_steps=1,
+                                                max_steps=4, update_cost=64.0, allowed_steps=[1, 2, 4]).scale)
+            assert after["scale"] in decided
+    assert changes
 
 
 def test_final_json_counts_the_examples_of_every_update(auto_run):
@@ -115,3 +123,55 @@ def test_a_scale_word_other_than_auto_is_refused():
 def test_a_max_scale_below_the_least_s_is_refused():
     with pytest.raises(config.ConfigError, match="autoscale.max_scale=1 is below the least S = 2"):
         config.resolve({**AUTO, "autoscale": {"max_scale": 1}}, name="bad")
+
+
+def test_a_killed_auto_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data_dir, tmp_path):
+    # As the fixed-S test in test_experiments_training.py, for a run whose S changes: the decisions come on a grid
+    # of tau and each change waits for an update boundary aligned with its count, so the epochs end on update
+    # boundaries and the backup at an epoch end resumes exactly.
+    import signal
+    import time
+
+    import keras
+    import numpy as np
+
+    recipe = {**AUTO, "total_steps": 160, "evaluations": 8,
+              "autoscale": {**AUTO["autoscale"], "decisions": 20}, "strategy": {"name": "default"},
+              "dataset": {**AUTO["dataset"], "batch_size": 8}}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(recipe))
+
+    def command(output):
+        return [sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "auto.yaml"),
+                "--output-dir", str(output), "--set", f"dataset.data_dir={tfds_data_dir}"]
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, timeout=300, env=env)
+    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    incomplete = tmp_path / "killed" / "auto" / "auto.incomplete"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
+            metadata = incomplete / "backup" / "training_metadata.json"
+            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached its third epoch")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "killed" / "auto" / "auto").exists()
+    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
+                                 timeout=300, env=env)
+    assert "resuming auto/auto from epoch" in resumed_run.stdout
+    straight, resumed = (keras.models.load_model(tmp_path / name / "auto" / "auto" / "model.keras")
+                         for name in ("straight", "killed"))
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    rows = [read_jsonl(tmp_path / name / "auto" / "auto" / "metrics.jsonl") for name in ("straight", "killed")]
+    assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
+    assert [row["scale"] for row in rows[1]] == [row["scale"] for row in rows[0]]
+    assert len({row["scale"] for row in rows[0]}) > 1  # S changed, also across the kill

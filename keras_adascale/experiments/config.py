@@ -101,8 +101,8 @@ SCHEMA = {
                  str, choices=OPTIMIZERS),
         scale=Key(1, "S: examples per update / baseline_batch_size (int or float); the gradient samples "
                   "per update are N = S x baseline_batch_size / dataset.batch_size = replicas x accumulation "
-                  "steps. 'auto' (adascale, adascale_adam): AdaScale chooses S during training, at the "
-                  "start of each epoch, by the autoscale section", SCALE_KIND, minimum=1),
+                  "steps. 'auto' (adascale, adascale_adam): AdaScale chooses S during training, as the "
+                  "autoscale section says", SCALE_KIND, minimum=1),
         baseline_batch_size=Key(None, "B0: the batch the single-batch (S = 1) recipe was tuned for; "
                                 "default dataset.batch_size (S = N)", int, minimum=1, nullable=True),
         momentum=Key(0.9, "SGD momentum (adascale, sgd, lsr, lsr_warmup)", float, minimum=0.0),
@@ -129,9 +129,8 @@ SCHEMA = {
         warmup=Key(None, "tau before the first decision; default total_steps / 20", NUMBER, minimum=0,
                    nullable=True),
         threshold=Key(0.05, "a change needs a predicted improvement above this fraction", float, minimum=0.0),
-        decisions=Key(40, "sets the epoch length (one decision at the start of each epoch): 1/decisions of the "
-                      "micro-batches of a perfectly scaling run at the least S, so a run has at least this many "
-                      "epochs, more as S grows (the demo's auto run: 79)",
+        decisions=Key(40, "how many times S is re-decided: every (total_steps - warmup) / decisions of tau, at "
+                      "any update (a change waits for an update boundary aligned with its count)",
                       int, minimum=1),
     ),
     "runs": Key(None, "list of variants to train, each {name: ..., <key>: <override>...}", list, nullable=True),

@@ -148,9 +148,13 @@ class RunRecorder(keras.callbacks.Callback):
             return  # a micro-batch of gradient accumulation
         self.update = update
         if self.adascale:  # from AdaScaleCallback, which ran before this callback
+            # S and N of the update that just ran: its micro-batches, and S in its ratio to N (the logs' S and
+            # k are the next update's, which a change made at this update's end already shows).
+            samples = self.replicas * len(self.pending)
+            scale_per_sample = logs["scale"] / (self.replicas * logs["accumulation_steps"])
             row = {"update": update, "tau": logs["scale_invariant_iterations"], "gain": logs["gain"],
-                   "learning_rate": logs["effective_learning_rate"], "scale": logs["scale"],
-                   "samples": self.replicas * logs["accumulation_steps"]}
+                   "learning_rate": logs["effective_learning_rate"], "scale": scale_per_sample * samples,
+                   "samples": samples}
             row.update({name: logs[name] for name in _STATISTICS})
         else:
             schedule = self.schedule

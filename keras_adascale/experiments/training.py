@@ -132,26 +132,28 @@ def plan(run, replicas):
 def _autoscale_plan(run, replicas):
     """The `AutoScale` arguments of an auto-scale run, and its epoch length in `model.fit` steps.
 
-    The decision comes at each epoch's start; every allowed count divides the epoch, so each epoch
-    ends on an update boundary and a backup resumes exactly. The epoch is 1 / `autoscale.decisions` of
-    the micro-batches the run would take at its least S with perfect scaling (gain = S), the fewest it
-    can take: a real run has more epochs (the demo's auto run: 79 for 40 decisions).
+    Decisions come every (T_SI - warmup) / `autoscale.decisions` of tau, at any update boundary, and a
+    change waits for a boundary where the micro-batches done are a multiple of the new count (`align`).
+    Every allowed count divides the epoch, so each epoch ends on an update boundary and a backup resumes
+    exactly, with no epoch per decision: the epochs are as many as a fixed run's (`evaluations`, sized by
+    the micro-batches the run would take at its least S with perfect scaling, the fewest it can take).
     """
     settings = run["autoscale"]
     scale_per_step, allowed = config_lib.auto_steps(run, replicas)
     least_scale = scale_per_step * allowed[0]
     micro_batches = run["total_steps"] / least_scale * allowed[0]  # the fewest: at the least S, gain = S
-    largest = allowed[-1]
-    steps_per_epoch = largest * max(1, math.ceil(micro_batches / settings["decisions"] / largest))
+    aligned = math.lcm(*allowed)
+    steps_per_epoch = aligned * max(1, math.ceil(micro_batches / run["evaluations"] / aligned))
     warmup = settings["warmup"] if settings["warmup"] is not None else run["total_steps"] / 20
     return {
         "scale_per_step": scale_per_step,
         "steps_per_epoch": steps_per_epoch,
         "callback": {
-            "objective": settings["objective"], "interval": 0.0, "warmup": float(warmup),
-            "min_steps": allowed[0], "max_steps": largest, "allowed_steps": allowed,
+            "objective": settings["objective"],
+            "interval": max(run["total_steps"] - warmup, 0.0) / settings["decisions"], "warmup": float(warmup),
+            "min_steps": allowed[0], "max_steps": allowed[-1], "allowed_steps": allowed,
             "threshold": settings["threshold"], "update_cost": settings["update_cost"],
-            "target_efficiency": settings["target_efficiency"], "every": "epoch", "verbose": 0,
+            "target_efficiency": settings["target_efficiency"], "every": "update", "align": True, "verbose": 0,
         },
     }
 
@@ -165,8 +167,8 @@ def _describe_update(run, replicas, steps):
         allowed = steps.autoscale["callback"]["allowed_steps"]
         return (f"S = auto ({run['autoscale']['objective']}): S = {per_step:g} x k for k in "
                 f"{', '.join(map(str, allowed))} accumulation steps of {replicas} replicas x {batch} examples "
-                f"(baseline batch {baseline}), chosen at the start of each epoch of {steps.autoscale['steps_per_epoch']} "
-                "micro-batches")
+                f"(baseline batch {baseline}), re-decided every {steps.autoscale['callback']['interval']:g} of tau "
+                f"after a warm-up of {steps.autoscale['callback']['warmup']:g}")
     if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS:
         samples = replicas * steps.accumulation
         return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
