@@ -169,6 +169,48 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("preempted")
 
 
+def straight_and_killed(command, incomplete, root, epochs=3, timeout=240):
+    """Trains a runner command to its end, then again killed with SIGKILL once `epochs` epochs are backed up.
+
+    Args:
+        command: function of an output folder -> the `keras-adascale train` command line.
+        incomplete: function of an output folder -> the run's `<run>.incomplete` folder there.
+        root: the folder under which the two output folders, `straight` and `killed`, are made.
+
+    Returns:
+        `(straight folder, killed folder, epochs backed up when it was killed)`; the killed run is not resumed.
+    """
+    import signal
+    import time
+
+    straight, killed = root / "straight", root / "killed"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command(straight), check=True, capture_output=True, timeout=300, env=env)
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = incomplete(killed) / "backup" / "training_metadata.json"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
+            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= epochs:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the run never reached epoch {epochs}")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return straight, killed, json.loads(metadata.read_text())["epoch"]
+
+
+def assert_same_finished_models(first, second):
+    """The `model.keras` files of two finished runs hold the same weights and optimizer state."""
+    one, other = keras.models.load_model(first), keras.models.load_model(second)
+    for a, b in zip(one.get_weights(), other.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(one.optimizer.variables, other.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
 def assert_same_history(actual, expected):
     assert len(actual) == len(expected)
     for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):

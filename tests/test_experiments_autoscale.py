@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import read_jsonl
+from conftest import assert_same_finished_models, read_jsonl, straight_and_killed
 from keras_adascale import autoscale
 from keras_adascale.experiments import config
 
@@ -129,12 +129,6 @@ def test_a_killed_auto_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds
     # As the fixed-S test in test_experiments_training.py, for a run whose S changes: the decisions come on a grid
     # of tau and each change waits for an update boundary aligned with its count, so the epochs end on update
     # boundaries and the backup at an epoch end resumes exactly.
-    import signal
-    import time
-
-    import keras
-    import numpy as np
-
     recipe = {**AUTO, "total_steps": 160, "evaluations": 8,
               "autoscale": {**AUTO["autoscale"], "decisions": 20}, "strategy": {"name": "default"},
               "dataset": {**AUTO["dataset"], "batch_size": 8}}
@@ -144,34 +138,13 @@ def test_a_killed_auto_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds
         return [sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "auto.yaml"),
                 "--output-dir", str(output), "--set", f"dataset.data_dir={tfds_data_dir}"]
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, timeout=300, env=env)
-    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    incomplete = tmp_path / "killed" / "auto" / "auto.incomplete"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
-            metadata = incomplete / "backup" / "training_metadata.json"
-            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 3:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the run never reached its third epoch")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert not (tmp_path / "killed" / "auto" / "auto").exists()
-    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
-                                 timeout=300, env=env)
+    straight, killed, _ = straight_and_killed(command, lambda output: output / "auto" / "auto.incomplete", tmp_path)
+    assert not (killed / "auto" / "auto").exists()
+    resumed_run = subprocess.run(command(killed), check=True, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "resuming auto/auto from epoch" in resumed_run.stdout
-    straight, resumed = (keras.models.load_model(tmp_path / name / "auto" / "auto" / "model.keras")
-                         for name in ("straight", "killed"))
-    for a, b in zip(straight.get_weights(), resumed.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
-    rows = [read_jsonl(tmp_path / name / "auto" / "auto" / "metrics.jsonl") for name in ("straight", "killed")]
+    assert_same_finished_models(straight / "auto" / "auto" / "model.keras", killed / "auto" / "auto" / "model.keras")
+    rows = [read_jsonl(folder / "auto" / "auto" / "metrics.jsonl") for folder in (straight, killed)]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
     assert [row["scale"] for row in rows[1]] == [row["scale"] for row in rows[0]]
     assert len({row["scale"] for row in rows[0]}) > 1  # S changed, also across the kill

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import keras_adascale
-from conftest import TINY, read_jsonl
+from conftest import TINY, assert_same_finished_models, read_jsonl, straight_and_killed
 from keras_adascale.experiments import cli, config, data, models, training
 
 
@@ -73,9 +73,6 @@ def test_an_interrupted_run_with_another_config_is_refused_naming_the_keys_that_
 
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data_dir, tmp_path):
-    import signal
-    import time
-
     recipe = {
         "total_steps": 240, "evaluations": 8,
         "dataset": {"train_split": "train[:5%]", "test_split": "test[:5%]", "batch_size": 16},
@@ -89,39 +86,17 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds_data
         return [sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "resume.yaml"),
                 "--output-dir", str(output), "--set", f"dataset.data_dir={tfds_data_dir}"]
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, timeout=300, env=env)
-
-    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    incomplete = tmp_path / "killed" / "resume" / "adascale.incomplete"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
-            metadata = incomplete / "backup" / "training_metadata.json"
-            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 3:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the run never reached its third epoch")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert incomplete.exists() and not (tmp_path / "killed" / "resume" / "adascale").exists()
-    epochs_backed_up = json.loads((incomplete / "backup" / "training_metadata.json").read_text())["epoch"]
-    resumed_run = subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, text=True,
-                                 timeout=300, env=env)
+    straight, killed, epochs_backed_up = straight_and_killed(
+        command, lambda output: output / "resume" / "adascale.incomplete", tmp_path)
+    assert (killed / "resume" / "adascale.incomplete").exists() and not (killed / "resume" / "adascale").exists()
+    resumed_run = subprocess.run(command(killed), check=True, capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     # 240 steps in 8 evaluations at S = 2: 15 updates per epoch
     assert (f"resuming resume/adascale from epoch {epochs_backed_up} (after {epochs_backed_up} epochs, "
             f"{15 * epochs_backed_up} updates)") in resumed_run.stdout
-
-    straight, resumed = (keras.models.load_model(tmp_path / name / "resume" / "adascale" / "model.keras")
-                         for name in ("straight", "killed"))
-    for a, b in zip(straight.get_weights(), resumed.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
-    rows = [read_jsonl(tmp_path / name / "resume" / "adascale" / "metrics.jsonl") for name in ("straight", "killed")]
+    assert_same_finished_models(straight / "resume" / "adascale" / "model.keras",
+                                killed / "resume" / "adascale" / "model.keras")
+    rows = [read_jsonl(folder / "resume" / "adascale" / "metrics.jsonl") for folder in (straight, killed)]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]  # no update logged twice
     assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)
 
