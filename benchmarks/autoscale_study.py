@@ -239,8 +239,8 @@ def best_schedule_bound(rows, total_steps, max_scale, extra_examples=EXTRA_EXAMP
     a piece of length d tau at scale S takes d tau / r(S) updates and d tau x S / r(S) baseline batches
     of examples (`keras_adascale.autoscale.updates_per_tau`, `examples_per_tau`). For a price lambda of
     examples in updates, the schedule with the fewest updates + lambda x examples is
-    S(tau) = max(1, sqrt(b(tau) / lambda)) (`autoscale.budget_scale`), S = 1 where b = 0 and
-    S = `max_scale` where b is infinite (there r(S) = S: updates are free in examples). Its examples E
+    S(tau) = max(1, sqrt(b(tau) / lambda)) (`autoscale.budget_scale`), at most `max_scale` (what the
+    auto runs may use), S = 1 where b = 0 and S = `max_scale` where b is infinite (there r(S) = S: updates are free in examples). Its examples E
     fall as lambda grows, to the S = 1 run's (the sum of the pieces, T_SI for a finished run); lambda is
     bisected on a log scale until E = (1 + extra_examples) x that, and the schedule's updates U are the
     fewest any schedule takes for those examples under the model.
@@ -263,7 +263,7 @@ def best_schedule_bound(rows, total_steps, max_scale, extra_examples=EXTRA_EXAMP
     reference = sum(length for length, _ in pieces)
 
     def scale_at(noise, price):
-        return float(max_scale) if math.isinf(noise) else max(1.0, math.sqrt(noise / price))
+        return float(max_scale) if math.isinf(noise) else min(float(max_scale), max(1.0, math.sqrt(noise / price)))
 
     def schedule(price):
         updates = examples = weighted_scale = 0.0

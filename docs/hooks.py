@@ -59,7 +59,20 @@ def config_reference():
 
 
 def cli_reference():
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
+    # argparse wraps to the terminal width: a fixed one, for this call only. (Its layout also changes with
+    # the Python version: the committed page is written on the one CI runs, 3.11.)
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        return _cli_reference()
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def _cli_reference():
     parser = cli.parser()
     lines = ["## `keras-adascale`", "", "```text", parser.format_help().rstrip(), "```", ""]
     commands = next(action for action in parser._actions if action.choices and isinstance(action.choices, dict))

@@ -160,7 +160,7 @@ def decide(noise_scale, current_steps, scale_per_step, objective="budget", *, mi
         else:
             # Below the target by more than the threshold: the largest count that keeps it, else the smallest.
             allowed = [k for k, score in zip(steps, scores) if score > -math.inf]
-            best = max(allowed) if allowed else min_steps
+            best = max(allowed) if allowed else min(steps)
             return _decision(best, scale_per_step, current_steps, 0.0,
                              f"efficiency r/S = {efficiency:.2f} at S = {current_scale:g} is below the target "
                              f"{target_efficiency:g} x (1 - {threshold:g}) (noise scale {noise_scale:.3g})")
@@ -226,9 +226,10 @@ class ScalePolicy:
             epochs whose length every allowed count divides end on update boundaries whatever the
             changes, and a backup at an epoch end resumes exactly (the runner's auto runs).
 
-    Decisions come where tau crosses `warmup + j x interval`, a grid fixed by tau alone: a policy made
-    anew on a resumed run (whose tau, gain and statistics are restored) decides where the uninterrupted
-    one would.
+    Decisions come where tau crosses `warmup + j x interval`, a grid fixed by tau alone: when `step` runs
+    after every update (as `AutoScale(every="update")` calls it), a policy made anew on a resumed run
+    (whose tau, gain and statistics are restored) decides where the uninterrupted one would. Called less
+    often (`every="epoch"`), a new policy may skip the decision pending since the last call.
     """
 
     def __init__(self, objective="budget", *, interval=100.0, warmup=None, min_steps=None, max_steps=32,

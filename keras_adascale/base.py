@@ -528,7 +528,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """A 0.2.0 checkpoint's setting in this version's layout (the store as it is for any other).
 
         0.2.0 kept S of the update in progress and the configured S; this version keeps the next
-        update's S between them (the same as the update in progress's between updates). Without
+        update's S between them (S x next k / k, as 0.2.0 made it when the update completed). Without
         accumulation 0.2.0 never wrote the update count, which is `_iterations` there.
         """
         indices = {id(variable): str(index) for index, variable in enumerate(self.variables)}
@@ -537,8 +537,11 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             return store
         migrated = {key: np.asarray(store[key]) for key in store.keys()}
         scale, configured = migrated[scales_key]
-        migrated[scales_key] = np.asarray([scale, scale, configured], migrated[scales_key].dtype)
         counters = migrated[counters_key].copy()
+        # 0.2.0 took the next update's S from the count change still pending when the update completed.
+        steps, next_steps = (counters[setting_lib.COUNTERS.index(name)] for name in ("steps", "next_steps"))
+        next_scale = scale * next_steps / steps
+        migrated[scales_key] = np.asarray([scale, next_scale, configured], migrated[scales_key].dtype)
         if counters[setting_lib.COUNTERS.index("configured_steps")] == 0:
             iterations = int(migrated[indices[id(self._iterations)]])
             counters[setting_lib.COUNTERS.index("update_start")] = iterations

@@ -190,7 +190,9 @@ def update_scale(setting, micro_batches, ops):
     Equal to `scale` unless a restore into another configuration left more micro-batches in the update
     than its k.
     """
-    return setting.scale * ops.like(micro_batches, setting.scale) / ops.like(setting.steps, setting.scale)
+    scaled = setting.scale * ops.like(micro_batches, setting.scale) / ops.like(setting.steps, setting.scale)
+    # `scale` itself where the update holds its k (S x k / k may differ from S in the last bit).
+    return ops.where(micro_batches == setting.steps, setting.scale, scaled)
 
 
 def complete(setting, iterations, ops):

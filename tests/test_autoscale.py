@@ -311,3 +311,9 @@ def test_with_align_a_change_waits_for_a_boundary_where_the_micro_batches_are_a_
     optimizer.micro_batches, optimizer.iterations = 8, 3  # aligned: the change is made, and recorded now
     policy.step(optimizer)
     assert optimizer.calls == [8] and policy.changes[0]["update"] == 3 and policy.changes[0]["from_steps"] == 2
+
+
+def test_efficiency_below_the_target_at_every_allowed_count_takes_the_smallest_allowed_one():
+    # b = 0.5 on 2 replicas: even S = 4 (k = 2) is below 0.8; k = 1 is not allowed, so k = 2, not min_steps.
+    decision = autoscale.decide(0.5, 4, 2.0, "efficiency", min_steps=1, allowed_steps=[2, 4, 8])
+    assert decision.steps == 2

@@ -256,3 +256,20 @@ def test_a_0_2_0_checkpoint_without_accumulation_gets_its_update_count():
         applier(restored)
     restored.load_own_variables(store)
     assert restored._setting_numbers().updates == 3 == int(restored.iterations)
+
+
+def test_a_0_2_0_checkpoint_saved_with_a_pending_count_takes_the_s_0_2_0_would_have_used():
+    # 0.2.0 kept S of the update in progress, and made the next update's S = S x next k / k when it completed.
+    saved = keras_adascale.AdaScaleSGD(1.0, gradient_accumulation_steps=2)
+    _, apply = applier(saved)
+    apply(1.0)  # one micro-batch of two
+    saved.set_accumulation_steps(4)  # pending
+    store = stored_as_0_2_0(saved)
+    scales_key = str(next(i for i, v in enumerate(saved.variables) if v is saved._setting_scales))
+    np.testing.assert_array_equal(store[scales_key], [2.0, 0.0])  # as 0.2.0 stored it: S = 2 in progress
+    restored = keras_adascale.AdaScaleSGD(1.0, gradient_accumulation_steps=2)
+    variable, apply = applier(restored)
+    restored.load_own_variables(store)
+    assert (restored.accumulation_steps, restored.scale) == (4, 4)
+    apply(1.0)  # completes the update in progress (k = 2)
+    assert int(restored.iterations) == 1 and restored._setting_numbers().scale == 4.0
