@@ -264,7 +264,7 @@ class AutoScale(keras.callbacks.Callback):
                 "`gradient_accumulation_steps=k` (the count to start from; 1 is allowed). Received: "
                 f"{type(optimizer).__name__} without gradient accumulation."
             )
-        self._update = autoscale.updates_done(optimizer)
+        self._update = optimizer._setting_numbers().updates
         # "goodput" times the updates only: from this callback's batch begin to its batch end, summed over
         # an update's micro-batches, so that what runs between steps (evaluations in callbacks after this
         # one, epoch ends, backups) is not charged to the next update. The first update of a fit (the
@@ -281,24 +281,29 @@ class AutoScale(keras.callbacks.Callback):
         if self._batch_started is not None:
             self._update_seconds += self._clock() - self._batch_started
             self._batch_started = None
-        update = autoscale.updates_done(optimizer)
-        if update != self._update:
-            seconds = None if self._untimed else self._update_seconds / (update - self._update)
-            self._update, self._update_seconds, self._untimed = update, 0.0, False
+        # One read of the setting after each micro-batch: the update count, S and k (this runs after every
+        # model.fit step, so it is kept to what the decision and the logs need).
+        setting = optimizer._setting_numbers()
+        if setting.updates != self._update:
+            seconds = None if self._untimed else self._update_seconds / (setting.updates - self._update)
+            self._update, self._update_seconds, self._untimed = setting.updates, 0.0, False
             if self.every == "update":
-                self._decide(optimizer, seconds)
+                if self._decide(optimizer, seconds):
+                    setting = optimizer._setting_numbers()
             elif seconds is not None:
-                self.policy.record_time(optimizer.accumulation_steps, seconds)
-        self._log(optimizer, logs)
+                self.policy.record_time(setting.next_steps, seconds)
+        self._log(setting, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.every == "epoch":
             self._decide(_adascale_optimizer(self.model, type(self).__name__), None)
 
     def _decide(self, optimizer, seconds):
+        """Asks the policy; returns whether it changed k."""
         changes = len(self.policy.changes)
         self.policy.step(optimizer, seconds=seconds)
-        if len(self.policy.changes) > changes:
+        changed = len(self.policy.changes) > changes
+        if changed:
             self._untimed = True  # the next update's time may hold a retrace: not timed
         if self.verbose and len(self.policy.changes) > changes:
             change = self.policy.changes[-1]
@@ -308,12 +313,14 @@ class AutoScale(keras.callbacks.Callback):
                 f"{newline}AutoScale: update {change['update']} (tau {change['scale_invariant_iterations']:.0f}): "
                 f"k {change['from_steps']} -> {change['steps']}, S = {change['scale']:g}. {change['reason']}."
             )
+        return changed
 
     def on_epoch_end(self, epoch, logs=None):
-        self._log(_adascale_optimizer(self.model, type(self).__name__), logs)
+        self._log(_adascale_optimizer(self.model, type(self).__name__)._setting_numbers(), logs)
 
     @staticmethod
-    def _log(optimizer, logs):
+    def _log(setting, logs):
+        """S and k of the next update into the logs, from one read of the setting."""
         if logs is not None:
-            logs["scale"] = float(optimizer.scale)
-            logs["accumulation_steps"] = optimizer.accumulation_steps
+            logs["scale"] = setting.next_scale
+            logs["accumulation_steps"] = setting.next_steps

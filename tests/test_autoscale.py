@@ -10,7 +10,7 @@ import pytest
 
 import keras_adascale
 from conftest import BATCH, LeastSquares
-from keras_adascale import autoscale
+from keras_adascale import autoscale, setting
 
 
 def test_budget_picks_the_square_root_of_noise_scale_times_update_cost():
@@ -86,6 +86,11 @@ class FakeOptimizer:
     def set_accumulation_steps(self, steps):
         self.calls.append(steps)
         self.steps = steps
+
+    def _setting_numbers(self):
+        scale = float(self.replicas * self.steps)
+        return setting.ScaleSetting(steps=self.steps, next_steps=self.steps, update_start=0, updates=self.iterations,
+                                    scale=scale, next_scale=scale)
 
 
 def test_the_policy_waits_for_the_warmup_then_decides_every_interval():
