@@ -322,3 +322,19 @@ def test_efficiency_below_the_target_at_every_allowed_count_takes_the_smallest_a
     # b = 0.5 on 2 replicas: even S = 4 (k = 2) is below 0.8; k = 1 is not allowed, so k = 2, not min_steps.
     decision = autoscale.decide(0.5, 4, 2.0, "efficiency", min_steps=1, allowed_steps=[2, 4, 8])
     assert decision.steps == 2
+
+
+def test_every_epoch_decides_only_at_epoch_starts():
+    problem = LeastSquares(num_examples=96 * BATCH, seed=11)
+    model = problem.model()
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="mse")
+    starts = []
+    at_start = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: starts.append(int(optimizer.iterations.numpy())))
+    callback = keras_adascale.AutoScale(every="epoch", interval=0, warmup=0, update_cost=64.0, max_steps=8,
+                                        allowed_steps=[2, 4, 8], verbose=0)
+    model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=3, verbose=0,
+              callbacks=[at_start, callback])
+    assert callback.changes
+    assert all(change["update"] in starts for change in callback.changes)
