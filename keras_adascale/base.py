@@ -183,10 +183,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """
         setting, _ = setting_lib.resolve(self._setting_counters.numpy(), self._setting_scales.numpy(),
                                          self._configuration, setting_lib.NUMBERS)
-        return setting_lib.ScaleSetting(
-            steps=int(setting.steps), next_steps=int(setting.next_steps), update_start=int(setting.update_start),
-            updates=int(setting.updates), scale=float(setting.scale), next_scale=float(setting.next_scale),
-        )
+        return setting_lib.as_numbers(setting)
 
     def _write_setting(self, setting):
         """Eagerly writes `setting` (numbers; from `set_accumulation_steps` / `set_scale`, between steps)."""
@@ -525,29 +522,15 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         super().load_own_variables(store)
 
     def _migrated(self, store):
-        """A 0.2.0 checkpoint's setting in this version's layout (the store as it is for any other).
-
-        0.2.0 kept S of the update in progress and the configured S; this version keeps the next
-        update's S between them (S x next k / k, as 0.2.0 made it when the update completed). Without
-        accumulation 0.2.0 never wrote the update count, which is `_iterations` there.
-        """
-        indices = {id(variable): str(index) for index, variable in enumerate(self.variables)}
-        scales_key, counters_key = indices[id(self._setting_scales)], indices[id(self._setting_counters)]
-        if tuple(store[scales_key].shape) != (2,) or len(setting_lib.SCALES) != 3:
+        """The store with a 0.2.0 setting in this version's layout (`setting.from_0_2_0`), else as it is."""
+        keys = {id(variable): str(index) for index, variable in enumerate(self.variables)}
+        counters_key, scales_key = keys[id(self._setting_counters)], keys[id(self._setting_scales)]
+        migrated = setting_lib.from_0_2_0(np.asarray(store[counters_key]), np.asarray(store[scales_key]),
+                                          int(np.asarray(store[keys[id(self._iterations)]])))
+        if migrated is None:
             return store
-        migrated = {key: np.asarray(store[key]) for key in store.keys()}
-        scale, configured = migrated[scales_key]
-        counters = migrated[counters_key].copy()
-        # 0.2.0 took the next update's S from the count change still pending when the update completed.
-        steps, next_steps = (counters[setting_lib.COUNTERS.index(name)] for name in ("steps", "next_steps"))
-        next_scale = scale * next_steps / steps
-        migrated[scales_key] = np.asarray([scale, next_scale, configured], migrated[scales_key].dtype)
-        if counters[setting_lib.COUNTERS.index("configured_steps")] == 0:
-            iterations = int(migrated[indices[id(self._iterations)]])
-            counters[setting_lib.COUNTERS.index("update_start")] = iterations
-            counters[setting_lib.COUNTERS.index("updates")] = iterations
-        migrated[counters_key] = counters
-        return migrated
+        return {**{key: np.asarray(store[key]) for key in store.keys()}, counters_key: migrated[0],
+                scales_key: migrated[1]}
 
     def get_config(self):
         config = super().get_config()

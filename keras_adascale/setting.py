@@ -161,6 +161,33 @@ def resolve(counters, scales, config, ops):
     ), same
 
 
+def as_numbers(setting):
+    """A `ScaleSetting` of NumPy scalars (as `resolve` gives with `NUMBERS`) as Python ints and floats."""
+    return ScaleSetting(
+        steps=int(setting.steps), next_steps=int(setting.next_steps), update_start=int(setting.update_start),
+        updates=int(setting.updates), scale=float(setting.scale), next_scale=float(setting.next_scale),
+    )
+
+
+def from_0_2_0(counters, scales, iterations):
+    """0.2.0's stored setting in this layout: `(counters, scales)` NumPy arrays, or None if not 0.2.0's.
+
+    0.2.0 kept S of the update in progress and the configured S, and took the next update's S from the
+    count change still pending when the update completed (S x next k / k); this layout keeps that S
+    between them. Without accumulation 0.2.0 never wrote the update count, which is `iterations` there.
+    """
+    if scales.shape != (2,):
+        return None
+    scale, configured = scales
+    counters = counters.copy()
+    steps, next_steps = counters[COUNTERS.index("steps")], counters[COUNTERS.index("next_steps")]
+    scales = np.asarray([scale, scale * next_steps / steps, configured], scales.dtype)
+    if counters[COUNTERS.index("configured_steps")] == 0:
+        counters[COUNTERS.index("update_start")] = iterations
+        counters[COUNTERS.index("updates")] = iterations
+    return counters, scales
+
+
 def values(setting, config, ops, counters_like, scales_like):
     """The two variables' values that hold `setting` made under `config`: `(counters, scales)` lists."""
     counters = [ops.like(value, counters_like) for value in (
