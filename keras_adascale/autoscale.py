@@ -222,7 +222,7 @@ class ScalePolicy:
             (1 / lambda; S* = sqrt(noise scale x update_cost)). Defaults to 1.
         target_efficiency: "efficiency": the least predicted r(S) / S. Defaults to 0.8.
         align: apply a change only at an update boundary where the micro-batches done
-            (`optimizer._iterations`) are a multiple of the new count, waiting for one otherwise: then
+            (where the next update starts) are a multiple of the new count, waiting for one otherwise: then
             epochs whose length every allowed count divides end on update boundaries whatever the
             changes, and a backup at an epoch end resumes exactly (the runner's auto runs).
 
@@ -280,6 +280,7 @@ class ScalePolicy:
         """
         snapshot = optimizer.snapshot()
         steps = snapshot["accumulation_steps"]
+        scale_per_step = snapshot["scale"] / steps  # S keeps its ratio to k through a change
         if seconds is not None:
             self.record_time(steps, seconds)
         tau = snapshot["scale_invariant_iterations"]
@@ -289,9 +290,8 @@ class ScalePolicy:
             self._next_decision = self.warmup if before < self.warmup else self._grid_after(before)
             if self.interval == 0 and before >= self.warmup:
                 self._next_decision = tau
-        if self._apply_pending(optimizer):
-            snapshot = optimizer.snapshot()
-            steps = snapshot["accumulation_steps"]
+        if self._apply_pending(optimizer, tau):
+            steps = self.changes[-1]["steps"]
         if tau < self._next_decision:
             return None
         self._next_decision = self._grid_after(tau)
@@ -307,29 +307,30 @@ class ScalePolicy:
             step_time = fit_step_time(measured)
             assumption = ONE_COUNT_PRIOR if len(measured) == 1 else None
         decision = decide(
-            snapshot["gradient_noise_scale"], steps, snapshot["scale"] / steps, self.objective,
+            snapshot["gradient_noise_scale"], steps, scale_per_step, self.objective,
             min_steps=min(min_steps, self.max_steps), max_steps=self.max_steps, threshold=self.threshold,
             update_cost=self.update_cost, target_efficiency=self.target_efficiency, step_time=step_time,
             allowed_steps=self.allowed_steps, assumption=assumption,
         )
         if decision.changed:
             self._pending = (decision, {"from_steps": steps, "noise_scale": snapshot["gradient_noise_scale"]})
-            self._apply_pending(optimizer)
+            self._apply_pending(optimizer, tau)
         elif self._pending is not None:
             self._pending = None  # the count now preferred is the current one
         return decision
 
-    def _apply_pending(self, optimizer):
-        """Makes the change waiting for alignment where it may be made now; returns whether it did."""
+    def _apply_pending(self, optimizer, tau):
+        """Makes the change waiting for alignment where it may be made now (after an update, at tau); returns
+        whether it did."""
         if self._pending is None:
             return False
         decision, record = self._pending
-        if self.align and int(optimizer._iterations.numpy()) % decision.steps:
+        # After an update, the next one starts at the micro-batches done so far.
+        if self.align and optimizer._setting_numbers().update_start % decision.steps:
             return False
         self._pending = None
         optimizer.set_accumulation_steps(decision.steps)
-        self.changes.append({"update": updates_done(optimizer),
-                             "scale_invariant_iterations": optimizer.snapshot()["scale_invariant_iterations"],
+        self.changes.append({"update": updates_done(optimizer), "scale_invariant_iterations": tau,
                              **record, "steps": decision.steps, "scale": decision.scale,
                              "reason": decision.reason})
         return True

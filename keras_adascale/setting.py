@@ -92,10 +92,6 @@ class _Numbers:
     def logical_and(x, y):
         return bool(x) and bool(y)
 
-    @staticmethod
-    def logical_or(x, y):
-        return bool(x) or bool(y)
-
 
 class _Tensors:
     """The same operations on TensorFlow tensors (graph or eager)."""
@@ -119,10 +115,6 @@ class _Tensors:
     @staticmethod
     def logical_and(x, y):
         return tf.logical_and(x, y)
-
-    @staticmethod
-    def logical_or(x, y):
-        return tf.logical_or(x, y)
 
 
 NUMBERS = _Numbers()

@@ -2,7 +2,6 @@
 callback in `model.fit`."""
 
 import math
-import types
 
 import keras
 import numpy as np
@@ -292,15 +291,14 @@ def test_decisions_come_on_a_grid_of_tau_so_a_policy_made_anew_on_a_resumed_run_
 
 
 class AligningOptimizer(FakeOptimizer):
-    """FakeOptimizer with the micro-batches done, as `optimizer._iterations`."""
+    """FakeOptimizer with the micro-batches done, where its setting says the next update starts."""
 
     def __init__(self, steps):
         super().__init__(steps=steps)
         self.micro_batches = 0
 
-    @property
-    def _iterations(self):
-        return types.SimpleNamespace(numpy=lambda: np.int64(self.micro_batches))
+    def _setting_numbers(self):
+        return super()._setting_numbers()._replace(update_start=self.micro_batches)
 
 
 def test_with_align_a_change_waits_for_a_boundary_where_the_micro_batches_are_a_multiple_of_the_new_count():

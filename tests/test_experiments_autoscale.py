@@ -148,3 +148,13 @@ def test_a_killed_auto_run_resumes_and_ends_where_an_uninterrupted_run_ends(tfds
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]
     assert [row["scale"] for row in rows[1]] == [row["scale"] for row in rows[0]]
     assert len({row["scale"] for row in rows[0]}) > 1  # S changed, also across the kill
+
+
+def test_advise_with_its_default_scales_on_a_run_whose_s_changed(auto_run):
+    # The default path (no --scales): the table's cut below 10% efficiency is taken against the run's mean S.
+    run_dir, _ = auto_run
+    result = keras_adascale("advise", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Recommendation for a fixed S: S = " in " ".join(result.stdout.split())
+    table_scales = re.findall(r"^ *(\S+) +\d+ +[\d,]+ +\d+% ", result.stdout, re.M)
+    assert table_scales[:2] == ["1", "2"] and all(float(scale).is_integer() for scale in table_scales)
