@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras_adascale import distribute, keras_fixes, validation
 from keras_adascale import gain as gain_lib
 from keras_adascale import setting as setting_lib
+from keras_adascale.numerics import NUMBERS, TENSORS
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -156,7 +157,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """`(ScaleSetting, same)` as tensors, from one read of the two variables (see `setting.resolve`)."""
         return setting_lib.resolve(tf.convert_to_tensor(self._setting_counters.value),
                                    tf.convert_to_tensor(self._setting_scales.value),
-                                   self._configuration, setting_lib.TENSORS)
+                                   self._configuration, TENSORS)
 
     def _scale_setting(self):
         """The `setting.ScaleSetting` in effect, as tensors."""
@@ -166,7 +167,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """Writes `setting` (tensors) into its two variables, in cross-replica context."""
 
         def write(counters, setting, scales):
-            counter_values, scale_values = setting_lib.values(setting, self._configuration, setting_lib.TENSORS,
+            counter_values, scale_values = setting_lib.values(setting, self._configuration, TENSORS,
                                                               counters, scales)
             self.assign(counters, tf.stack(counter_values))
             self.assign(scales, tf.stack(scale_values))
@@ -182,12 +183,12 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         ops would cost more than the step of a small model.
         """
         setting, _ = setting_lib.resolve(self._setting_counters.numpy(), self._setting_scales.numpy(),
-                                         self._configuration, setting_lib.NUMBERS)
+                                         self._configuration, NUMBERS)
         return setting_lib.as_numbers(setting)
 
     def _write_setting(self, setting):
         """Eagerly writes `setting` (numbers; from `set_accumulation_steps` / `set_scale`, between steps)."""
-        counters, scales = setting_lib.values(setting, self._configuration, setting_lib.NUMBERS,
+        counters, scales = setting_lib.values(setting, self._configuration, NUMBERS,
                                               self._setting_counters.numpy(), self._setting_scales.numpy())
         self.assign(self._setting_counters, counters)
         self.assign(self._setting_scales, scales)
@@ -408,7 +409,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """Every statistic of the last update as Python numbers, from one read of the state.
 
         Eager only (it calls `.numpy()`): for callbacks and logging, which
-        would otherwise read the state once per property.
+        would otherwise read the state once per property. The statistics are
+        computed from the read values with NumPy (the same functions of `gain`
+        as the compiled step, over `numerics.NUMBERS`): callbacks call this
+        after every batch, where eager TensorFlow ops would cost a millisecond.
 
         Returns:
             A dict with `gain`, `scale_invariant_iterations`, `effective_learning_rate`,
@@ -417,24 +421,32 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             `accumulation_steps` (k) and `scaling_efficiency` (the predicted gain at that S over
             S; the last update's gain / S while S is unchanged), all three of the next update.
         """
-        state = self._read_state()
+        state = self._state_numbers()
         setting = self._setting_numbers()
-        variance, sqr_norm = self._moments(state)
+        variance, sqr_norm = gain_lib.corrected_moments(
+            state.variance_average, state.sqr_norm_average, state.average_weight, NUMBERS)
         scale = setting.next_scale
-        predicted = gain_lib.gain_ratio(variance, sqr_norm, tf.constant(scale, variance.dtype))
-        gain = float(state.gain.numpy())
+        predicted = gain_lib.gain_ratio(variance, sqr_norm, NUMBERS.like(scale, variance), NUMBERS)
         return {
-            "gain": gain,
-            "scale_invariant_iterations": float(state.tau_whole.numpy()) + float(state.tau_fraction.numpy()),
-            "effective_learning_rate": float(state.effective_learning_rate.numpy()),
-            "skipped_updates": int(state.skipped_updates.numpy()),
-            "gradient_variance": float(variance.numpy()),
-            "gradient_sqr_norm": float(sqr_norm.numpy()),
-            "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm).numpy()),
-            "scaling_efficiency": float(predicted.numpy()) / scale,
+            "gain": float(state.gain),
+            "scale_invariant_iterations": float(state.tau_whole) + float(state.tau_fraction),
+            "effective_learning_rate": float(state.effective_learning_rate),
+            "skipped_updates": int(state.skipped_updates),
+            "gradient_variance": float(variance),
+            "gradient_sqr_norm": float(sqr_norm),
+            "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm, NUMBERS)),
+            "scaling_efficiency": float(predicted) / scale,
             "scale": scale,
             "accumulation_steps": setting.next_steps,
         }
+
+    def _state_numbers(self):
+        """The `gain.AdaScaleState` as NumPy scalars, from one `.numpy()` of each state variable (eager)."""
+        fields = dict(zip(_FLOAT_FIELDS, self._state_floats.numpy()))
+        fields.update(zip(_COUNTER_FIELDS, self._state_counters.numpy()))
+        for name in _FLOAT32_FIELDS:
+            fields[name] = np.float32(fields[name])
+        return gain_lib.AdaScaleState(**fields)
 
     def _corrected_moments(self):
         """(sigma^2, mu^2): the bias-corrected averages clipped at 0, from one read of the state."""

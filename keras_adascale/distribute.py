@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from keras_adascale import gain as gain_lib
 from keras_adascale import setting as setting_lib
+from keras_adascale.numerics import TENSORS
 
 # A float64 sum of squares travels inside the float32 gradients' all-reduce as two float32
 # words scaled by these powers of two: the first keeps its precision down to ~1e-68, the
@@ -237,7 +238,7 @@ class AdaScaleMechanics:
 
     def _next_setting(self, setting):
         """The setting after the update in progress completes: its pending count and S take effect."""
-        return setting_lib.complete(setting, self._micro_step(), setting_lib.TENSORS)
+        return setting_lib.complete(setting, self._micro_step(), TENSORS)
 
     def _statistic_gradients(self, grads, variables):
         """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
@@ -336,7 +337,7 @@ class AdaScaleMechanics:
             mean_sqr_norm = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
-        scale = tf.cast(setting_lib.update_scale(setting, micro_batches, setting_lib.TENSORS), dtype)
+        scale = tf.cast(setting_lib.update_scale(setting, micro_batches, TENSORS), dtype)
         state, finite = self._state_step(
             self._read_state(),
             sample_sqr_norm_sum,

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from keras_adascale.numerics import TENSORS
+
 # Below this, float32 squares may have lost precision (squares under ~1e-38 are
 # subnormal or zero): the sum is redone in float64.
 _SMALLEST_FAST_SUM = 1e-20
@@ -138,7 +140,7 @@ def moving_average(average, value, smoothing):
     return smoothing * average + (1.0 - smoothing) * value
 
 
-def corrected_moments(variance_average, sqr_norm_average, average_weight):
+def corrected_moments(variance_average, sqr_norm_average, average_weight, ops=TENSORS):
     """(sigma2, mu2) as read from the moving averages: bias-corrected, then clipped at 0.
 
     The averages hold raw, unbiased estimates (see `gradient_moments`); the
@@ -149,22 +151,24 @@ def corrected_moments(variance_average, sqr_norm_average, average_weight):
         variance_average: running (uncorrected) average of the sigma2 estimates.
         sqr_norm_average: running (uncorrected) average of the mu2 estimates.
         average_weight: the same average of 1 (`1 - theta^t`), the bias correction.
+        ops: `numerics.TENSORS` (the default) for tensors, `numerics.NUMBERS` for NumPy scalars.
 
     Returns:
         `(gradient_variance, gradient_sqr_norm)`, scalars >= 0 of the averages' dtype.
     """
-    zero = tf.zeros_like(variance_average)
-    return (tf.maximum(tf.math.divide_no_nan(variance_average, average_weight), zero),
-            tf.maximum(tf.math.divide_no_nan(sqr_norm_average, average_weight), zero))
+    zero = ops.like(0.0, variance_average)
+    return (ops.maximum(ops.divide_no_nan(variance_average, average_weight), zero),
+            ops.maximum(ops.divide_no_nan(sqr_norm_average, average_weight), zero))
 
 
-def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
+def gain_ratio(gradient_variance, gradient_sqr_norm, scale, ops=TENSORS):
     """The AdaScale gain `r = (sigma2 + mu2) / (sigma2 / S + mu2)`, in [1, S].
 
     Args:
         gradient_variance: sigma2 estimate (>= 0).
         gradient_sqr_norm: mu2 estimate (>= 0).
-        scale: S >= 1.
+        scale: S >= 1, of the estimates' dtype.
+        ops: `numerics.TENSORS` (the default) or `numerics.NUMBERS`.
 
     Returns:
         The gain, 1 where both estimates are 0.
@@ -174,12 +178,12 @@ def gain_ratio(gradient_variance, gradient_sqr_norm, scale):
     """
     total = gradient_variance + gradient_sqr_norm
     denominator = gradient_variance / scale + gradient_sqr_norm
-    safe_denominator = tf.where(total > 0.0, denominator, tf.ones_like(total))
-    ratio = tf.where(total > 0.0, total / safe_denominator, tf.ones_like(total))
-    return tf.clip_by_value(ratio, 1.0, scale)
+    one = ops.like(1.0, total)
+    ratio = ops.where(total > 0.0, total / ops.where(total > 0.0, denominator, one), one)
+    return ops.minimum(ops.maximum(ratio, one), scale)
 
 
-def noise_scale(gradient_variance, gradient_sqr_norm):
+def noise_scale(gradient_variance, gradient_sqr_norm, ops=TENSORS):
     """The simple gradient noise scale `sigma2 / mu2` (McCandlish et al., 2018, B_simple).
 
     In the units of sigma2's batch: baseline batches here. 0 where both are 0,
@@ -188,15 +192,16 @@ def noise_scale(gradient_variance, gradient_sqr_norm):
     Args:
         gradient_variance: sigma2 estimate (>= 0).
         gradient_sqr_norm: mu2 estimate (>= 0), same dtype.
+        ops: `numerics.TENSORS` (the default) or `numerics.NUMBERS`.
 
     Returns:
         A scalar of the same dtype.
     """
-    infinite = tf.constant(float("inf"), gradient_variance.dtype)
-    return tf.where(
+    return ops.where(
         gradient_sqr_norm > 0.0,
-        tf.math.divide_no_nan(gradient_variance, gradient_sqr_norm),
-        tf.where(gradient_variance > 0.0, infinite, tf.zeros_like(gradient_variance)),
+        ops.divide_no_nan(gradient_variance, gradient_sqr_norm),
+        ops.where(gradient_variance > 0.0, ops.like(float("inf"), gradient_variance),
+                  ops.like(0.0, gradient_variance)),
     )
 
 

@@ -4,8 +4,8 @@ An AdaScale optimizer keeps its setting in two variables: the counters (int64) a
 (statistics dtype). This module owns their layout, the rule that reads them (`resolve`) and every
 transition (`change_steps`, `change_scale`, `complete`). Each function is written once, over either
 Python/NumPy numbers (callbacks read the setting after every batch, where a dozen eager TensorFlow
-ops would cost more than a small model's step) or tensors (the compiled step), through `NUMBERS` or
-`TENSORS`: so the eager view and the compiled step cannot disagree.
+ops would cost more than a small model's step) or tensors (the compiled step), through
+`numerics.NUMBERS` or `numerics.TENSORS`: so the eager view and the compiled step cannot disagree.
 
 The setting describes two updates: the one in progress (`steps`, `scale`) and the ones after it
 (`next_steps`, `next_scale`). A change made between two micro-batches of one update waits for that
@@ -20,7 +20,8 @@ at least k micro-batches, as the mean of all it holds, at S in the configured ra
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow as tf
+
+from keras_adascale.numerics import NUMBERS, TENSORS  # noqa: F401 (the `ops` of the functions below)
 
 # The layout of the two variables. The configuration the setting was made under is stored with it, so
 # that a restore into an optimizer made with another one is recognized.
@@ -70,55 +71,6 @@ class ScaleSetting(NamedTuple):
     updates: object
     scale: object
     next_scale: object
-
-
-class _Numbers:
-    """The operations `resolve` and the transitions need, on Python and NumPy numbers."""
-
-    @staticmethod
-    def where(condition, x, y):
-        return x if condition else y
-
-    @staticmethod
-    def all_equal(xs, ys):
-        return bool(np.all(np.asarray(xs) == np.asarray(ys)))
-
-    @staticmethod
-    def like(value, reference):
-        """`value` in the dtype of `reference` (a stored NumPy scalar or array)."""
-        return np.asarray(value, dtype=np.asarray(reference).dtype)[()]
-
-    @staticmethod
-    def logical_and(x, y):
-        return bool(x) and bool(y)
-
-
-class _Tensors:
-    """The same operations on TensorFlow tensors (graph or eager)."""
-
-    @staticmethod
-    def where(condition, x, y):
-        return tf.where(condition, x, y)
-
-    @staticmethod
-    def all_equal(xs, ys):
-        return tf.reduce_all(tf.equal(xs, ys))
-
-    @staticmethod
-    def like(value, reference):
-        dtype = tf.as_dtype(reference.dtype)
-        if tf.is_tensor(value):
-            return tf.cast(value, dtype)
-        # Not tf.cast: it would take a Python float through float32 (1.1 -> 1.100000023841858 in float64).
-        return tf.constant(np.asarray(value, dtype.as_numpy_dtype))
-
-    @staticmethod
-    def logical_and(x, y):
-        return tf.logical_and(x, y)
-
-
-NUMBERS = _Numbers()
-TENSORS = _Tensors()
 
 
 def initial_values(config):

@@ -143,18 +143,28 @@ def test_scale_study_report_on_an_empty_folder_says_nothing_is_finished(tmp_path
 
 
 def test_advice_check_quick_compares_predicted_with_actual_updates(tfds_data_dir, tmp_path):
-    summary = run_benchmark(["advice_check.py", "--quick", "--scales", "2,4", "--from-scale", "2",
+    summary = run_benchmark(["advice_check.py", "--quick", "--scales", "2,4", "--from-scale", "2", "--seeds", "0,1",
                              "--set", "total_steps=30", "--set", f"dataset.data_dir={tfds_data_dir}",
                              "--set", "dataset.train_split=train[:2%]", "--set", "dataset.test_split=test[:5%]",
                              "--output-dir", str(tmp_path)], tmp_path)
-    rows = {row["scale"]: row for row in summary["results"]}
-    assert sorted(rows) == [2, 4]
-    own = rows[2]  # the predicting run replays its own count
-    assert abs(own["predicted_updates"] - own["actual_updates"]) <= max(1, 0.02 * own["actual_updates"])
-    for row in rows.values():
-        assert 30 / row["scale"] <= row["predicted_updates"] <= 30
-        assert row["error"] == row["predicted_updates"] / row["actual_updates"] - 1
-    assert (tmp_path / "advice_check" / "advice_check.png").stat().st_size > 0
+    assert [seed["seed"] for seed in summary["seeds"]] == [0, 1]
+    for seed, folder in zip(summary["seeds"], ("advice_check", "advice_check_seed1")):
+        rows = {row["scale"]: row for row in seed["results"]}
+        assert sorted(rows) == [2, 4]
+        own = rows[2]  # the predicting run replays its own count
+        assert abs(own["predicted_updates"] - own["actual_updates"]) <= max(1, 0.02 * own["actual_updates"])
+        for row in rows.values():
+            assert 30 / row["scale"] <= row["predicted_updates"] <= 30
+            assert row["error"] == row["predicted_updates"] / row["actual_updates"] - 1
+        assert (tmp_path / folder / "advice_check.png").stat().st_size > 0
+        # each seed in its own folder, trained with that seed
+        assert json.loads((tmp_path / folder / "adascale_s2" / "config.json").read_text())["seed"] == seed["seed"]
+    # Each S's error over the seeds: their mean and range.
+    for row in summary["across_seeds"]:
+        errors = [r["error"] for seed in summary["seeds"] for r in seed["results"] if r["scale"] == row["scale"]]
+        assert row["seeds"] == 2
+        assert row["mean_error"] == pytest.approx(sum(errors) / 2)
+        assert (row["min_error"], row["max_error"]) == (min(errors), max(errors))
 
 
 def test_scale_study_quick_adam_family_prints_every_method(tfds_data_dir, tmp_path):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_adascale import gain
+from keras_adascale.numerics import NUMBERS
 from reference import AdaScaleReference, gain_statistics
 
 
@@ -319,3 +320,27 @@ def test_the_optimizers_math_reads_the_reference_noise_scale_from_raw_averages()
         *state, _ = gain.update_gain(f64(np.sum(samples**2)), f64(mean @ mean), f64(2.0), f64(2.0), f64(0.9), *state)
     variance, sqr_norm = gain.corrected_moments(*state)
     assert float(gain.noise_scale(variance, sqr_norm)) == pytest.approx(reference.noise_scale(), rel=1e-10)
+
+
+finite = st.floats(-1e30, 1e30, allow_nan=False, allow_subnormal=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([np.float32, np.float64]), finite, finite,
+       st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), st.floats(1.0, 64.0))
+def test_the_statistics_read_with_numpy_equal_the_tensor_ones(dtype, variance_average, sqr_norm_average,
+                                                              average_weight, scale):
+    """`snapshot` reads the averages with NumPy (`numerics.NUMBERS`); the compiled step and the tensor
+    properties with TensorFlow: the same functions, so the same numbers, in float32 (TPU) and float64."""
+    numbers = [dtype(value) for value in (variance_average, sqr_norm_average, average_weight, scale)]
+    tensors = [tf.constant(value) for value in numbers]
+    with np.errstate(over="ignore"):  # float32 sums of 1e30-sized values overflow to inf in both
+        variance, sqr_norm = gain.corrected_moments(*numbers[:3], ops=NUMBERS)
+        read = [variance, sqr_norm, gain.gain_ratio(variance, sqr_norm, numbers[3], ops=NUMBERS),
+                gain.noise_scale(variance, sqr_norm, ops=NUMBERS)]
+    variance, sqr_norm = gain.corrected_moments(*tensors[:3])
+    expected = [variance, sqr_norm, gain.gain_ratio(variance, sqr_norm, tensors[3]),
+                gain.noise_scale(variance, sqr_norm)]
+    for name, value, tensor in zip(("sigma2", "mu2", "gain", "noise scale"), read, expected):
+        assert np.asarray(value).dtype == dtype, name
+        np.testing.assert_array_equal(value, tensor.numpy(), err_msg=name)

@@ -1,0 +1,89 @@
+"""Two namespaces of the few operations that AdaScale's small scalar functions need.
+
+`NUMBERS` works on Python and NumPy numbers, eagerly and at the cost of Python arithmetic; `TENSORS`
+on TensorFlow tensors (graph or eager). A function written once over an `ops` argument (the scale
+setting's transitions in `setting`, the statistics read from the moving averages in `gain`) then
+gives the compiled step and the eager view the same numbers: callbacks read them after every batch,
+where a dozen eager TensorFlow ops would cost more than a small model's step.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+class _Numbers:
+    """The operations on Python and NumPy scalars (and, for `all_equal`, arrays).
+
+    A Python number mixed into NumPy scalar arithmetic may promote float32 to float64 (NumPy 1.x's
+    value-based casting): constants go through `like`.
+    """
+
+    @staticmethod
+    def where(condition, x, y):
+        return x if condition else y
+
+    @staticmethod
+    def all_equal(xs, ys):
+        return bool(np.all(np.asarray(xs) == np.asarray(ys)))
+
+    @staticmethod
+    def like(value, reference):
+        """`value` in the dtype of `reference` (a stored NumPy scalar or array)."""
+        return np.asarray(value, dtype=np.asarray(reference).dtype)[()]
+
+    @staticmethod
+    def logical_and(x, y):
+        return bool(x) and bool(y)
+
+    @staticmethod
+    def maximum(x, y):
+        return np.maximum(x, y)
+
+    @staticmethod
+    def minimum(x, y):
+        return np.minimum(x, y)
+
+    @staticmethod
+    def divide_no_nan(x, y):
+        """x / y, and 0 where y is 0 (as `tf.math.divide_no_nan`), in x's dtype."""
+        return x / y if y != 0 else np.zeros_like(x)
+
+
+class _Tensors:
+    """The same operations on TensorFlow tensors (graph or eager)."""
+
+    @staticmethod
+    def where(condition, x, y):
+        return tf.where(condition, x, y)
+
+    @staticmethod
+    def all_equal(xs, ys):
+        return tf.reduce_all(tf.equal(xs, ys))
+
+    @staticmethod
+    def like(value, reference):
+        dtype = tf.as_dtype(reference.dtype)
+        if tf.is_tensor(value):
+            return tf.cast(value, dtype)
+        # Not tf.cast: it would take a Python float through float32 (1.1 -> 1.100000023841858 in float64).
+        return tf.constant(np.asarray(value, dtype.as_numpy_dtype))
+
+    @staticmethod
+    def logical_and(x, y):
+        return tf.logical_and(x, y)
+
+    @staticmethod
+    def maximum(x, y):
+        return tf.maximum(x, y)
+
+    @staticmethod
+    def minimum(x, y):
+        return tf.minimum(x, y)
+
+    @staticmethod
+    def divide_no_nan(x, y):
+        return tf.math.divide_no_nan(x, y)
+
+
+NUMBERS = _Numbers()
+TENSORS = _Tensors()
