@@ -224,7 +224,9 @@ class ScalePolicy:
         align: apply a change only at an update boundary where the micro-batches done
             (where the next update starts) are a multiple of the new count, waiting for one otherwise: then
             epochs whose length every allowed count divides end on update boundaries whatever the
-            changes, and a backup at an epoch end resumes exactly (the runner's auto runs).
+            changes, and a backup at an epoch end resumes exactly (the runner's auto runs). Where no
+            such boundary can come (micro-batches done off every multiple of gcd(k, new k), as in a
+            custom loop that started with a partial update), the change is made at once.
 
     Decisions come where tau crosses `warmup + j x interval`, a grid fixed by tau alone: when `step` runs
     after every update (as `AutoScale(every="update")` calls it), a policy made anew on a resumed run
@@ -325,8 +327,12 @@ class ScalePolicy:
         if self._pending is None:
             return False
         decision, record = self._pending
-        # After an update, the next one starts at the micro-batches done so far.
-        if self.align and optimizer._setting_numbers().update_start % decision.steps:
+        # After an update, the next one starts at the micro-batches done so far, which grow by the current
+        # count k per update: a multiple of the new count k' comes only if gcd(k, k') divides them (a custom
+        # loop may start its updates off that lattice). Where none ever comes, the change is made now.
+        setting = optimizer._setting_numbers()
+        if (self.align and setting.update_start % decision.steps
+                and not setting.update_start % math.gcd(setting.steps, decision.steps)):
             return False
         self._pending = None
         optimizer.set_accumulation_steps(decision.steps)

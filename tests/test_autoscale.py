@@ -316,6 +316,17 @@ def test_with_align_a_change_waits_for_a_boundary_where_the_micro_batches_are_a_
     assert optimizer.calls == [8] and policy.changes[0]["update"] == 3 and policy.changes[0]["from_steps"] == 2
 
 
+def test_with_align_a_change_that_no_boundary_can_align_is_made_at_once():
+    # A custom loop whose updates of 2 started after one odd micro-batch: the micro-batches done stay odd,
+    # so no boundary is ever a multiple of 8 (or of 4): waiting would wait forever.
+    optimizer = AligningOptimizer(steps=2)
+    policy = autoscale.ScalePolicy(warmup=0, interval=0, update_cost=64.0, align=True, max_steps=8,
+                                   min_steps=2)
+    optimizer.micro_batches, optimizer.iterations = 3, 1
+    policy.step(optimizer)
+    assert optimizer.calls == [8] and policy.changes[0]["update"] == 1
+
+
 def test_efficiency_below_the_target_at_every_allowed_count_takes_the_smallest_allowed_one():
     # b = 0.5 on 2 replicas: even S = 4 (k = 2) is below 0.8; k = 1 is not allowed, so k = 2, not min_steps.
     decision = autoscale.decide(0.5, 4, 2.0, "efficiency", min_steps=1, allowed_steps=[2, 4, 8])
