@@ -256,6 +256,7 @@ class ScalePolicy:
         self._seconds = {}  # k -> [total seconds, updates]
         self._next_decision = None
         self._pending = None  # (Decision, the change's record) waiting for an aligned boundary
+        self._last_read = None  # (tau, updates, S) at the last read of the statistics, for `_step`
 
     def record_time(self, steps, seconds):
         """Adds one update's wall time at `steps` micro-batches (for "goodput")."""
@@ -280,7 +281,28 @@ class ScalePolicy:
 
         Returns the `Decision` made now, or None.
         """
+        return self._step(optimizer, seconds, None)
+
+    def _step(self, optimizer, seconds, setting):
+        """`step`, given the optimizer's setting as just read after the update (`AutoScale` reads it anyway).
+
+        With it, the statistics are read only where a decision may be due or a change waits: tau grows
+        by at most S per update (the gain is clipped at S), so until the last tau read plus S per update
+        since reaches the next decision, no read can find one. A read costs more than a small model's
+        share of an update on a CPU.
+        """
+        if setting is not None and self._pending is None and self._last_read is not None:
+            tau, updates, scale = self._last_read
+            # A hair above S per update: the float32 gain of an S that float32 cannot hold may round up.
+            reach = tau + (setting.updates - updates) * max(scale, setting.scale, setting.next_scale) * (1.0 + 1e-6)
+            if reach < self._next_decision:
+                if seconds is not None:
+                    self.record_time(setting.next_steps, seconds)
+                return None
         snapshot = optimizer.snapshot()
+        if setting is not None:
+            self._last_read = (snapshot["scale_invariant_iterations"], setting.updates,
+                               max(setting.scale, setting.next_scale))
         steps = snapshot["accumulation_steps"]
         scale_per_step = snapshot["scale"] / steps  # S keeps its ratio to k through a change
         if seconds is not None:

@@ -207,7 +207,10 @@ class AutoScale(keras.callbacks.Callback):
     Adds `scale` and `accumulation_steps` to the batch and epoch logs (the
     progress bar, `History`, and TensorBoard when `keras.callbacks.TensorBoard`
     comes after it), prints each change once with its reason (`verbose=1`),
-    and keeps them in `changes`. The optimizer must be made with
+    and keeps them in `changes`. To cost little per step, it reads the
+    optimizer where an update completes (not after every micro-batch), and
+    its statistics only where a decision may be due: a change that another
+    callback makes shows in the logs from the next completed update. The optimizer must be made with
     `gradient_accumulation_steps` (the count to start from, 1 allowed).
 
     Args:
@@ -264,7 +267,13 @@ class AutoScale(keras.callbacks.Callback):
                 "`gradient_accumulation_steps=k` (the count to start from; 1 is allowed). Received: "
                 f"{type(optimizer).__name__} without gradient accumulation."
             )
-        self._update = optimizer._setting_numbers().updates
+        self._setting = optimizer._setting_numbers()
+        self._update = self._setting.updates
+        # The setting is read where an update completes, not after every micro-batch: after a completed
+        # update the next one holds `steps` micro-batches (a change made mid-update waits for the next
+        # one), so it is read again after that many. Until the first completion is seen (a fit may start
+        # in the middle of an update), and after a change, after every micro-batch.
+        self._until_read = 1
         # "goodput" times the updates only: from this callback's batch begin to its batch end, summed over
         # an update's micro-batches, so that what runs between steps (evaluations in callbacks after this
         # one, epoch ends, backups) is not charged to the next update. The first update of a fit (the
@@ -281,27 +290,35 @@ class AutoScale(keras.callbacks.Callback):
         if self._batch_started is not None:
             self._update_seconds += self._clock() - self._batch_started
             self._batch_started = None
-        # One read of the setting after each micro-batch: the update count, S and k (this runs after every
-        # model.fit step, so it is kept to what the decision and the logs need).
+        self._until_read -= 1
+        if self._until_read > 0:  # in the middle of an update: nothing read, the update's S and k logged
+            self._log(self._setting, logs)
+            return
         setting = optimizer._setting_numbers()
+        self._until_read = 1
         if setting.updates != self._update:
             seconds = None if self._untimed else self._update_seconds / (setting.updates - self._update)
             self._update, self._update_seconds, self._untimed = setting.updates, 0.0, False
+            self._until_read = setting.steps
             if self.every == "update":
-                if self._decide(optimizer, seconds):
+                if self._decide(optimizer, seconds, setting):
                     setting = optimizer._setting_numbers()
+                    self._until_read = 1
             elif seconds is not None:
                 self.policy.record_time(setting.next_steps, seconds)
+        self._setting = setting
         self._log(setting, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.every == "epoch":
-            self._decide(_adascale_optimizer(self.model, type(self).__name__), None)
+            optimizer = _adascale_optimizer(self.model, type(self).__name__)
+            if self._decide(optimizer, None):
+                self._setting, self._until_read = optimizer._setting_numbers(), 1
 
-    def _decide(self, optimizer, seconds):
-        """Asks the policy; returns whether it changed k."""
+    def _decide(self, optimizer, seconds, setting=None):
+        """Asks the policy (with the setting just read after an update, if any); returns whether it changed k."""
         changes = len(self.policy.changes)
-        self.policy.step(optimizer, seconds=seconds)
+        self.policy._step(optimizer, seconds, setting)
         changed = len(self.policy.changes) > changes
         if changed:
             self._untimed = True  # the next update's time may hold a retrace: not timed
@@ -316,7 +333,8 @@ class AutoScale(keras.callbacks.Callback):
         return changed
 
     def on_epoch_end(self, epoch, logs=None):
-        self._log(_adascale_optimizer(self.model, type(self).__name__)._setting_numbers(), logs)
+        self._setting = _adascale_optimizer(self.model, type(self).__name__)._setting_numbers()
+        self._log(self._setting, logs)
 
     @staticmethod
     def _log(setting, logs):

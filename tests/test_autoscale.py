@@ -347,3 +347,64 @@ def test_every_epoch_decides_only_at_epoch_starts():
               callbacks=[at_start, callback])
     assert callback.changes
     assert all(change["update"] in starts for change in callback.changes)
+
+
+def test_given_the_setting_the_policy_reads_the_statistics_only_where_a_decision_may_be_due_and_decides_the_same():
+    # tau grows by the gain, at most S, per update: reading only where the last tau read plus S per update
+    # since may reach the next decision point finds every decision that reading after every update finds.
+    rng = np.random.default_rng(3)
+    gains = rng.uniform(1.0, 2.0, size=400)
+    gains[::37] = 2.0  # updates at the ceiling, where the bound is tight
+
+    def run(given_setting):
+        optimizer = FakeOptimizer(steps=2)
+        reads = []
+        snapshot = optimizer.snapshot
+        optimizer.snapshot = lambda: reads.append(optimizer.tau) or snapshot()
+        policy = autoscale.ScalePolicy(interval=7.5, warmup=20.0, threshold=1e9)  # decisions, no changes
+        decided = []
+        for gain in gains:
+            optimizer.gain, optimizer.tau, optimizer.iterations = gain, optimizer.tau + gain, optimizer.iterations + 1
+            if given_setting:
+                decision = policy._step(optimizer, None, optimizer._setting_numbers())
+            else:
+                decision = policy.step(optimizer)
+            if decision is not None:
+                decided.append(optimizer.iterations)
+        return decided, reads
+
+    every_update, reads_every_update = run(given_setting=False)
+    bounded, reads_bounded = run(given_setting=True)
+    assert len(every_update) > 40
+    assert bounded == every_update
+    assert len(reads_every_update) == len(gains)
+    assert len(reads_bounded) < len(gains) / 2
+
+
+def test_in_fit_autoscale_reads_the_optimizer_once_per_update_and_its_statistics_only_where_a_decision_may_be_due():
+    problem = LeastSquares(num_examples=96 * BATCH, seed=11)
+    model = problem.model()
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=4)
+    model.compile(optimizer=optimizer, loss="mse")
+    counts = {"_setting_numbers": 0, "snapshot": 0}
+    for name in counts:
+        method = getattr(optimizer, name)
+
+        def counted(method=method, name=name):
+            counts[name] += 1
+            return method()
+
+        setattr(optimizer, name, counted)
+    callback = keras_adascale.AutoScale(interval=1e6, warmup=1e6, max_steps=4, verbose=0)  # no decision due
+    history = model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=2, verbose=0,
+                        callbacks=[callback])
+    updates = int(optimizer.iterations.numpy())
+    assert updates == 2 * 96 // 4
+    # the first update's statistics (where the bound starts from), and none after
+    assert counts["snapshot"] == 1
+    # At train begin (the count it starts from, and the setting); after each micro-batch until the first
+    # update is seen complete (a fit may start in the middle of one); then after each update, at each
+    # epoch end, and inside the one snapshot.
+    assert counts["_setting_numbers"] == 2 + (4 - 1) + updates + 2 + 1
+    # every micro-batch's logs still carry S and k
+    assert history.history["accumulation_steps"] == [4, 4]

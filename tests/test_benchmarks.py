@@ -263,3 +263,14 @@ def test_autoscale_study_bound_on_synthetic_statistics(monkeypatch):
                                 max_scale=32)
     assert bound["lambda"] is None and bound["examples"] == pytest.approx(100)
     assert bound["updates"] == pytest.approx(50 + 50 / 32) and bound["scale_mean"] == pytest.approx(16.5)
+
+
+def test_auto_overhead_quick_prints_the_side_by_side_ratio_and_autoscales_own_time(tmp_path):
+    summary = run_benchmark(["auto_overhead.py", "--quick", "--windows", "2", "--steps", "6"], tmp_path)
+    assert summary["windows"] == 2 and summary["micro_batches_per_window"] == 6
+    assert summary["ratio_q1"] <= summary["ratio_median"] <= summary["ratio_q3"]
+    assert summary["fixed_ms_per_update"] > 0 and summary["auto_ms_per_update"] > 0
+    assert 0 < summary["autoscale_hooks_ms_per_update"] < summary["auto_ms_per_update"]
+    assert summary["changes"] == 0  # one count allowed: nothing changes
+    # the warm-up's two fits and the timed windows, 3 updates each
+    assert summary["updates"] == (2 + 2 * 2) * 3

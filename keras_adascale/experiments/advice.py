@@ -17,8 +17,8 @@ CRITICAL_EFFICIENCY = 0.5
 # almost no fewer updates, and the rows would only repeat that.
 NEGLIGIBLE_EFFICIENCY = 0.1
 # How far the replay is known to be pessimistic (docs/benchmarks.md, sections 3 and 6): from an S = 4 MNIST run it
-# predicted 46% more updates than real runs took at S = 16 and 93% more at S = 32 (the noise scale a
-# run measures grows with its own S). Rows at this multiple of the run's S or more carry the warning.
+# predicted 40% more updates than real runs took at S = 16 and 80% more at S = 32 (means over 3 seeds; the
+# noise scale a run measures grows with its own S). Rows at this multiple of the run's S or more carry the warning.
 PESSIMISTIC_FROM = 4
 
 
@@ -284,7 +284,7 @@ def table(advice):
         lines.append(_paragraph(
             f"CONSERVATIVE at S >= {min(far):g}: the noise scale a run measures grows with its own S, so runs "
             f"far above S = {scale_text(advice.scale)} need fewer updates than these rows say (measured on MNIST from an "
-            "S = 4 run: +46% too many predicted at S = 16, +93% at S = 32; docs/benchmarks.md, section 6). "
+            "S = 4 run, 3 seeds: +40% too many predicted at S = 16, +80% at S = 32; docs/benchmarks.md, section 6). "
             "Train a short run at a larger S and advise from it to check."))
     best, reason = advice.recommendation()
     fixed = " for a fixed S" if advice.auto else ""
