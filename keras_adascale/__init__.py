@@ -1,4 +1,4 @@
-"""AdaScale SGD (Johnson et al., ICML 2020) and AdaScaleAdam for Keras 3 and tf.distribute."""
+"""AdaScale SGD (Johnson et al., ICML 2020) and AdaScaleAdam for Keras 3: TensorFlow (with tf.distribute), JAX, PyTorch."""
 
 import importlib
 import os
@@ -28,35 +28,54 @@ if TYPE_CHECKING:  # what __getattr__ provides, for static tools: type checkers,
     from keras_adascale.schedules import ScaleInvariantSchedule
 
 
+# The Keras backends the optimizers and callbacks run on; what is TensorFlow's alone (tf.distribute,
+# `enable_multi_worker_fit`, the experiment runner) needs TensorFlow.
+BACKENDS = ("tensorflow", "jax", "torch")
+_TENSORFLOW_ONLY = {"enable_multi_worker_fit"}
+
+
 def __getattr__(name):
     if name not in _MODULES:
         raise AttributeError(f"module 'keras_adascale' has no attribute '{name}'")
-    _require_tensorflow_backend()
+    if name in _TENSORFLOW_ONLY:
+        _require_tensorflow_backend(f"`keras_adascale.{name}` patches Keras's TensorFlow trainer for tf.distribute")
+    else:
+        _require_backend(BACKENDS, "keras_adascale needs Keras's TensorFlow, JAX or PyTorch backend")
     value = getattr(importlib.import_module(_MODULES[name]), name)
     globals()[name] = value
     return value
 
 
-def _require_tensorflow_backend():
+def _require_tensorflow_backend(requirement=None):
     """Raises ImportError unless Keras runs on TensorFlow, before any TensorFlow-specific module loads."""
-    requirement = (
-        "keras_adascale needs Keras's TensorFlow backend: its optimizers are built on TensorFlow and tf.distribute"
-    )
+    _require_backend(("tensorflow",), requirement or (
+        "keras_adascale needs Keras's TensorFlow backend here: the experiment runner is built on TensorFlow, "
+        "tf.data and tf.distribute"))
+
+
+def _require_backend(backends, requirement):
+    """Raises ImportError unless Keras runs on one of `backends`, naming the one it runs on."""
+    wanted = " or ".join(f"KERAS_BACKEND={name}" for name in backends)
     try:
         import keras
     except (ImportError, ValueError) as error:  # Keras raises ValueError for an unknown backend name
         configured = os.environ.get("KERAS_BACKEND", "")
         if configured in ("", "tensorflow"):
             raise
+        if configured in backends:
+            raise ImportError(
+                f"KERAS_BACKEND={configured}, which Keras could not load ({error}). Install it with "
+                f"pip install 'keras-adascale[{configured}]'."
+            ) from error
         raise ImportError(
             f"{requirement}, but KERAS_BACKEND={configured}, which Keras could not load ({error}). "
-            "Set KERAS_BACKEND=tensorflow."
+            f"Set {wanted}."
         ) from error
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in backends:
         raise ImportError(
             f"{requirement}, but Keras runs on its {backend!r} backend (from KERAS_BACKEND or "
-            "~/.keras/keras.json). Set KERAS_BACKEND=tensorflow before Keras is first imported."
+            f"~/.keras/keras.json). Set {wanted} before Keras is first imported."
         )
 
 
@@ -80,4 +99,9 @@ def _started_as_command_line():
 # import, which `--help`, `compare` and a config error do not need); it imports them to train.
 if not _started_as_command_line():
     for _name in __all__:
+        if _name in _TENSORFLOW_ONLY:
+            import keras
+
+            if keras.backend.backend() != "tensorflow":
+                continue  # asked for by name, it says what it needs
         __getattr__(_name)

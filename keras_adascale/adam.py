@@ -3,7 +3,8 @@
 from typing import NamedTuple
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
 from keras_adascale import base, validation
 
@@ -13,11 +14,11 @@ STATISTICS = ("raw", "preconditioned")
 class _UpdateCoefficients(NamedTuple):
     """What one update's gain r makes of Adam's hyper-parameters, shared by every variable."""
 
-    learning_rate: tf.Tensor  # float32, sqrt(r) * lr(floor(tau))
-    decay_rate: tf.Tensor  # float32, sqrt(r) * lr_t = r * lr(floor(tau)): decoupled weight decay's rate
-    one_minus_betas: tf.Tensor  # statistics dtype [2], min(1, r (1 - beta_i))
-    moment_ages: tf.Tensor  # statistics dtype [2], after this update: prod_k beta_ik = beta_i ** age_i
-    epsilon: tf.Tensor  # statistics dtype, epsilon / sqrt(r)
+    learning_rate: object  # float32, sqrt(r) * lr(floor(tau))
+    decay_rate: object  # float32, sqrt(r) * lr_t = r * lr(floor(tau)): decoupled weight decay's rate
+    one_minus_betas: object  # statistics dtype [2], min(1, r (1 - beta_i))
+    moment_ages: object  # statistics dtype [2], after this update: prod_k beta_ik = beta_i ** age_i
+    epsilon: object  # statistics dtype, epsilon / sqrt(r)
 
 
 @keras.saving.register_keras_serializable(package="keras_adascale")
@@ -95,7 +96,7 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         Definition 4.2 (the square-root scaling rule).
     """
 
-    _learning_rate_scale = staticmethod(tf.sqrt)
+    _learning_rate_scale = staticmethod(ops.sqrt)
     _plain_optimizer = "Adam"
     _shape_arguments = "`amsgrad`"
 
@@ -143,7 +144,7 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         self._moment_ages = self.add_variable(
             shape=(2,),
             initializer="zeros",
-            dtype=self._statistics_dtype.name,
+            dtype=self._statistics_dtype,
             aggregation="only_first_replica",
             name="adascale_moment_ages",
         )
@@ -156,61 +157,60 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         if self.statistics == "raw":
             return grads
         # g / (sqrt(v_hat) + epsilon) with Adam's moments before this update (v_hat = 0 before any).
-        age = tf.convert_to_tensor(self._moment_ages.value)[1]
+        age = ops.convert_to_tensor(self._moment_ages.value)[1]
         preconditioned = []
         for grad, variable in zip(grads, variables):
             dtype = variable.dtype
-            second_moment = tf.convert_to_tensor(self._second_moment(variable).value)
-            correction = 1.0 - tf.pow(tf.cast(self.beta_2, dtype), tf.cast(age, dtype))
-            v_hat = tf.math.divide_no_nan(second_moment, correction)
-            grad = tf.cast(tf.convert_to_tensor(grad), dtype)
-            preconditioned.append(grad / (tf.sqrt(v_hat) + tf.cast(self.epsilon, dtype)))
+            second_moment = ops.convert_to_tensor(self._second_moment(variable).value)
+            correction = 1.0 - ops.power(ops.cast(self.beta_2, dtype), ops.cast(age, dtype))
+            v_hat = ops.divide_no_nan(second_moment, correction)
+            grad = ops.cast(self._dense_gradient(grad), dtype)
+            preconditioned.append(grad / (ops.sqrt(v_hat) + ops.cast(self.epsilon, dtype)))
         return preconditioned
 
     def _apply_update(self, distribution, grads_and_vars, learning_rate, state):
         dtype = self._statistics_dtype
-        gain = tf.cast(state.gain, dtype)
-        one_minus_betas = tf.constant([1.0 - self.beta_1, 1.0 - self.beta_2], dtype)
-        scaled = tf.minimum(tf.ones_like(one_minus_betas), gain * one_minus_betas)
+        gain = ops.cast(state.gain, dtype)
+        one_minus_betas = ops.convert_to_tensor(np.asarray([1.0 - self.beta_1, 1.0 - self.beta_2], dtype), dtype)
+        scaled = ops.minimum(ops.ones_like(one_minus_betas), gain * one_minus_betas)
         # log(1 - b) / log(1 - (1 - beta)): exactly 1 at r = 1; +inf once a decay factor is 0.
         # beta = 0 has factor 0 at every update, and any age >= 1 gives the same power 0.
-        ages = tf.convert_to_tensor(self._moment_ages.value) + tf.where(
-            one_minus_betas < 1.0, tf.math.log1p(-scaled) / tf.math.log1p(-one_minus_betas), 1.0
+        ages = ops.convert_to_tensor(self._moment_ages.value) + ops.where(
+            one_minus_betas < 1.0, ops.log1p(-scaled) / ops.log1p(-one_minus_betas), ops.ones_like(scaled)
         )
         # `state` is read from one replica; so are these, for every replica's update.
         coefficients = _UpdateCoefficients(
             learning_rate=state.effective_learning_rate,
-            decay_rate=tf.sqrt(state.gain) * state.effective_learning_rate,
+            decay_rate=ops.sqrt(state.gain) * state.effective_learning_rate,
             one_minus_betas=scaled,
             moment_ages=ages,
-            epsilon=self.epsilon / tf.sqrt(gain),
+            epsilon=self.epsilon / ops.sqrt(gain),
         )
-        self._distributed_tf_update_step(distribution, grads_and_vars, coefficients)
-        distribution.extended.update(
-            self._moment_ages.value, self.assign, args=(ages,), group=False
-        )
+        self._update_variables(distribution, grads_and_vars, coefficients)
+        self._assign_in_update(distribution, self._moment_ages, ages)
 
     def update_step(self, gradient, variable, coefficients):
         dtype = variable.dtype
-        lr = tf.cast(coefficients.learning_rate, dtype)
-        gradient = tf.cast(gradient, dtype)
+        lr = ops.cast(coefficients.learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
         if self.weight_decay is not None and self._use_weight_decay(variable):
-            decay_rate = tf.cast(coefficients.decay_rate, dtype)
-            self.assign_sub(variable, variable * tf.cast(self.weight_decay, dtype) * decay_rate)
-        one_minus_beta_1, one_minus_beta_2 = tf.unstack(tf.cast(coefficients.one_minus_betas, dtype))
-        age_1, age_2 = tf.unstack(tf.cast(coefficients.moment_ages, dtype))
-        beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), age_1)
-        beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), age_2)
+            decay_rate = ops.cast(coefficients.decay_rate, dtype)
+            self.assign_sub(variable, variable * ops.cast(self.weight_decay, dtype) * decay_rate)
+        one_minus_betas = ops.cast(coefficients.one_minus_betas, dtype)
+        ages = ops.cast(coefficients.moment_ages, dtype)
+        one_minus_beta_1, one_minus_beta_2 = one_minus_betas[0], one_minus_betas[1]
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), ages[0])
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), ages[1])
         index = self._get_variable_index(variable)
         m, v = self._momentums[index], self._velocities[index]
-        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
         self.assign_add(m, (gradient - m) * one_minus_beta_1)
-        self.assign_add(v, (tf.square(gradient) - v) * one_minus_beta_2)
+        self.assign_add(v, (ops.square(gradient) - v) * one_minus_beta_2)
         if self.amsgrad:
             v_hat = self._velocity_hats[index]
-            self.assign(v_hat, tf.maximum(v_hat, v))
+            self.assign(v_hat, ops.maximum(v_hat, v))
             v = v_hat
-        self.assign_sub(variable, (m * alpha) / (tf.sqrt(v) + tf.cast(coefficients.epsilon, dtype)))
+        self.assign_sub(variable, (m * alpha) / (ops.sqrt(v) + ops.cast(coefficients.epsilon, dtype)))
 
     def get_config(self):
         config = super().get_config()

@@ -1,8 +1,9 @@
 """What every AdaScale optimizer shares: S and N, the state, tau, the statistics' properties, config.
 
 `AdaScaleBase` is mixed in before a Keras optimizer class (see `AdaScaleSGD`, `AdaScaleAdam`); it
-stores `gain.AdaScaleState` in two variables and, through `distribute.AdaScaleMechanics`, feeds
-the pure `gain.step` once per update. A subclass gives the update rule (`update_step`), the
+stores `gain.AdaScaleState` in two variables and, through the backend's mechanics
+(`distribute.AdaScaleMechanics` on TensorFlow, `functional.AdaScaleMechanics` on JAX and PyTorch),
+feeds the pure `gain.step` once per update. Backend-neutral: `keras.ops` only. A subclass gives the update rule (`update_step`), the
 learning-rate factor of the gain (`_learning_rate_scale`) and may change what the statistics
 measure (`_statistic_gradients`) or what an applied update does besides (`_apply_update`).
 """
@@ -13,29 +14,21 @@ from typing import NamedTuple
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_adascale import distribute, keras_fixes, validation
+from keras_adascale import validation
 from keras_adascale import gain as gain_lib
 from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import NUMBERS, TENSORS
 
+if keras.backend.backend() == "tensorflow":
+    from keras_adascale.distribute import AdaScaleMechanics
+else:
+    from keras_adascale.functional import AdaScaleMechanics
+
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
-# How `gain.AdaScaleState` is stored: the statistics-dtype fields (float32 ones held exactly
-# in it) in one variable, the int64 counters in another.
-_FLOAT_FIELDS = (
-    "variance_average", "sqr_norm_average", "average_weight", "gain", "tau_fraction", "effective_learning_rate",
-)
-_FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
-_COUNTER_FIELDS = ("tau_whole", "skipped_updates")
-
-
-def _xla_available():
-    """Whether the state step is XLA-compiled: where the machine has an accelerator, as Keras's
-    `jit_compile="auto"` decides (Keras turns XLA off on CPU-only machines: it is slower there, and
-    TensorFlow would log "Compiled cluster using XLA!" for a run whose model is not compiled)."""
-    return any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
+_FLOAT_FIELDS, _FLOAT32_FIELDS, _COUNTER_FIELDS = gain_lib.FLOAT_FIELDS, gain_lib.FLOAT32_FIELDS, gain_lib.COUNTER_FIELDS
 
 
 def unique_name(prefix):
@@ -44,7 +37,7 @@ def unique_name(prefix):
     return prefix if uid == 1 else f"{prefix}_{uid - 1}"
 
 
-class AdaScaleBase(distribute.AdaScaleMechanics):
+class AdaScaleBase(AdaScaleMechanics):
     """S, N, the AdaScale state and its read-only views, for a Keras optimizer class after it in the MRO.
 
     Keyword arguments taken here (documented on each optimizer): `scale`,
@@ -52,7 +45,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     """
 
     # The learning-rate factor of a gain r: r for SGD (Algorithm 1), sqrt(r) for Adam.
-    _learning_rate_scale = staticmethod(tf.identity)
+    _learning_rate_scale = staticmethod(gain_lib._identity)
     # The Keras optimizer that a run at S = 1 equals.
     _plain_optimizer = "SGD"
     # The arguments that decide which optimizer variables exist (named in a restore error).
@@ -73,30 +66,25 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         # `set_accumulation_steps` can start from k = 1. Keras builds the accumulators for any
         # truthy value, and every other use of the count is this class's.
         super().__init__(**kwargs)
-        # The strategy in scope, as Keras's TensorFlow optimizer captures it (there privately).
-        self._strategy = tf.distribute.get_strategy()
+        # The strategy in scope, as Keras's TensorFlow optimizer captures it (there privately); None elsewhere.
+        self._strategy = self._strategy_in_scope()
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self._requested_scale = scale
         self._requested_smoothing = smoothing
         self.non_finite = non_finite
-        self._statistics_dtype = self._choose_statistics_dtype()
+        self._statistics_dtype = keras.backend.standardize_dtype(self._choose_statistics_dtype())
+        self._counters_dtype = self._choose_counters_dtype()
         self._configuration = setting_lib.Configuration(
             steps=gradient_accumulation_steps or 0,
-            replicas=self._strategy.num_replicas_in_sync,
+            replicas=self._replicas_in_sync(),
             scale=float(scale or 0.0),
         )
         # Per optimizer, not at import: a compiled function outlives a reset of TensorFlow's
         # context (keras's tests do that) and then fails on its first call.
-        self._state_step = tf.function(
-            functools.partial(gain_lib.step, learning_rate_scale=type(self)._learning_rate_scale),
-            jit_compile=_xla_available(),
-        )
+        self._state_step = self._compiled_state_step(
+            functools.partial(gain_lib.step, learning_rate_scale=type(self)._learning_rate_scale))
         self._add_state_variables()
-        keras_fixes.enable_for(self._strategy)
-
-    def _choose_statistics_dtype(self):
-        # float64 statistics square any float32 gradient without overflow or underflow; TPUs have no float64.
-        return tf.float32 if isinstance(self._strategy, tf.distribute.TPUStrategy) else tf.float64
+        self._enable_backend_fixes()
 
     @property
     def gradient_accumulation_steps(self):
@@ -107,7 +95,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         the count the optimizer was made with, and a traced function reads that one.
         """
         configured = self.__dict__.get("_configured_accumulation_steps")
-        if not configured or "_setting_counters" not in self.__dict__ or not tf.executing_eagerly():
+        if not configured or "_setting_counters" not in self.__dict__ or not self._executing_eagerly():
             return configured
         return self._setting_numbers().next_steps
 
@@ -124,14 +112,14 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         self._state_floats = self.add_variable(
             shape=(len(_FLOAT_FIELDS),),
             initializer=keras.initializers.Constant([getattr(initial, f) for f in _FLOAT_FIELDS]),
-            dtype=self._statistics_dtype.name,
+            dtype=self._statistics_dtype,
             aggregation="only_first_replica",
             name="adascale_state",
         )
         self._state_counters = self.add_variable(
             shape=(len(_COUNTER_FIELDS),),
             initializer="zeros",
-            dtype="int64",
+            dtype=self._counters_dtype,
             aggregation="only_first_replica",
             name="adascale_counters",
         )
@@ -141,40 +129,27 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         self._setting_counters = self.add_variable(
             shape=(len(setting_lib.COUNTERS),),
             initializer=keras.initializers.Constant(counters),
-            dtype="int64",
+            dtype=self._counters_dtype,
             aggregation="only_first_replica",
             name="adascale_accumulation",
         )
         self._setting_scales = self.add_variable(
             shape=(len(setting_lib.SCALES),),
             initializer=keras.initializers.Constant(scales),
-            dtype=self._statistics_dtype.name,
+            dtype=self._statistics_dtype,
             aggregation="only_first_replica",
             name="adascale_scale",
         )
 
     def _resolved_setting(self):
         """`(ScaleSetting, same)` as tensors, from one read of the two variables (see `setting.resolve`)."""
-        return setting_lib.resolve(tf.convert_to_tensor(self._setting_counters.value),
-                                   tf.convert_to_tensor(self._setting_scales.value),
+        return setting_lib.resolve(ops.convert_to_tensor(self._setting_counters.value),
+                                   ops.convert_to_tensor(self._setting_scales.value),
                                    self._configuration, TENSORS)
 
     def _scale_setting(self):
         """The `setting.ScaleSetting` in effect, as tensors."""
         return self._resolved_setting()[0]
-
-    def _setting_assignments(self, distribution, setting):
-        """Writes `setting` (tensors) into its two variables, in cross-replica context."""
-
-        def write(counters, setting, scales):
-            counter_values, scale_values = setting_lib.values(setting, self._configuration, TENSORS,
-                                                              counters, scales)
-            self.assign(counters, tf.stack(counter_values))
-            self.assign(scales, tf.stack(scale_values))
-
-        distribution.extended.update(
-            self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
-        )
 
     def _setting_numbers(self):
         """`_scale_setting` as Python numbers, eagerly, from one `.numpy()` of each variable.
@@ -198,7 +173,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         """The updates so far (a micro-batch of gradient accumulation is not one), as Keras counts them."""
         if not self._configuration.steps:
             return self._iterations
-        return tf.convert_to_tensor(self._setting_counters.value)[setting_lib.COUNTERS.index("updates")]
+        return ops.convert_to_tensor(self._setting_counters.value)[setting_lib.COUNTERS.index("updates")]
 
     @property
     def accumulation_steps(self):
@@ -207,7 +182,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         A change made in the middle of an update (`set_accumulation_steps`) shows here at once; the
         update in progress keeps its own count.
         """
-        if not tf.executing_eagerly():
+        if not self._executing_eagerly():
             return self._scale_setting().next_steps
         return self._setting_numbers().next_steps
 
@@ -240,8 +215,8 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 "steps cannot change: create it with `gradient_accumulation_steps=k` (any k >= 1, "
                 "the count to start from)."
             )
-        if not tf.executing_eagerly():
-            raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a tf.function).")
+        if not self._executing_eagerly():
+            raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a traced function).")
         changed = setting_lib.change_steps(self._setting_numbers(), steps, int(self._iterations.numpy()))
         setting_lib.check(self._configuration.replicas, changed.next_steps, changed.next_scale, "steps")
         self._write_setting(changed)
@@ -264,39 +239,21 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
             ValueError: for a bad `scale`, or S > 1 where the next update sees one gradient sample.
         """
         scale = validation.scale(scale)
-        if not tf.executing_eagerly():
-            raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a tf.function).")
+        if not self._executing_eagerly():
+            raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a traced function).")
         current = self._setting_numbers()
         setting_lib.check(self._configuration.replicas, current.next_steps, scale, "scale")
         self._write_setting(setting_lib.change_scale(current, scale, int(self._iterations.numpy())))
 
     def _read_state(self):
         """The `gain.AdaScaleState` held in the state variables."""
-        floats = tf.unstack(tf.convert_to_tensor(self._state_floats.value))
-        counters = tf.unstack(tf.convert_to_tensor(self._state_counters.value))
-        fields = dict(zip(_FLOAT_FIELDS, floats))
-        fields.update(zip(_COUNTER_FIELDS, counters))
+        floats = ops.convert_to_tensor(self._state_floats.value)
+        counters = ops.convert_to_tensor(self._state_counters.value)
+        fields = {name: floats[i] for i, name in enumerate(_FLOAT_FIELDS)}
+        fields.update({name: counters[i] for i, name in enumerate(_COUNTER_FIELDS)})
         for name in _FLOAT32_FIELDS:
-            fields[name] = tf.cast(fields[name], tf.float32)
+            fields[name] = ops.cast(fields[name], "float32")
         return gain_lib.AdaScaleState(**fields)
-
-    def _state_assignments(self, distribution, state):
-        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context.
-
-        Returns the variables' values read after the writes, for what must run after them.
-        """
-
-        def write(floats, counters, state):
-            dtype = self._statistics_dtype
-            self.assign(floats, tf.stack([tf.cast(getattr(state, f), dtype) for f in _FLOAT_FIELDS]))
-            self.assign(counters, tf.stack([getattr(state, f) for f in _COUNTER_FIELDS]))
-            # `self.assign` returns nothing; a read of a variable is ordered after its write.
-            return [floats.read_value(), counters.read_value()]
-
-        return distribution.extended.update(
-            self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),
-            args=(state, self._state_counters.value), group=False,
-        )
 
     @property
     def scale(self):
@@ -304,7 +261,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
         Like `accumulation_steps`, a change made in the middle of an update shows here at once.
         """
-        if not tf.executing_eagerly():
+        if not self._executing_eagerly():
             return self._scale_setting().next_scale
         value = self._setting_numbers().next_scale
         keep_float = isinstance(self._requested_scale, float) and value == self._requested_scale
@@ -313,8 +270,7 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     @property
     def samples_per_update(self):
         """N, the gradient samples per update: replicas x accumulation steps (int)."""
-        replicas = self._strategy.num_replicas_in_sync
-        return replicas * self.accumulation_steps
+        return self._configuration.replicas * self.accumulation_steps
 
     @property
     def smoothing(self):
@@ -334,8 +290,8 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
     def _smoothing_tensor(self, scale):
         if self._requested_smoothing is not None:
-            return tf.constant(self._requested_smoothing, scale.dtype)
-        return tf.maximum(1.0 - scale / 1000.0, tf.zeros_like(scale))
+            return TENSORS.like(self._requested_smoothing, scale)
+        return ops.maximum(1.0 - scale / 1000.0, ops.zeros_like(scale))
 
     @property
     def gain(self):
@@ -344,9 +300,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
 
     @property
     def scale_invariant_iterations(self):
-        """tau, the sum of the gains of all updates so far (float64 tensor)."""
+        """tau, the sum of the gains of all updates so far (a float64 tensor where the backend has float64)."""
         state = self._read_state()
-        return tf.cast(state.tau_whole, tf.float64) + tf.cast(state.tau_fraction, tf.float64)
+        dtype = self._statistics_dtype
+        return ops.cast(state.tau_whole, dtype) + ops.cast(state.tau_fraction, dtype)
 
     @property
     def gradient_variance(self):
@@ -390,10 +347,10 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
         Returns:
             A tensor of the statistics' dtype, shaped like `scale`.
         """
-        if not tf.is_tensor(scale):
+        if not ops.is_tensor(scale):
             validation.scale(scale)
         variance, sqr_norm = self._corrected_moments()
-        return gain_lib.gain_ratio(variance, sqr_norm, tf.cast(scale, variance.dtype))
+        return gain_lib.gain_ratio(variance, sqr_norm, ops.cast(scale, variance.dtype))
 
     @property
     def skipped_updates(self):
@@ -456,14 +413,6 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
     def _moments(state):
         return gain_lib.corrected_moments(state.variance_average, state.sqr_norm_average, state.average_weight)
 
-    def _check_strategy(self):
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._strategy:
-            raise ValueError(
-                f"{type(self).__name__} was created outside the `strategy.scope()` it is used in, so "
-                "it cannot see the replicas. Create the optimizer (and compile the model) "
-                "inside `with strategy.scope():`."
-            )
-
     def apply(self, grads, trainable_variables=None):
         # Built outside the scope too (a custom loop's `optimizer.build`), the first
         # update would fail deep in tf.distribute with a bare AssertionError.
@@ -490,15 +439,8 @@ class AdaScaleBase(distribute.AdaScaleMechanics):
                 "replicas or `gradient_accumulation_steps`, or set `scale`.",
                 stacklevel=2,
             )
-        dtypes = {tf.as_dtype(v.dtype) for v in variables}
-        # The statistic travels in the gradients' all-reduce, in their dtype where it can.
-        self._statistic_words_dtype = dtypes.pop() if len(dtypes) == 1 else None
         if configuration.steps:
-            words = distribute.encode_statistic(tf.zeros((), self._statistics_dtype), self._statistic_words_dtype)
-            words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
-            self._sample_sqr_norm_accumulator = self._add_replica_local_variable(
-                words.shape, words.dtype, "sample_sqr_norm_accumulator"
-            )
+            self._sample_sqr_norm_accumulator = self._add_statistic_accumulator(variables)
         super().build(variables)
 
     def _get_current_learning_rate(self):

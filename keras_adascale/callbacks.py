@@ -7,7 +7,6 @@ import time
 import warnings
 
 import keras
-import tensorflow as tf
 from absl import logging
 
 from keras_adascale import autoscale, validation
@@ -141,6 +140,10 @@ class AdaScaleCallback(keras.callbacks.Callback):
             self.model.stop_training = True
         if self.log_dir is not None:
             # The same folder as keras.callbacks.TensorBoard's training scalars: one run in TensorBoard.
+            # tf.summary writes TensorBoard's files on every backend, as keras.callbacks.TensorBoard does.
+            import tensorflow as tf
+
+            self._summary = tf.summary
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
             self._logged_update = autoscale.updates_done(optimizer)
 
@@ -167,7 +170,7 @@ class AdaScaleCallback(keras.callbacks.Callback):
         self._logged_update = update
         with self._writer.as_default(step=update):
             for name in STATISTICS:
-                tf.summary.scalar(f"update_{name}", snapshot[name])
+                self._summary.scalar(f"update_{name}", snapshot[name])
 
     def on_train_batch_end(self, batch, logs=None):
         snapshot = self._log(logs)

@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_adascale import gain as gain_lib
+from keras_adascale import keras_fixes
 from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import TENSORS
 
@@ -20,6 +21,60 @@ from keras_adascale.numerics import TENSORS
 # from 1e-30 to 1e30 arrives to float32 precision.
 _SMALL_WORD_SCALE = 2.0**100
 _LARGE_WORD_SCALE = 2.0**-128
+
+
+def _xla_available():
+    """Whether the state step is XLA-compiled: where the machine has an accelerator, as Keras's
+    `jit_compile="auto"` decides (Keras turns XLA off on CPU-only machines: it is slower there, and
+    TensorFlow would log "Compiled cluster using XLA!" for a run whose model is not compiled)."""
+    return any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
+
+
+# Below this, float32 squares may have lost precision (squares under ~1e-38 are
+# subnormal or zero): the sum is redone in float64.
+_SMALLEST_FAST_SUM = 1e-20
+
+
+def _dense(tensor, dtype):
+    if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
+        tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
+    return tf.cast(tf.convert_to_tensor(tensor), dtype)
+
+
+def _sum_of_squares(tensors, dtype):
+    # l2_loss is one fused kernel (sum(t^2) / 2), faster than square + reduce_sum.
+    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), dtype) for t in tensors])
+
+
+def sqr_norm_sum(tensors, dtype="float64"):
+    """`sum_k ||t_k||^2` over a list of tensors, accurate in `dtype`.
+
+    With `dtype=tf.float64` the squares are first summed in float32 (fast, one
+    fused kernel per tensor) and the total kept in float64; only when that
+    total overflows (or is NaN) or is below 1e-20, where float32 squares may
+    have underflowed, is the sum redone with every element cast to float64. So
+    any float16, bfloat16 or float32 gradient from 1e-150 to 1e150 gives its
+    squared norm to float32 precision at float32 cost, and a NaN or Inf
+    anywhere gives a non-finite sum. `IndexedSlices` are densified first,
+    since rows may repeat and the norm is that of the dense gradient.
+
+    Args:
+        tensors: list of `tf.Tensor` or `tf.IndexedSlices`.
+        dtype: `tf.float64`, or `tf.float32` (TPUs): a plain float32 sum.
+
+    Returns:
+        A scalar of dtype `dtype`.
+    """
+    if tf.as_dtype(dtype) == tf.float32:
+        return _sum_of_squares([_dense(t, tf.float32) for t in tensors], tf.float32)
+    fast = _sum_of_squares(
+        [_dense(t, tf.float64 if t.dtype == tf.float64 else tf.float32) for t in tensors], tf.float64
+    )
+    return tf.cond(
+        tf.logical_and(tf.math.is_finite(fast), fast >= _SMALLEST_FAST_SUM),
+        lambda: fast,
+        lambda: _sum_of_squares([_dense(t, tf.float64) for t in tensors], tf.float64),
+    )
 
 
 def encode_statistic(statistic, dtype):
@@ -157,6 +212,89 @@ class AdaScaleMechanics:
     update rule (`update_step`).
     """
 
+    # What `base.AdaScaleBase` asks of the backend's mechanics (`functional.AdaScaleMechanics` has the same).
+
+    @staticmethod
+    def _strategy_in_scope():
+        return tf.distribute.get_strategy()
+
+    def _replicas_in_sync(self):
+        return self._strategy.num_replicas_in_sync
+
+    def _choose_statistics_dtype(self):
+        # float64 statistics square any float32 gradient without overflow or underflow; TPUs have no float64.
+        return "float32" if isinstance(self._strategy, tf.distribute.TPUStrategy) else "float64"
+
+    def _choose_counters_dtype(self):
+        return "int64"
+
+    @staticmethod
+    def _compiled_state_step(step):
+        return tf.function(step, jit_compile=_xla_available())
+
+    @staticmethod
+    def _executing_eagerly():
+        return tf.executing_eagerly()
+
+    def _enable_backend_fixes(self):
+        keras_fixes.enable_for(self._strategy)
+
+    @staticmethod
+    def _dense_gradient(gradient):
+        """A gradient as a dense tensor (`IndexedSlices` summed into rows)."""
+        return tf.convert_to_tensor(gradient)
+
+    def _add_statistic_accumulator(self, variables):
+        """The per-replica accumulator of the micro-batches' sums of squares (in the words it travels as)."""
+        dtypes = {tf.as_dtype(v.dtype) for v in variables}
+        # The statistic travels in the gradients' all-reduce, in their dtype where it can.
+        self._statistic_words_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        words = encode_statistic(tf.zeros((), self._statistics_dtype), self._statistic_words_dtype)
+        words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
+        return self._add_replica_local_variable(words.shape, words.dtype, "sample_sqr_norm_accumulator")
+
+    def _check_strategy(self):
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._strategy:
+            raise ValueError(
+                f"{type(self).__name__} was created outside the `strategy.scope()` it is used in, so "
+                "it cannot see the replicas. Create the optimizer (and compile the model) "
+                "inside `with strategy.scope():`."
+            )
+
+
+    def _setting_assignments(self, distribution, setting):
+        """Writes `setting` (tensors) into its two variables, in cross-replica context."""
+
+        def write(counters, setting, scales):
+            counter_values, scale_values = setting_lib.values(setting, self._configuration, TENSORS,
+                                                              counters, scales)
+            self.assign(counters, tf.stack(counter_values))
+            self.assign(scales, tf.stack(scale_values))
+
+        distribution.extended.update(
+            self._setting_counters.value, write, args=(setting, self._setting_scales.value), group=False,
+        )
+
+
+    def _state_assignments(self, distribution, state):
+        """Writes `state` (possibly per replica) into the two state variables, in cross-replica context.
+
+        Returns the variables' values read after the writes, for what must run after them.
+        """
+
+        def write(floats, counters, state):
+            dtype = self._statistics_dtype
+            self.assign(floats, tf.stack([tf.cast(getattr(state, f), dtype) for f in gain_lib.FLOAT_FIELDS]))
+            self.assign(counters, tf.stack([getattr(state, f) for f in gain_lib.COUNTER_FIELDS]))
+            # `self.assign` returns nothing; a read of a variable is ordered after its write.
+            return [floats.read_value(), counters.read_value()]
+
+        return distribution.extended.update(
+            self._state_floats.value, lambda floats, state, counters: write(floats, counters, state),
+            args=(state, self._state_counters.value), group=False,
+        )
+
+
     def _add_replica_local_variable(self, shape, dtype, name):
         variable_class = keras.Variable if _KERAS_VARIABLE_TAKES_SYNCHRONIZATION else _OnReadVariable
         options = {"synchronization": "on_read"} if _KERAS_VARIABLE_TAKES_SYNCHRONIZATION else {}
@@ -246,7 +384,7 @@ class AdaScaleMechanics:
 
     def _local_statistic_words(self, grads, variables):
         """A micro-batch's sum of squares in the form the accumulator keeps (see `encode_statistic`)."""
-        statistic = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), self._statistics_dtype)
+        statistic = sqr_norm_sum(self._statistic_gradients(grads, variables), self._statistics_dtype)
         words = encode_statistic(statistic, self._statistic_words_dtype)
         return statistic if words is None else words[0]
 
@@ -299,7 +437,7 @@ class AdaScaleMechanics:
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # Without accumulation only: the accumulators carry their own statistic.
-        local_sqr_norm_sum = gain_lib.sqr_norm_sum(
+        local_sqr_norm_sum = sqr_norm_sum(
             self._statistic_gradients(grads, trainable_variables), self._statistics_dtype
         )
         self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate,
@@ -334,7 +472,7 @@ class AdaScaleMechanics:
         """
         dtype = self._statistics_dtype
         if mean_sqr_norm is None:
-            mean_sqr_norm = gain_lib.sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
+            mean_sqr_norm = sqr_norm_sum(self._statistic_gradients(grads, variables), dtype)
         # Each replica held g_i / R (loss scaled by 1/R): the samples are R times that.
         sample_sqr_norm_sum = sample_sqr_norm_sum * float(replicas**2)
         scale = tf.cast(setting_lib.update_scale(setting, micro_batches, TENSORS), dtype)
@@ -378,4 +516,12 @@ class AdaScaleMechanics:
 
     def _apply_update(self, distribution, grads_and_vars, learning_rate, state):
         """Cross-replica context, a finite update: the update rule on every variable."""
+        self._update_variables(distribution, grads_and_vars, learning_rate)
+
+    def _update_variables(self, distribution, grads_and_vars, learning_rate):
+        """The optimizer's `update_step(gradient, variable, learning_rate)` on every variable."""
         self._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+
+    def _assign_in_update(self, distribution, variable, value):
+        """`variable = value` inside an update (one value for every replica's copy)."""
+        distribution.extended.update(variable.value, self.assign, args=(value,), group=False)

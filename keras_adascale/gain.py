@@ -1,19 +1,18 @@
-"""Pure AdaScale math: squared norms, gradient statistics, their moving averages, the gain, one state step.
+"""Pure AdaScale math: gradient statistics, their moving averages, the gain, one state step.
 
-No Keras and no tf.distribute here: every function maps tensors to tensors, and `step` is
-the whole per-update scalar path of Algorithm 1 over a named `AdaScaleState`.
+Backend-neutral (`keras.ops`, traced or eager, on TensorFlow, JAX or PyTorch) and free of any
+distribution machinery: every function maps tensors to tensors, and `step` is the whole per-update
+scalar path of Algorithm 1 over a named `AdaScaleState`. The sums of squares over the gradients, which
+depend on how a backend holds its gradients and its float64, are the mechanics' (`distribute` on
+TensorFlow, `functional` on JAX and PyTorch).
 """
 
 from typing import NamedTuple
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from keras_adascale.numerics import TENSORS
-
-# Below this, float32 squares may have lost precision (squares under ~1e-38 are
-# subnormal or zero): the sum is redone in float64.
-_SMALLEST_FAST_SUM = 1e-20
-
 
 class AdaScaleState(NamedTuple):
     """Everything AdaScale carries from one update to the next.
@@ -31,56 +30,23 @@ class AdaScaleState(NamedTuple):
         skipped_updates: int64 count of updates skipped for NaN or Inf gradients.
     """
 
-    variance_average: tf.Tensor
-    sqr_norm_average: tf.Tensor
-    average_weight: tf.Tensor
-    gain: tf.Tensor
-    tau_whole: tf.Tensor
-    tau_fraction: tf.Tensor
-    effective_learning_rate: tf.Tensor
-    skipped_updates: tf.Tensor
+    variance_average: object
+    sqr_norm_average: object
+    average_weight: object
+    gain: object
+    tau_whole: object
+    tau_fraction: object
+    effective_learning_rate: object
+    skipped_updates: object
 
 
-def _dense(tensor, dtype):
-    if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
-        tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
-    return tf.cast(tf.convert_to_tensor(tensor), dtype)
-
-
-def _sum_of_squares(tensors, dtype):
-    # l2_loss is one fused kernel (sum(t^2) / 2), faster than square + reduce_sum.
-    return tf.add_n([2.0 * tf.cast(tf.nn.l2_loss(t), dtype) for t in tensors])
-
-
-def sqr_norm_sum(tensors, dtype=tf.float64):
-    """`sum_k ||t_k||^2` over a list of tensors, accurate in `dtype`.
-
-    With `dtype=tf.float64` the squares are first summed in float32 (fast, one
-    fused kernel per tensor) and the total kept in float64; only when that
-    total overflows (or is NaN) or is below 1e-20, where float32 squares may
-    have underflowed, is the sum redone with every element cast to float64. So
-    any float16, bfloat16 or float32 gradient from 1e-150 to 1e150 gives its
-    squared norm to float32 precision at float32 cost, and a NaN or Inf
-    anywhere gives a non-finite sum. `IndexedSlices` are densified first,
-    since rows may repeat and the norm is that of the dense gradient.
-
-    Args:
-        tensors: list of `tf.Tensor` or `tf.IndexedSlices`.
-        dtype: `tf.float64`, or `tf.float32` (TPUs): a plain float32 sum.
-
-    Returns:
-        A scalar of dtype `dtype`.
-    """
-    if dtype == tf.float32:
-        return _sum_of_squares([_dense(t, tf.float32) for t in tensors], tf.float32)
-    fast = _sum_of_squares(
-        [_dense(t, tf.float64 if t.dtype == tf.float64 else tf.float32) for t in tensors], tf.float64
-    )
-    return tf.cond(
-        tf.logical_and(tf.math.is_finite(fast), fast >= _SMALLEST_FAST_SUM),
-        lambda: fast,
-        lambda: _sum_of_squares([_dense(t, tf.float64) for t in tensors], tf.float64),
-    )
+# How an `AdaScaleState` is stored: the statistics-dtype fields (the float32 ones held exactly in it) in
+# one variable, the integer counters in another.
+FLOAT_FIELDS = (
+    "variance_average", "sqr_norm_average", "average_weight", "gain", "tau_fraction", "effective_learning_rate",
+)
+FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
+COUNTER_FIELDS = ("tau_whole", "skipped_updates")
 
 
 def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
@@ -116,8 +82,8 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
     References:
         Johnson et al., 2020, Section 3.3 and Algorithm 1.
     """
-    sample_variance = (sample_sqr_norm_sum - samples * mean_sqr_norm) / tf.maximum(samples - 1.0, 1.0)
-    sample_variance = tf.where(samples > 1.0, sample_variance, tf.zeros_like(sample_variance))
+    sample_variance = (sample_sqr_norm_sum - samples * mean_sqr_norm) / ops.maximum(samples - 1.0, 1.0)
+    sample_variance = ops.where(samples > 1.0, sample_variance, ops.zeros_like(sample_variance))
     sqr_norm = mean_sqr_norm - sample_variance / samples
     variance = sample_variance * (scale / samples)
     return variance, sqr_norm
@@ -241,8 +207,12 @@ def update_gain(
     return variance_average, sqr_norm_average, average_weight, gain
 
 
+def _identity(gain):
+    return gain
+
+
 def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing,
-         learning_rate_scale=tf.identity):
+         learning_rate_scale=_identity):
     """Algorithm 1's scalar path for one update: statistics, gain, learning rate, tau.
 
     Where a sum of squares is not finite (a NaN or an Inf in the gradients),
@@ -258,7 +228,7 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         scale: S, statistics dtype.
         smoothing: theta, statistics dtype.
         learning_rate_scale: the learning rate's factor for a gain r, a function of the float32
-            gain: r itself (Algorithm 1; the default) or `tf.sqrt` (AdaScaleAdam).
+            gain: r itself (Algorithm 1; the default) or `keras.ops.sqrt` (AdaScaleAdam).
 
     Returns:
         `(new_state, finite)`: `finite` is the boolean "apply this update".
@@ -266,11 +236,11 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
     References:
         Johnson et al., 2020, Algorithm 1.
     """
-    finite = tf.logical_and(tf.math.is_finite(sample_sqr_norm_sum), tf.math.is_finite(mean_sqr_norm))
-    zero = tf.zeros_like(sample_sqr_norm_sum)
+    finite = ops.logical_and(ops.isfinite(sample_sqr_norm_sum), ops.isfinite(mean_sqr_norm))
+    zero = ops.zeros_like(sample_sqr_norm_sum)
     variance_average, sqr_norm_average, average_weight, gain = update_gain(
-        tf.where(finite, sample_sqr_norm_sum, zero),
-        tf.where(finite, mean_sqr_norm, zero),
+        ops.where(finite, sample_sqr_norm_sum, zero),
+        ops.where(finite, mean_sqr_norm, zero),
         samples,
         scale,
         smoothing,
@@ -278,19 +248,20 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         state.sqr_norm_average,
         state.average_weight,
     )
-    gain = tf.cast(gain, tf.float32)
+    gain = ops.cast(gain, "float32")
     fraction = state.tau_fraction + gain
-    carry = tf.floor(fraction)
+    carry = ops.floor(fraction)
+    counters = keras.backend.standardize_dtype(state.tau_whole.dtype)
     updated = AdaScaleState(
         variance_average=variance_average,
         sqr_norm_average=sqr_norm_average,
         average_weight=average_weight,
         gain=gain,
-        tau_whole=state.tau_whole + tf.cast(carry, tf.int64),
+        tau_whole=state.tau_whole + ops.cast(carry, counters),
         tau_fraction=fraction - carry,
-        effective_learning_rate=learning_rate_scale(gain) * tf.cast(learning_rate, tf.float32),
+        effective_learning_rate=learning_rate_scale(gain) * ops.cast(learning_rate, "float32"),
         skipped_updates=state.skipped_updates,
     )
-    skipped = state._replace(skipped_updates=state.skipped_updates + 1)
-    new_state = AdaScaleState(*(tf.where(finite, new, old) for new, old in zip(updated, skipped)))
+    skipped = state._replace(skipped_updates=state.skipped_updates + ops.ones_like(state.skipped_updates))
+    new_state = AdaScaleState(*(ops.where(finite, new, old) for new, old in zip(updated, skipped)))
     return new_state, finite

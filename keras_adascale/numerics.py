@@ -1,14 +1,15 @@
 """Two namespaces of the few operations that AdaScale's small scalar functions need.
 
 `NUMBERS` works on Python and NumPy numbers, eagerly and at the cost of Python arithmetic; `TENSORS`
-on TensorFlow tensors (graph or eager). A function written once over an `ops` argument (the scale
+on the Keras backend's tensors (TensorFlow, JAX or PyTorch; traced or eager), through `keras.ops`. A function written once over an `ops` argument (the scale
 setting's transitions in `setting`, the statistics read from the moving averages in `gain`) then
 gives the compiled step and the eager view the same numbers: callbacks read them after every batch,
-where a dozen eager TensorFlow ops would cost more than a small model's step.
+where a dozen eager backend ops would cost more than a small model's step.
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 
 class _Numbers:
@@ -50,39 +51,40 @@ class _Numbers:
 
 
 class _Tensors:
-    """The same operations on TensorFlow tensors (graph or eager)."""
+    """The same operations on the backend's tensors, through `keras.ops` (traced or eager, any backend)."""
 
     @staticmethod
     def where(condition, x, y):
-        return tf.where(condition, x, y)
+        return ops.where(condition, x, y)
 
     @staticmethod
     def all_equal(xs, ys):
-        return tf.reduce_all(tf.equal(xs, ys))
+        return ops.all(ops.equal(xs, ys))
 
     @staticmethod
     def like(value, reference):
-        dtype = tf.as_dtype(reference.dtype)
-        if tf.is_tensor(value):
-            return tf.cast(value, dtype)
-        # Not tf.cast: it would take a Python float through float32 (1.1 -> 1.100000023841858 in float64).
-        return tf.constant(np.asarray(value, dtype.as_numpy_dtype))
+        dtype = keras.backend.standardize_dtype(reference.dtype)
+        if ops.is_tensor(value):
+            return ops.cast(value, dtype)
+        # Through NumPy: a Python float cast straight to float64 may go through float32 first
+        # (TensorFlow's tf.cast(1.1, float64) is 1.100000023841858).
+        return ops.convert_to_tensor(np.asarray(value, dtype), dtype)
 
     @staticmethod
     def logical_and(x, y):
-        return tf.logical_and(x, y)
+        return ops.logical_and(x, y)
 
     @staticmethod
     def maximum(x, y):
-        return tf.maximum(x, y)
+        return ops.maximum(x, y)
 
     @staticmethod
     def minimum(x, y):
-        return tf.minimum(x, y)
+        return ops.minimum(x, y)
 
     @staticmethod
     def divide_no_nan(x, y):
-        return tf.math.divide_no_nan(x, y)
+        return ops.divide_no_nan(x, y)
 
 
 NUMBERS = _Numbers()

@@ -1,7 +1,7 @@
 """AdaScaleSGD: the paper's Algorithm 1 around Keras's SGD update."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_adascale import base, validation
 
@@ -107,6 +107,6 @@ class AdaScaleSGD(base.AdaScaleBase, keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         if self.weight_decay is not None and self._use_weight_decay(variable):
             # Keras's own order of operations, so that S = 1 is SGD to the last bit.
-            wd, lr = tf.cast(self.weight_decay, variable.dtype), tf.cast(learning_rate, variable.dtype)
+            wd, lr = ops.cast(self.weight_decay, variable.dtype), ops.cast(learning_rate, variable.dtype)
             self.assign_sub(variable, variable * wd * lr)
         super().update_step(gradient, variable, learning_rate)

@@ -1,7 +1,7 @@
 """Learning-rate schedules: ScaleInvariantSchedule (keyed on tau) and the linear scaling rule it is compared with."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_adascale import validation
 
@@ -51,9 +51,9 @@ class ScaleInvariantSchedule(LearningRateSchedule):
         self.name = name or "ScaleInvariantSchedule"
 
     def __call__(self, step):
-        with tf.name_scope(self.name):
+        with keras.name_scope(self.name):
             if isinstance(self.schedule, float):
-                return tf.constant(self.schedule, dtype=keras.config.floatx())
+                return ops.convert_to_tensor(self.schedule, dtype=keras.config.floatx())
             return self.schedule(step)
 
     def get_config(self):
@@ -103,15 +103,15 @@ class LinearScalingSchedule(LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
+        step = ops.cast(step, "float32")
         if isinstance(self.schedule, LearningRateSchedule):
-            rate = tf.cast(self.schedule(step * self.scale), tf.float32)
+            rate = ops.cast(self.schedule(step * self.scale), "float32")
         else:
-            rate = tf.constant(self.schedule, tf.float32)
+            rate = ops.convert_to_tensor(self.schedule, "float32")
         factor = self.scale if self.rate_factor is None else self.rate_factor
         if self.warmup_steps == 0:
             return rate * factor
-        progress = tf.minimum(step / self.warmup_steps, 1.0)
+        progress = ops.minimum(step / self.warmup_steps, 1.0)
         return rate * (1.0 + (factor - 1) * progress)
 
     def get_config(self):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_adascale import gain
+from keras_adascale.distribute import sqr_norm_sum
 from keras_adascale.numerics import NUMBERS
 from reference import AdaScaleReference, gain_statistics
 
@@ -175,7 +176,7 @@ def test_sums_of_squares_keep_float32_precision_whatever_the_gradient_dtype_and_
     values = tf.cast(tf.constant(np.random.RandomState(0).randn(1000) * 1000.0 if dtype != tf.bfloat16
                                  else np.random.RandomState(0).randn(1000) * 1e30), dtype)
     expected = float(np.sum(values.numpy().astype(np.float64) ** 2))
-    result = gain.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
+    result = sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))])
     assert result.dtype == tf.float64
     dense = np.zeros(1000)
     np.add.at(dense, [0, 0, 5], values.numpy()[:3].astype(np.float64))
@@ -185,7 +186,7 @@ def test_sums_of_squares_keep_float32_precision_whatever_the_gradient_dtype_and_
 
 def test_the_float32_sum_of_squares_of_a_tpu_is_a_float32_sum():
     values = tf.constant(np.random.RandomState(0).randn(1000) * 1000.0, tf.float32)
-    result = gain.sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))],
+    result = sqr_norm_sum([values, tf.IndexedSlices(values[:3], tf.constant([0, 0, 5]), tf.constant([1000]))],
                                dtype=tf.float32)
     assert result.dtype == tf.float32
     dense = np.zeros(1000)
@@ -209,7 +210,7 @@ def extreme_moments(scale, dim, exponent, noise, seed):
     sample_list = (10.0**exponent * (rng.randn(dim) + noise * rng.randn(scale, dim))).astype(np.float32)
     mean = sample_list.astype(np.float64).mean(axis=0)
     variance, sqr_norm = gain.gradient_moments(
-        gain.sqr_norm_sum([tf.constant(sample_list)]), gain.sqr_norm_sum([tf.constant(mean)]),
+        sqr_norm_sum([tf.constant(sample_list)]), sqr_norm_sum([tf.constant(mean)]),
         f64(float(scale)), f64(float(scale)),
     )
     return sample_list, variance, sqr_norm

@@ -206,25 +206,44 @@ def test_the_command_line_without_the_runners_packages_names_the_extra_and_exits
     assert result.stdout.strip() == "[]"  # said before TensorFlow is imported
 
 
-@pytest.mark.parametrize("backend", ["numpy", "jax"])
-def test_importing_under_another_keras_backend_names_the_tensorflow_requirement(backend):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+# Keras 3.15's numpy backend imports jax, which this environment lacks (the JAX and PyTorch tests have their
+# own, tests_backends/): so Keras can load neither numpy nor jax here.
+def test_importing_under_a_backend_keras_cannot_load_names_the_supported_ones():
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-c", "import keras_adascale"], capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ImportError: keras_adascale needs Keras's TensorFlow backend"), result.stderr[-3000:]
-    assert backend in last_line and "Set KERAS_BACKEND=tensorflow" in last_line
+    assert last_line.startswith("ImportError: keras_adascale needs Keras's TensorFlow, JAX or PyTorch backend"), \
+        result.stderr[-3000:]
+    assert "KERAS_BACKEND=numpy, which Keras could not load" in last_line
+    assert "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax or KERAS_BACKEND=torch." in last_line
 
 
-def test_a_keras_that_loaded_another_backend_is_refused_naming_it(monkeypatch):
-    # Keras 3.15's numpy backend imports jax too, so no other backend loads here: Keras is told it runs on one.
+def test_importing_under_a_supported_backend_that_is_not_installed_names_the_extra():
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", "import keras_adascale"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: KERAS_BACKEND=jax, which Keras could not load (No module named 'jax')"), \
+        result.stderr[-3000:]
+    assert last_line.endswith("Install it with pip install 'keras-adascale[jax]'.")
+
+
+def test_a_keras_that_loaded_an_unsupported_backend_is_refused_naming_it(monkeypatch):
+    # No other backend loads here: Keras is told it runs on one.
     import keras
 
     import keras_adascale
 
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    with pytest.raises(ImportError, match="TensorFlow, JAX or PyTorch backend.*runs on its 'numpy' backend"):
+        keras_adascale._require_backend(keras_adascale.BACKENDS,
+                                        "keras_adascale needs Keras's TensorFlow, JAX or PyTorch backend")
+    # what needs TensorFlow says so on JAX and PyTorch too
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    with pytest.raises(ImportError, match="needs Keras's TensorFlow backend.*runs on its 'torch' backend"):
+    with pytest.raises(ImportError, match="experiment runner is built on TensorFlow.*runs on its 'torch' backend"):
         keras_adascale._require_tensorflow_backend()
 
 
@@ -234,6 +253,6 @@ def test_the_runner_under_another_keras_backend_exits_2_naming_the_requirement(t
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", "x.yaml"], capture_output=True,
                             text=True, timeout=120, env=env, cwd=tmp_path)
     assert result.returncode == 2
-    assert "keras-adascale: error: keras_adascale needs Keras's TensorFlow backend" in result.stderr
+    assert "keras-adascale: error: keras_adascale needs Keras's TensorFlow backend here" in result.stderr
     assert "KERAS_BACKEND=numpy" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()

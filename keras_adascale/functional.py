@@ -1,0 +1,215 @@
+"""Accumulation mechanics on JAX and PyTorch: one update per k micro-batches, computed once, as values.
+
+`AdaScaleMechanics` is mixed in before a Keras optimizer class, as `distribute.AdaScaleMechanics` is on
+TensorFlow, and gives `base.AdaScaleBase` the same hooks. Each micro-batch's gradient is added to an
+accumulator and its squared norm to a statistic accumulator; on the micro-batch that completes an
+update (the scale setting's `is_update_step`: k is a variable, so a change of k needs no retrace),
+the mean gradient, the statistics, the gain, tau and the update rule run once.
+
+Keras's JAX optimizer computes the whole update at every micro-step and keeps one in k by selection
+after the fact. Here the update is one branch of `keras.ops.cond` (`jax.lax.cond` on JAX, a Python
+`if` on PyTorch), which runs only on the k-th micro-step. The branches of a `lax.cond` may not assign
+variables, so both return the new values of every variable the step writes, and the assignments come
+after the cond. Inside the update branch the optimizer's own `update_step` (Keras's SGD, AdaScaleAdam's
+rule) runs unchanged in a `keras.StatelessScope` that maps every variable it reads to its current
+value and collects what it assigns.
+
+One replica: under `keras.distribution.DataParallel` the optimizer sees the all-reduced mean gradient
+of each micro-batch, so N = k. Per-replica statistics on JAX need a train step of their own.
+"""
+
+import keras
+from keras import ops
+
+from keras_adascale import gain as gain_lib
+from keras_adascale import setting as setting_lib
+from keras_adascale.numerics import TENSORS
+
+# Below this, float32 squares may have lost precision (squares under ~1e-38 are subnormal or zero):
+# where there is float64, the sum is redone in it (as on TensorFlow).
+_SMALLEST_FAST_SUM = 1e-20
+
+
+def _x64_enabled():
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+class AdaScaleMechanics:
+    """The Keras optimizer hooks of AdaScale on JAX and PyTorch (one replica, gradient accumulation)."""
+
+    # What `base.AdaScaleBase` asks of the backend's mechanics (`distribute.AdaScaleMechanics` has the same).
+
+    @staticmethod
+    def _strategy_in_scope():
+        return None
+
+    def _replicas_in_sync(self):
+        return 1
+
+    @staticmethod
+    def _has_64_bits():
+        """float64 and int64 tensors: PyTorch has them; JAX only with `jax_enable_x64`."""
+        return keras.backend.backend() != "jax" or _x64_enabled()
+
+    def _choose_statistics_dtype(self):
+        # float64 statistics square any float32 gradient without overflow or underflow where the backend
+        # has float64; JAX without x64 turns a float64 request into float32 (with a warning): ask for that.
+        return "float64" if self._has_64_bits() else "float32"
+
+    def _choose_counters_dtype(self):
+        return "int64" if self._has_64_bits() else "int32"
+
+    @staticmethod
+    def _compiled_state_step(step):
+        return step  # inside the backend's compiled train step already (JAX), or eager (PyTorch)
+
+    def _executing_eagerly(self):
+        value = self.__dict__.get("_setting_counters")
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return value is None or not isinstance(value.value, jax.core.Tracer)
+        import torch
+
+        return not torch.compiler.is_compiling()
+
+    def _enable_backend_fixes(self):
+        return
+
+    def _check_strategy(self):
+        return
+
+    @staticmethod
+    def _dense_gradient(gradient):
+        return gradient
+
+    def _add_statistic_accumulator(self, variables):
+        """The accumulator of the micro-batches' sums of squares, in the statistics dtype."""
+        return self.add_variable((), initializer="zeros", dtype=self._statistics_dtype,
+                                 name="sample_sqr_norm_accumulator")
+
+    # Keras's hooks.
+
+    def build(self, variables):
+        if self.built:
+            return
+        if self.use_ema:
+            raise ValueError(
+                f"{type(self).__name__} does not support `use_ema=True` on the {keras.backend.backend()} "
+                "backend yet (it does on TensorFlow)."
+            )
+        super().build(variables)
+
+    def _clip_gradients(self, grads):
+        # Clipping happens on the mean gradient of the update.
+        return grads
+
+    def _apply_weight_decay(self, variables):
+        # Weight decay happens in update_step, with the gain-scaled rate.
+        return
+
+    def _sqr_norm_sum(self, tensors):
+        """`sum_k ||t_k||^2` in the statistics dtype: float32 squares summed into a float64 total, redone
+        in float64 where that total is not finite or below 1e-20 (as `distribute.sqr_norm_sum`)."""
+        dtype = self._statistics_dtype
+        if dtype == "float32":
+            return sum(ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors)
+
+        def fast_dtype(t):
+            return "float64" if keras.backend.standardize_dtype(t.dtype) == "float64" else "float32"
+
+        fast = sum(ops.cast(ops.sum(ops.square(ops.cast(t, fast_dtype(t)))), "float64") for t in tensors)
+        return ops.cond(
+            ops.logical_and(ops.isfinite(fast), fast >= _SMALLEST_FAST_SUM),
+            lambda: fast,
+            lambda: sum(ops.sum(ops.square(ops.cast(t, "float64"))) for t in tensors),
+        )
+
+    def _statistic_gradients(self, grads, variables):
+        """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
+        return grads
+
+    def _update_variables(self, distribution, grads_and_vars, learning_rate):
+        """The optimizer's `update_step(gradient, variable, learning_rate)` on every variable."""
+        for grad, variable in grads_and_vars:
+            self.update_step(grad, variable, learning_rate)
+
+    def _assign_in_update(self, distribution, variable, value):
+        self.assign(variable, value)
+
+    def _apply_update(self, distribution, grads_and_vars, learning_rate, state):
+        """A finite update: the update rule on every variable."""
+        self._update_variables(distribution, grads_and_vars, learning_rate)
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        configured = bool(self._configuration.steps)
+        setting = self._scale_setting()
+        counters_dtype = keras.backend.standardize_dtype(self._setting_counters.dtype)
+        micro_step = ops.cast(ops.convert_to_tensor(self._iterations.value), counters_dtype)
+        local = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        if configured:
+            accumulators = [self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables]
+            sums = [ops.convert_to_tensor(a.value) + ops.cast(g, a.dtype) for a, g in zip(accumulators, grads)]
+            statistic_sum = ops.convert_to_tensor(self._sample_sqr_norm_accumulator.value) + local
+            statistic_accumulators = [self._sample_sqr_norm_accumulator]
+        else:
+            accumulators, sums, statistic_sum, statistic_accumulators = [], list(grads), local, []
+        written = self._written_variables(trainable_variables)
+        state_variables = [self._state_floats, self._state_counters, self._setting_counters, self._setting_scales]
+        targets = list(trainable_variables) + written + accumulators + statistic_accumulators + state_variables
+
+        def update():
+            return self._update_values(sums, statistic_sum, trainable_variables, written, setting, micro_step,
+                                       configured)
+
+        def accumulate():
+            return ([ops.convert_to_tensor(v.value) for v in list(trainable_variables) + written]
+                    + sums + ([statistic_sum] if configured else [])
+                    + [ops.convert_to_tensor(v.value) for v in state_variables])
+
+        values = ops.cond(setting_lib.is_update_step(setting, micro_step), update, accumulate) if configured \
+            else update()
+        for variable, value in zip(targets, values):
+            variable.assign(value)
+
+    def _written_variables(self, trainable_variables):
+        """The optimizer variables an update rule may write: its slots (momentum, Adam's moments...)."""
+        own = {id(v) for v in [self._iterations, self._state_floats, self._state_counters, self._setting_counters,
+                               self._setting_scales]}
+        own |= {id(v) for v in getattr(self, "_accumulated_gradients", None) or []}
+        if self._configuration.steps:
+            own.add(id(self._sample_sqr_norm_accumulator))
+        if isinstance(self._learning_rate, keras.Variable):
+            own.add(id(self._learning_rate))
+        return [v for v in self.variables if id(v) not in own]
+
+    def _update_values(self, sums, statistic_sum, trainable_variables, written, setting, micro_step, configured):
+        """The values after the update that completes at `micro_step` (pure: nothing is assigned)."""
+        dtype = self._statistics_dtype
+        micro_batches = setting_lib.accumulated(setting, micro_step)
+        grads = [s / ops.cast(micro_batches, s.dtype) for s in sums]
+        mean_sqr_norm = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        scale = ops.cast(setting_lib.update_scale(setting, micro_batches, TENSORS), dtype)
+        state, finite = self._state_step(
+            self._read_state(), statistic_sum, mean_sqr_norm, ops.cast(self.learning_rate, "float32"),
+            ops.cast(micro_batches, dtype), scale, self._smoothing_tensor(scale),
+        )
+        grads = super()._clip_gradients(grads)
+        rule_variables = list(trainable_variables) + written
+        current = [ops.convert_to_tensor(v.value) for v in rule_variables]
+        mapping = list(zip(rule_variables, current))
+        mapping += [(v, ops.convert_to_tensor(v.value)) for v in self.variables if id(v) not in
+                    {id(r) for r in rule_variables}]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self._apply_update(None, list(zip(grads, trainable_variables)), state.effective_learning_rate, state)
+        updated = [ops.where(finite, scope.get_current_value(v), old) for v, old in zip(rule_variables, current)]
+        # the accumulators start the next update from zero
+        zeros = [ops.zeros_like(s) for s in sums] + [ops.zeros_like(statistic_sum)] if configured else []
+        next_setting = setting_lib.complete(setting, micro_step, TENSORS)
+        counters, scales = setting_lib.values(next_setting, self._configuration, TENSORS,
+                                              self._setting_counters.value, self._setting_scales.value)
+        floats = ops.stack([ops.cast(getattr(state, f), dtype) for f in gain_lib.FLOAT_FIELDS])
+        state_counters = ops.stack([getattr(state, f) for f in gain_lib.COUNTER_FIELDS])
+        return updated + zeros + [floats, state_counters, ops.stack(counters), ops.stack(scales)]

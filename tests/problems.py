@@ -1,0 +1,69 @@
+"""The least-squares problem with exact per-batch gradients and the reference's run over its rows.
+
+Backend-neutral (Keras and NumPy only): the TensorFlow tests (through conftest) and the JAX and
+PyTorch tests (tests_backends/) share it.
+"""
+
+import keras
+import numpy as np
+
+from reference import AdaScaleReference
+
+
+class LeastSquares:
+    """y = X w* + c* + noise; loss = mean((X w + c - y)^2) per batch, as keras 'mse'."""
+
+    def __init__(self, num_examples, dim=3, seed=0):
+        rng = np.random.RandomState(seed)
+        self.x = rng.randn(num_examples, dim).astype(np.float32)
+        true_w = rng.randn(dim, 1).astype(np.float32)
+        self.y = (self.x @ true_w + 0.5 + rng.randn(num_examples, 1)).astype(np.float32)
+        self.dim = dim
+        self.initial = (0.1 * rng.randn(dim + 1)).astype(np.float32)
+
+    @classmethod
+    def from_arrays(cls, x, y, initial):
+        """The problem on given float32 data `x` (rows, dim), `y` (rows, 1), from `initial` [kernel..., bias]."""
+        problem = cls.__new__(cls)
+        problem.x, problem.y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        problem.dim = problem.x.shape[1]
+        problem.initial = np.asarray(initial, np.float32)
+        return problem
+
+    def gradient(self, params, start, stop):
+        """Exact gradient of the batch loss w.r.t. [kernel..., bias], float64."""
+        x = self.x[start:stop].astype(np.float64)
+        y = self.y[start:stop, 0].astype(np.float64)
+        residual = x @ params[:-1] + params[-1] - y
+        scale = 2.0 / len(y)
+        return np.concatenate([scale * x.T @ residual, [scale * residual.sum()]])
+
+    def model(self):
+        model = keras.Sequential([keras.Input((self.dim,)), keras.layers.Dense(1)])
+        model.set_weights([self.initial[:-1].reshape(-1, 1), self.initial[-1:]])
+        return model
+
+
+BATCH = 8  # examples per gradient sample (per replica, per micro-batch) in the reference drivers
+
+
+def reference_history(problem, samples, updates, reference=None, first=0, scale=None, **kwargs):
+    """The reference over `updates` updates of `samples` gradient samples each.
+
+    Sample i of update u is the i-th batch of BATCH rows from row (first + u) * samples * BATCH.
+    `scale` (S) defaults to `samples` (N).
+
+    Returns:
+        `(reference, [(params, gain, tau) after each update])`.
+    """
+    reference = reference or AdaScaleReference(
+        problem.initial, scale=samples if scale is None else scale, **kwargs
+    )
+    history = []
+    for update in range(first, first + updates):
+        base = update * samples * BATCH
+        reference.step(
+            [problem.gradient(reference.params, base + i * BATCH, base + (i + 1) * BATCH) for i in range(samples)]
+        )
+        history.append((reference.params.copy(), reference.gain, reference.tau))
+    return reference, history

@@ -1,0 +1,23 @@
+"""The backends benchmark's quick mode runs on this backend and ends with its JSON line (no timing asserted)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from conftest import BACKEND
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "backends_overhead.py"
+
+
+def test_backends_overhead_quick_prints_the_ratio_to_keras_sgd(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps-per-update", "2"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": BACKEND})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["backend"] == BACKEND and summary["accumulation_steps"] == 2
+    row = summary["results"]["mlp_small"]
+    assert row["parameters"] == 784 * 128 + 128 + 128 * 10 + 10
+    assert row["ratio_q1"] <= row["ratio_median"] <= row["ratio_q3"]
+    assert row["keras_ms_per_update"] > 0 and row["adascale_ms_per_update"] > 0

@@ -1,0 +1,272 @@
+"""AdaScaleSGD and AdaScaleAdam on JAX and PyTorch against the NumPy reference, update by update.
+
+Gradient accumulation gives N = k samples per update (one replica); S = k unless `scale` is given.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adascale
+from conftest import BACKEND, Recorder, flat_weights
+from problems import BATCH, LeastSquares, reference_history
+from reference import AdaScaleAdamReference, piecewise_constant
+
+STEPS = 4
+UPDATES = 6
+SCHEDULE = ([3, 7], [0.05, 0.02, 0.01])
+
+SGD_OPTIONS = {
+    "plain": {"learning_rate": 0.1},
+    "momentum": {"learning_rate": 0.05, "momentum": 0.9},
+    "nesterov": {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+    "weight_decay": {"learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.05},
+    "schedule_at_tau": {"learning_rate": "schedule", "momentum": 0.9},
+}
+
+
+def keras_rate(options):
+    if options.get("learning_rate") != "schedule":
+        return options
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(*SCHEDULE)
+    return {**options, "learning_rate": keras_adascale.ScaleInvariantSchedule(schedule)}
+
+
+def reference_rate(options):
+    if options.get("learning_rate") != "schedule":
+        return options
+    return {**options, "learning_rate": piecewise_constant(*SCHEDULE)}
+
+
+def fit(problem, optimizer, steps, updates, first=0):
+    """`model.fit` over the rows the reference takes; `[(weights, gain, tau) after each update]`."""
+    model = problem.model()
+    model.compile(optimizer=optimizer, loss="mse")
+    start, stop = first * steps * BATCH, (first + updates) * steps * BATCH
+    recorder = Recorder(every=steps)
+    model.fit(problem.x[start:stop], problem.y[start:stop], batch_size=BATCH, shuffle=False, callbacks=[recorder],
+              verbose=0)
+    return model, recorder.history
+
+
+def assert_same_history(actual, expected):
+    assert len(actual) == len(expected)
+    for (weights, gain, tau), (params, expected_gain, expected_tau) in zip(actual, expected):
+        np.testing.assert_allclose(weights, params, rtol=2e-5, atol=1e-6)
+        assert gain == pytest.approx(expected_gain, rel=1e-5)
+        assert tau == pytest.approx(expected_tau, rel=1e-5)
+
+
+@pytest.fixture
+def problem():
+    return LeastSquares(num_examples=64 * BATCH, seed=3)
+
+
+def test_importing_the_package_and_training_loads_no_tensorflow():
+    script = ("import sys, numpy as np, keras, keras_adascale\n"
+              "opt = keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2)\n"
+              "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+              "m.compile(optimizer=opt, loss='mse')\n"
+              "m.fit(np.ones((16, 3), 'float32'), np.ones((16, 1), 'float32'), batch_size=4, verbose=0,\n"
+              "      callbacks=[keras_adascale.AdaScaleCallback(total_steps=100), keras_adascale.AutoScale(verbose=0)])\n"
+              "print(sorted(name for name in sys.modules if name.split('.')[0] == 'tensorflow'))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KERAS_BACKEND": BACKEND})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(SGD_OPTIONS))
+def test_sgd_with_accumulation_matches_the_reference_update_by_update(problem, name):
+    options = SGD_OPTIONS[name]
+    _, expected = reference_history(problem, STEPS, UPDATES, **reference_rate(options))
+    optimizer = keras_adascale.AdaScaleSGD(gradient_accumulation_steps=STEPS, **keras_rate(options))
+    _, actual = fit(problem, optimizer, STEPS, UPDATES)
+    assert_same_history(actual, expected)
+    assert 1.0 < expected[-1][1] < STEPS  # noisy enough for the gain to matter
+    if name == "schedule_at_tau":
+        assert expected[0][2] < SCHEDULE[0][0] and expected[-2][2] > SCHEDULE[0][1]  # both boundaries crossed
+
+
+def test_scale_apart_from_the_samples_matches_the_reference(problem):
+    _, expected = reference_history(problem, STEPS, UPDATES, scale=10, learning_rate=0.05, momentum=0.9)
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, scale=10, gradient_accumulation_steps=STEPS)
+    _, actual = fit(problem, optimizer, STEPS, UPDATES)
+    assert_same_history(actual, expected)
+    assert optimizer.scale == 10 and optimizer.samples_per_update == STEPS
+
+
+@pytest.mark.parametrize("options", [
+    {"learning_rate": 0.05},
+    {"learning_rate": 0.05, "weight_decay": 0.1, "amsgrad": True},
+    {"learning_rate": 0.05, "statistics": "preconditioned"},
+], ids=["adam", "adamw_amsgrad", "preconditioned"])
+def test_adam_with_accumulation_matches_the_reference_update_by_update(problem, options):
+    reference = AdaScaleAdamReference(problem.initial, scale=STEPS, **options)
+    _, expected = reference_history(problem, STEPS, UPDATES, reference=reference)
+    optimizer = keras_adascale.AdaScaleAdam(gradient_accumulation_steps=STEPS, **options)
+    _, actual = fit(problem, optimizer, STEPS, UPDATES)
+    assert_same_history(actual, expected)
+
+
+def test_a_custom_loop_matches_the_reference(problem):
+    """The backend's own loop: `stateless_apply` inside `jax.jit` on JAX, `apply` on PyTorch."""
+    _, expected = reference_history(problem, STEPS, UPDATES, learning_rate=0.05, momentum=0.9)
+    model = problem.model()
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    optimizer.build(model.trainable_variables)
+    actual = []
+    if BACKEND == "jax":
+        import jax
+
+        def loss_fn(trainable, x, y):
+            prediction, _ = model.stateless_call(trainable, [], x)
+            return keras.ops.mean(keras.ops.square(prediction - y))
+
+        @jax.jit
+        def train_step(trainable, optimizer_variables, x, y):
+            grads = jax.grad(loss_fn)(trainable, x, y)
+            return optimizer.stateless_apply(optimizer_variables, grads, trainable)
+
+        trainable = [v.value for v in model.trainable_variables]
+        optimizer_variables = [v.value for v in optimizer.variables]
+        for batch in range(STEPS * UPDATES):
+            rows = slice(batch * BATCH, (batch + 1) * BATCH)
+            trainable, optimizer_variables = train_step(trainable, optimizer_variables, problem.x[rows],
+                                                        problem.y[rows])
+            if (batch + 1) % STEPS == 0:
+                for variable, value in zip(model.trainable_variables, trainable):
+                    variable.assign(value)
+                for variable, value in zip(optimizer.variables, optimizer_variables):
+                    variable.assign(value)
+                snapshot = optimizer.snapshot()
+                actual.append((flat_weights(model), snapshot["gain"], snapshot["scale_invariant_iterations"]))
+    else:
+        import torch
+
+        for batch in range(STEPS * UPDATES):
+            rows = slice(batch * BATCH, (batch + 1) * BATCH)
+            x, y = torch.as_tensor(problem.x[rows]), torch.as_tensor(problem.y[rows])
+            model.zero_grad()
+            loss = torch.mean(torch.square(model(x) - y))
+            loss.backward()
+            grads = [v.value.grad for v in model.trainable_variables]
+            with torch.no_grad():
+                optimizer.apply(grads, model.trainable_variables)
+            if (batch + 1) % STEPS == 0:
+                snapshot = optimizer.snapshot()
+                actual.append((flat_weights(model), snapshot["gain"], snapshot["scale_invariant_iterations"]))
+    assert_same_history(actual, expected)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == UPDATES
+
+
+def test_changing_the_accumulation_steps_during_fit_matches_the_reference(problem):
+    """k 4 -> 2 between two fits (S keeps its ratio to N): no retrace needed, the reference at the new N."""
+    reference, first = reference_history(problem, STEPS, 3, learning_rate=0.05, momentum=0.9)
+    reference.scale = 2
+    _, second = reference_history(problem, 2, 4, reference=reference, first=3 * STEPS // 2)
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    model, actual = fit(problem, optimizer, STEPS, 3)
+    optimizer.set_accumulation_steps(2)
+    assert optimizer.accumulation_steps == 2 and optimizer.scale == 2
+    recorder = Recorder(every=2)
+    start = 3 * STEPS * BATCH
+    model.fit(problem.x[start:start + 4 * 2 * BATCH], problem.y[start:start + 4 * 2 * BATCH], batch_size=BATCH,
+              shuffle=False, callbacks=[recorder], verbose=0)
+    assert_same_history(actual + recorder.history, first + second)
+
+
+def test_the_update_is_computed_once_per_update_not_at_every_micro_batch(problem):
+    """On JAX the update is a branch of `lax.cond`: a side effect in it runs once per update."""
+    calls = []
+
+    class Counted(keras_adascale.AdaScaleSGD):
+        def _update_values(self, *args, **kwargs):
+            if BACKEND == "jax":
+                import jax
+
+                jax.debug.callback(lambda: calls.append(1))
+            else:
+                calls.append(1)
+            return super()._update_values(*args, **kwargs)
+
+    optimizer = Counted(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    fit(problem, optimizer, STEPS, 3)
+    assert len(calls) == 3  # 3 updates of 4 micro-batches: not 12
+
+
+def test_a_non_finite_gradient_skips_the_update_and_training_goes_on(problem):
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+    model = problem.model()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = problem.x[:8 * BATCH].copy(), problem.y[:8 * BATCH].copy()
+    y[2 * BATCH] = np.nan  # the first micro-batch of the second update
+    recorder = Recorder(every=2)  # through `self.model`, which on JAX syncs the state into the variables
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[recorder])
+    weights = [row[0] for row in recorder.history]
+    snapshot = optimizer.snapshot()
+    assert snapshot["skipped_updates"] == 1
+    np.testing.assert_array_equal(weights[1], weights[0])  # the skipped update left the weights
+    assert np.all(np.isfinite(weights[-1])) and not np.array_equal(weights[-1], weights[1])
+    assert np.isfinite(snapshot["gain"]) and int(keras.ops.convert_to_numpy(optimizer.iterations)) == 4
+
+
+def test_save_and_load_resume_exactly(problem, tmp_path):
+    straight = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    _, expected = fit(problem, straight, STEPS, 4)
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    model, first = fit(problem, optimizer, STEPS, 2)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert type(loaded.optimizer) is keras_adascale.AdaScaleSGD
+    recorder = Recorder(every=STEPS)
+    start = 2 * STEPS * BATCH
+    loaded.fit(problem.x[start:start + 2 * STEPS * BATCH], problem.y[start:start + 2 * STEPS * BATCH],
+               batch_size=BATCH, shuffle=False, callbacks=[recorder], verbose=0)
+    for (weights, gain, tau), (expected_weights, expected_gain, expected_tau) in zip(first + recorder.history,
+                                                                                       expected):
+        np.testing.assert_array_equal(weights, expected_weights)
+        assert (gain, tau) == (expected_gain, expected_tau)
+
+
+def test_the_statistics_are_float64_where_the_backend_has_it():
+    optimizer = keras_adascale.AdaScaleSGD(gradient_accumulation_steps=2)
+    if BACKEND == "torch":
+        assert optimizer._statistics_dtype == "float64" and optimizer._counters_dtype == "int64"
+    else:  # JAX without x64 (its default) has neither float64 nor int64: asked for, it warns and gives 32 bits
+        import jax
+
+        assert not jax.config.jax_enable_x64
+        assert optimizer._statistics_dtype == "float32" and optimizer._counters_dtype == "int32"
+    assert keras.backend.standardize_dtype(optimizer._state_floats.dtype) == optimizer._statistics_dtype
+
+
+def test_autoscale_changes_the_count_in_fit(problem):
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=2)
+    model = problem.model()
+    model.compile(optimizer=optimizer, loss="mse")
+    callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=64.0, max_steps=8, verbose=0)
+    model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 2
+
+
+def test_non_finite_raise_is_raised_by_the_callback_after_the_batch(problem):
+    optimizer = keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, non_finite="raise")
+    model = problem.model()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = problem.x[:8 * BATCH].copy(), problem.y[:8 * BATCH].copy()
+    y[2 * BATCH] = np.nan
+    with pytest.raises(FloatingPointError, match="skipped an update for NaN or Inf gradients at batch 3"):
+        model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0,
+                  callbacks=[keras_adascale.AdaScaleCallback(total_steps=100)])
+
+
+def test_use_ema_is_refused_naming_the_backend(problem):
+    model = problem.model()
+    with pytest.raises(ValueError, match=f"does not support `use_ema=True` on the {BACKEND} backend"):
+        keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, use_ema=True).build(
+            model.trainable_variables)
