@@ -25,6 +25,8 @@ import json
 import statistics
 import time
 
+import timing
+
 STEPS = 2  # k: the count of both runs (the runner's auto_overhead config: S = 2 on one device)
 
 
@@ -51,15 +53,6 @@ def main(argv=None):
     import keras_adascale
     from keras_adascale.experiments import models
 
-    class BatchEnds(keras.callbacks.Callback):
-        """Listed last: the time from one batch end to the next covers the step and every callback."""
-
-        def on_train_begin(self, logs=None):
-            self.ends = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
     class TimedAutoScale(keras_adascale.AutoScale):
         """AutoScale with the time spent in its per-batch hooks summed."""
 
@@ -84,7 +77,7 @@ def main(argv=None):
     total_steps = 1e9  # T_SI far away: the windows train on, never stopped by the callback
     optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=STEPS)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    timer = BatchEnds()
+    timer = timing.batch_end_timer()
     # The runner's auto run (saved_configs/auto_overhead.yaml: T_SI = 800, 40 decisions after a warm-up of
     # T_SI / 20): a decision every 19 of tau at any update, aligned changes, one count allowed.
     autoscale = TimedAutoScale(interval=19.0, warmup=40.0, min_steps=STEPS, max_steps=STEPS,
@@ -104,7 +97,7 @@ def main(argv=None):
     auto_hooks, auto_updates = 0.0, 0
     order = ["fixed", "auto"]
     for window in range(2 * args.windows):
-        name = order[(window // 2 + window) % 2]  # fixed, auto, auto, fixed, fixed, auto, ...
+        name = timing.alternated(window, order)  # fixed, auto, auto, fixed, fixed, auto, ...
         hooks_before = TimedAutoScale.seconds
         model.fit(data, epochs=1, steps_per_epoch=args.steps, callbacks=callbacks[name], verbose=0)
         gaps = np.diff(timer.ends)  # steps - 1 intervals, each one micro-batch

@@ -20,6 +20,8 @@ import json
 import statistics
 import time
 
+import timing
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,13 +52,6 @@ def main(argv=None):
 
     import keras_adascale
 
-    class BatchEnds(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.ends = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
     k = args.steps_per_update
     micro_batches = args.steps * k
     rng = np.random.default_rng(0)
@@ -72,7 +67,7 @@ def main(argv=None):
             model = build(name, keras)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             models[label] = model
-        timer = BatchEnds()
+        timer = timing.batch_end_timer()
 
         def window(label):
             models[label].fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
@@ -83,7 +78,7 @@ def main(argv=None):
         times = {"keras": [], "adascale": []}
         order = ["keras", "adascale"]
         for index in range(2 * args.windows):
-            label = order[(index // 2 + index) % 2]  # keras, adascale, adascale, keras, ...
+            label = timing.alternated(index, order)  # keras, adascale, adascale, keras, ...
             times[label].append(window(label))
         ratios = [a / b for a, b in zip(times["adascale"], times["keras"])]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3

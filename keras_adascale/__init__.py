@@ -105,3 +105,7 @@ if not _started_as_command_line():
             if keras.backend.backend() != "tensorflow":
                 continue  # asked for by name, it says what it needs
         __getattr__(_name)
+    import keras
+
+    if keras.backend.backend() != "tensorflow":  # `from keras_adascale import *` takes what runs here
+        __all__ = [name for name in __all__ if name not in _TENSORFLOW_ONLY]

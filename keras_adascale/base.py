@@ -300,9 +300,9 @@ class AdaScaleBase(AdaScaleMechanics):
 
     @property
     def scale_invariant_iterations(self):
-        """tau, the sum of the gains of all updates so far (a float64 tensor where the backend has float64)."""
+        """tau, the sum of the gains of all updates so far (a float64 tensor; float32 on JAX without x64)."""
         state = self._read_state()
-        dtype = self._statistics_dtype
+        dtype = "float64" if self._has_64_bits() else "float32"
         return ops.cast(state.tau_whole, dtype) + ops.cast(state.tau_fraction, dtype)
 
     @property

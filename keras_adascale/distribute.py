@@ -221,6 +221,11 @@ class AdaScaleMechanics:
     def _replicas_in_sync(self):
         return self._strategy.num_replicas_in_sync
 
+    @staticmethod
+    def _has_64_bits():
+        """float64 and int64 tensors (TensorFlow has them on every device it places them on)."""
+        return True
+
     def _choose_statistics_dtype(self):
         # float64 statistics square any float32 gradient without overflow or underflow; TPUs have no float64.
         return "float32" if isinstance(self._strategy, tf.distribute.TPUStrategy) else "float64"

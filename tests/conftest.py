@@ -27,7 +27,8 @@ import keras  # noqa: E402  (after the devices are set)
 
 import keras_adascale  # noqa: E402
 
-from problems import BATCH, LeastSquares, reference_history  # noqa: E402,F401 (drivers the tests import from here)
+from problems import (BATCH, LeastSquares, Recorder, assert_same_history, flat_weights,  # noqa: E402,F401
+                      reference_history)  # (drivers the tests import from here)
 
 
 def mse_replica_step(model, optimizer, global_batch_size):
@@ -41,23 +42,6 @@ def mse_replica_step(model, optimizer, global_batch_size):
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     return replica_fn
-
-
-class Recorder(keras.callbacks.Callback):
-    """Records (weights, gain, tau) after every `every`-th batch: after each update."""
-
-    def __init__(self, every=1):
-        super().__init__()
-        self.every = every
-        self.history = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.every:
-            return
-        optimizer = self.model.optimizer
-        self.history.append(
-            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
-        )
 
 
 def fit_accumulated(model, problem, samples, updates, first=0):
@@ -150,19 +134,6 @@ def assert_same_finished_models(first, second):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(one.optimizer.variables, other.optimizer.variables):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
-
-
-def assert_same_history(actual, expected):
-    assert len(actual) == len(expected)
-    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
-        np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
-        assert gain == pytest.approx(ref_gain, rel=1e-5)
-        assert tau == pytest.approx(ref_tau, rel=1e-5)
-
-
-def flat_weights(model):
-    kernel, bias = model.get_weights()
-    return np.concatenate([kernel.ravel(), bias.ravel()]).astype(np.float64)
 
 
 @pytest.fixture

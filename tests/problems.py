@@ -1,4 +1,5 @@
-"""The least-squares problem with exact per-batch gradients and the reference's run over its rows.
+"""The least-squares problem with exact per-batch gradients, the reference's run over its rows, and the
+recording of a Keras run to compare with it.
 
 Backend-neutral (Keras and NumPy only): the TensorFlow tests (through conftest) and the JAX and
 PyTorch tests (tests_backends/) share it.
@@ -6,6 +7,7 @@ PyTorch tests (tests_backends/) share it.
 
 import keras
 import numpy as np
+import pytest
 
 from reference import AdaScaleReference
 
@@ -67,3 +69,33 @@ def reference_history(problem, samples, updates, reference=None, first=0, scale=
         )
         history.append((reference.params.copy(), reference.gain, reference.tau))
     return reference, history
+
+
+def flat_weights(model):
+    kernel, bias = model.get_weights()
+    return np.concatenate([kernel.ravel(), bias.ravel()]).astype(np.float64)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records (weights, gain, tau) after every `every`-th batch: after each update."""
+
+    def __init__(self, every=1):
+        super().__init__()
+        self.every = every
+        self.history = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every:
+            return
+        optimizer = self.model.optimizer
+        self.history.append(
+            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
+        )
+
+
+def assert_same_history(actual, expected):
+    assert len(actual) == len(expected)
+    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
+        np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
+        assert gain == pytest.approx(ref_gain, rel=1e-5)
+        assert tau == pytest.approx(ref_tau, rel=1e-5)

@@ -11,8 +11,9 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from problems import Recorder, assert_same_history, flat_weights  # noqa: E402,F401 (the tests import them from here)
 
 BACKEND = keras.backend.backend()
 if BACKEND not in ("jax", "torch"):
@@ -22,26 +23,6 @@ if BACKEND not in ("jax", "torch"):
 
 def pytest_report_header(config):
     return f"Keras {keras.__version__} on its {BACKEND} backend"
-
-
-def flat_weights(model):
-    kernel, bias = model.get_weights()
-    return np.concatenate([np.ravel(kernel), np.ravel(bias)]).astype(np.float64)
-
-
-class Recorder(keras.callbacks.Callback):
-    """(weights, gain, tau) after every `every`-th batch: after each update."""
-
-    def __init__(self, every=1):
-        super().__init__()
-        self.every = every
-        self.history = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.every:
-            return
-        snapshot = self.model.optimizer.snapshot()
-        self.history.append((flat_weights(self.model), snapshot["gain"], snapshot["scale_invariant_iterations"]))
 
 
 @pytest.fixture(autouse=True)

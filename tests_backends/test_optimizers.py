@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import keras_adascale
-from conftest import BACKEND, Recorder, flat_weights
+from conftest import BACKEND, Recorder, assert_same_history, flat_weights
 from problems import BATCH, LeastSquares, reference_history
 from reference import AdaScaleAdamReference, piecewise_constant
 
@@ -51,14 +51,6 @@ def fit(problem, optimizer, steps, updates, first=0):
     model.fit(problem.x[start:stop], problem.y[start:stop], batch_size=BATCH, shuffle=False, callbacks=[recorder],
               verbose=0)
     return model, recorder.history
-
-
-def assert_same_history(actual, expected):
-    assert len(actual) == len(expected)
-    for (weights, gain, tau), (params, expected_gain, expected_tau) in zip(actual, expected):
-        np.testing.assert_allclose(weights, params, rtol=2e-5, atol=1e-6)
-        assert gain == pytest.approx(expected_gain, rel=1e-5)
-        assert tau == pytest.approx(expected_tau, rel=1e-5)
 
 
 @pytest.fixture
@@ -185,14 +177,14 @@ def test_the_update_is_computed_once_per_update_not_at_every_micro_batch(problem
     calls = []
 
     class Counted(keras_adascale.AdaScaleSGD):
-        def _update_values(self, *args, **kwargs):
+        def _statistics_step(self, *args, **kwargs):
             if BACKEND == "jax":
                 import jax
 
                 jax.debug.callback(lambda: calls.append(1))
             else:
                 calls.append(1)
-            return super()._update_values(*args, **kwargs)
+            return super()._statistics_step(*args, **kwargs)
 
     optimizer = Counted(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
     fit(problem, optimizer, STEPS, 3)
@@ -270,3 +262,13 @@ def test_use_ema_is_refused_naming_the_backend(problem):
     with pytest.raises(ValueError, match=f"does not support `use_ema=True` on the {BACKEND} backend"):
         keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, use_ema=True).build(
             model.trainable_variables)
+
+
+def test_a_star_import_takes_what_runs_here_and_the_tensorflow_only_name_says_what_it_needs():
+    namespace = {}
+    exec("from keras_adascale import *", namespace)
+    assert {"AdaScaleSGD", "AdaScaleAdam", "AdaScaleCallback", "AutoScale", "ScalePolicy",
+            "ScaleInvariantSchedule"} <= set(namespace)
+    assert "enable_multi_worker_fit" not in namespace
+    with pytest.raises(ImportError, match="patches Keras's TensorFlow trainer.*Set KERAS_BACKEND=tensorflow"):
+        keras_adascale.enable_multi_worker_fit  # noqa: B018
