@@ -32,6 +32,12 @@ from keras_adascale.numerics import TENSORS
 _SMALLEST_FAST_SUM = 1e-20
 
 
+def _squared_norm(tensor, dtype):
+    """`||t||^2` in `dtype`: one dot product of the flattened tensor with itself (no tensor of squares)."""
+    flat = ops.reshape(ops.cast(tensor, dtype), [-1])
+    return ops.vdot(flat, flat)
+
+
 def _x64_enabled():
     import jax
 
@@ -128,16 +134,16 @@ class AdaScaleMechanics:
         in float64 where that total is not finite or below 1e-20 (as `distribute.sqr_norm_sum`)."""
         dtype = self._statistics_dtype
         if dtype == "float32":
-            return sum(ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors)
+            return sum(_squared_norm(t, "float32") for t in tensors)
 
         def fast_dtype(t):
             return "float64" if keras.backend.standardize_dtype(t.dtype) == "float64" else "float32"
 
-        fast = sum(ops.cast(ops.sum(ops.square(ops.cast(t, fast_dtype(t)))), "float64") for t in tensors)
+        fast = sum(ops.cast(_squared_norm(t, fast_dtype(t)), "float64") for t in tensors)
         return ops.cond(
             ops.logical_and(ops.isfinite(fast), fast >= _SMALLEST_FAST_SUM),
             lambda: fast,
-            lambda: sum(ops.sum(ops.square(ops.cast(t, "float64"))) for t in tensors),
+            lambda: sum(_squared_norm(t, "float64") for t in tensors),
         )
 
     def _statistic_gradients(self, grads, variables):
@@ -176,9 +182,10 @@ class AdaScaleMechanics:
         scalar), the statistics, then the update rule in place where the gradients are finite."""
         accumulators = self._accumulators(trainable_variables)
         if accumulators:
+            # In place (Keras's `assign_add` on PyTorch makes a new tensor and copies it back).
             for accumulator, grad in zip(accumulators, grads):
-                accumulator.assign_add(ops.cast(grad, accumulator.dtype))
-            self._sample_sqr_norm_accumulator.assign_add(local)
+                accumulator.value.add_(ops.cast(grad, accumulator.dtype))
+            self._sample_sqr_norm_accumulator.value.add_(local)
             if not bool(setting_lib.is_update_step(setting, micro_step)):
                 return
             sums = [ops.convert_to_tensor(a.value) for a in accumulators]
@@ -192,7 +199,7 @@ class AdaScaleMechanics:
         for variable, value in zip(self._state_variables(), values):
             variable.assign(value)
         for accumulator in accumulators + ([self._sample_sqr_norm_accumulator] if accumulators else []):
-            accumulator.assign(ops.zeros_like(accumulator.value))
+            accumulator.value.zero_()
 
     def _traced_apply(self, grads, trainable_variables, local, setting, micro_step):
         """JAX (traced): the update is one branch of `lax.cond`, run on the micro-batch that completes it; both
