@@ -10,7 +10,6 @@ measure (`_statistic_gradients`) or what an applied update does besides (`_apply
 
 import functools
 import warnings
-from typing import NamedTuple
 
 import keras
 import numpy as np

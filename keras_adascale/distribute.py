@@ -30,11 +30,6 @@ def _xla_available():
     return any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
 
 
-# Below this, float32 squares may have lost precision (squares under ~1e-38 are
-# subnormal or zero): the sum is redone in float64.
-_SMALLEST_FAST_SUM = 1e-20
-
-
 def _dense(tensor, dtype):
     if isinstance(tensor, tf.IndexedSlices):  # repeated rows add up before squaring
         tensor = tf.IndexedSlices(tf.cast(tensor.values, dtype), tensor.indices, tensor.dense_shape)
@@ -71,7 +66,7 @@ def sqr_norm_sum(tensors, dtype="float64"):
         [_dense(t, tf.float64 if t.dtype == tf.float64 else tf.float32) for t in tensors], tf.float64
     )
     return tf.cond(
-        tf.logical_and(tf.math.is_finite(fast), fast >= _SMALLEST_FAST_SUM),
+        tf.logical_and(tf.math.is_finite(fast), fast >= gain_lib.SMALLEST_FAST_SUM),
         lambda: fast,
         lambda: _sum_of_squares([_dense(t, tf.float64) for t in tensors], tf.float64),
     )

@@ -27,11 +27,6 @@ from keras_adascale import gain as gain_lib
 from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import TENSORS
 
-# Below this, float32 squares may have lost precision (squares under ~1e-38 are subnormal or zero):
-# where there is float64, the sum is redone in it (as on TensorFlow).
-_SMALLEST_FAST_SUM = 1e-20
-
-
 def _squared_norm(tensor, dtype):
     """`||t||^2` in `dtype`: one dot product of the flattened tensor with itself (no tensor of squares)."""
     flat = ops.reshape(ops.cast(tensor, dtype), [-1])
@@ -141,7 +136,7 @@ class AdaScaleMechanics:
 
         fast = sum(ops.cast(_squared_norm(t, fast_dtype(t)), "float64") for t in tensors)
         return ops.cond(
-            ops.logical_and(ops.isfinite(fast), fast >= _SMALLEST_FAST_SUM),
+            ops.logical_and(ops.isfinite(fast), fast >= gain_lib.SMALLEST_FAST_SUM),
             lambda: fast,
             lambda: sum(_squared_norm(t, "float64") for t in tensors),
         )

@@ -40,6 +40,10 @@ class AdaScaleState(NamedTuple):
     skipped_updates: object
 
 
+# Below this, a sum of float32 squares may have lost precision (squares under ~1e-38 are subnormal or
+# zero): the mechanics' sums of squares redo it in float64 there.
+SMALLEST_FAST_SUM = 1e-20
+
 # How an `AdaScaleState` is stored: the statistics-dtype fields (the float32 ones held exactly in it) in
 # one variable, the integer counters in another.
 FLOAT_FIELDS = (

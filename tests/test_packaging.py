@@ -206,28 +206,29 @@ def test_the_command_line_without_the_runners_packages_names_the_extra_and_exits
     assert result.stdout.strip() == "[]"  # said before TensorFlow is imported
 
 
-# Keras 3.15's numpy backend imports jax, which this environment lacks (the JAX and PyTorch tests have their
-# own, tests_backends/): so Keras can load neither numpy nor jax here.
-def test_importing_under_a_backend_keras_cannot_load_names_the_supported_ones():
-    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "2"}
+def import_error_under(backend):
+    """The last line `import keras_adascale` prints to stderr under KERAS_BACKEND=`backend`; it must fail."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-c", "import keras_adascale"], capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
+    return result.stderr.strip().splitlines()[-1]
+
+
+# Keras 3.15's numpy backend imports jax, which this environment lacks (the JAX and PyTorch tests have their
+# own, tests_backends/): so Keras can load neither numpy nor jax here.
+def test_importing_under_a_backend_keras_cannot_load_names_the_supported_ones():
+    last_line = import_error_under("numpy")
     assert last_line.startswith("ImportError: keras_adascale needs Keras's TensorFlow, JAX or PyTorch backend"), \
-        result.stderr[-3000:]
+        last_line
     assert "KERAS_BACKEND=numpy, which Keras could not load" in last_line
     assert "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax or KERAS_BACKEND=torch." in last_line
 
 
 def test_importing_under_a_supported_backend_that_is_not_installed_names_the_extra():
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", "import keras_adascale"], capture_output=True, text=True,
-                            timeout=120, env=env)
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
+    last_line = import_error_under("jax")
     assert last_line.startswith("ImportError: KERAS_BACKEND=jax, which Keras could not load (No module named 'jax')"), \
-        result.stderr[-3000:]
+        last_line
     assert last_line.endswith("Install it with pip install 'keras-adascale[jax]'.")
 
 
