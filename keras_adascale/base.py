@@ -139,6 +139,7 @@ class AdaScaleBase(AdaScaleMechanics):
             aggregation="only_first_replica",
             name="adascale_scale",
         )
+        self._add_backend_state_variables()
 
     def _resolved_setting(self):
         """`(ScaleSetting, same)` as tensors, from one read of the two variables (see `setting.resolve`)."""
@@ -307,12 +308,12 @@ class AdaScaleBase(AdaScaleMechanics):
     @property
     def gradient_variance(self):
         """The smoothed, bias-corrected estimate of sigma^2 (0.0 before any update)."""
-        return self._corrected_moments()[0]
+        return self._statistics_in_units(self._corrected_moments()[0])
 
     @property
     def gradient_sqr_norm(self):
         """The smoothed, bias-corrected estimate of mu^2 (0.0 before any update)."""
-        return self._corrected_moments()[1]
+        return self._statistics_in_units(self._corrected_moments()[1])
 
     @property
     def gradient_noise_scale(self):
@@ -383,13 +384,14 @@ class AdaScaleBase(AdaScaleMechanics):
             state.variance_average, state.sqr_norm_average, state.average_weight, NUMBERS)
         scale = setting.next_scale
         predicted = gain_lib.gain_ratio(variance, sqr_norm, NUMBERS.like(scale, variance), NUMBERS)
+        exponent = self._statistics_exponent_number()  # 0 but where float32 statistics keep one (JAX without x64)
         return {
             "gain": float(state.gain),
             "scale_invariant_iterations": float(state.tau_whole) + float(state.tau_fraction),
             "effective_learning_rate": float(state.effective_learning_rate),
             "skipped_updates": int(state.skipped_updates),
-            "gradient_variance": float(variance),
-            "gradient_sqr_norm": float(sqr_norm),
+            "gradient_variance": float(np.ldexp(np.float64(variance), exponent)),
+            "gradient_sqr_norm": float(np.ldexp(np.float64(sqr_norm), exponent)),
             "gradient_noise_scale": float(gain_lib.noise_scale(variance, sqr_norm, NUMBERS)),
             "scaling_efficiency": float(predicted) / scale,
             "scale": scale,

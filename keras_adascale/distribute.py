@@ -244,6 +244,17 @@ class AdaScaleMechanics:
         """A gradient as a dense tensor (`IndexedSlices` summed into rows)."""
         return tf.convert_to_tensor(gradient)
 
+    def _add_backend_state_variables(self):
+        return  # float64 statistics (float32 under TPUStrategy): sums of squares need no exponent of their own
+
+    @staticmethod
+    def _statistics_in_units(values, exponent=None):
+        return values
+
+    @staticmethod
+    def _statistics_exponent_number():
+        return 0
+
     def _add_statistic_accumulator(self, variables):
         """The per-replica accumulator of the micro-batches' sums of squares (in the words it travels as)."""
         dtypes = {tf.as_dtype(v.dtype) for v in variables}

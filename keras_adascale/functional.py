@@ -27,16 +27,70 @@ from keras_adascale import gain as gain_lib
 from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import TENSORS
 
-def _squared_norm(tensor, dtype):
-    """`||t||^2` in `dtype`: one dot product of the flattened tensor with itself (no tensor of squares)."""
-    flat = ops.reshape(ops.cast(tensor, dtype), [-1])
+def _squared_norm(tensor):
+    """`||t||^2` in float32: one dot product of the flattened tensor with itself (no tensor of squares)."""
+    flat = ops.reshape(ops.cast(tensor, "float32"), [-1])
     return ops.vdot(flat, flat)
 
 
-def _x64_enabled():
-    import jax
+# The statistics are float32 here, whatever the backend has. JAX has no float64 without x64, and Keras's
+# PyTorch backend computes many 64-bit operations in 32 bits (Keras 3.15.1's type promotion maps float64
+# to float32 and int64 to int32 on every backend but TensorFlow: `ops.maximum`, `ops.minimum`,
+# `ops.floor`, `ops.divide_no_nan` and `ops.vdot` of two float64 tensors give float32 on PyTorch,
+# and `ops.maximum` of two int64 ones int32), so a float64 state would be float32 at every update anyway.
+#
+# A square of a float32 gradient overflows above ~1.8e19 and is flushed to zero below ~1e-19 (XLA on a
+# CPU flushes subnormals). So every sum of squares is a block floating-point number `(mantissa, exponent)`,
+# the value `mantissa * 2**exponent`, with a float32 mantissa and an int32 exponent: taken in float32
+# (exponent 0) where it lies in [1e-20, 1e20] and, only where it does not, over the gradients scaled by a
+# power of two. The moving averages keep one shared exponent, renormalized after every update. The gain and
+# the noise scale are ratios of numbers of one exponent, read from the mantissas; the variance and the
+# squared norm are the mantissas times 2**exponent.
+LARGEST_FAST_SUM = 1e20
+_NO_EXPONENT = -(2**30)  # below any exponent: where a term is 0 (and its exponent arbitrary)
 
-    return bool(jax.config.jax_enable_x64)
+
+def _floor_log2(magnitude):
+    """floor(log2 m) as int32 where m is finite and positive (off by one at most, next to a power of two), else 0."""
+    usable = ops.logical_and(ops.isfinite(magnitude), magnitude > 0.0)
+    logarithm = ops.floor(ops.log2(ops.where(usable, magnitude, ops.ones_like(magnitude))))
+    return ops.where(usable, ops.cast(logarithm, "int32"), ops.zeros((), "int32"))
+
+
+def _scaled_sqr_norm_sum(tensors):
+    """`sum_k ||t_k||^2` as `(float32 mantissa, exponent)` for any finite float32 tensors: each scaled by
+    2^-e, e = floor(log2 max|t|) over all of them, before squaring (NaN or Inf stay in the mantissa)."""
+    tensors = [ops.cast(t, "float32") for t in tensors]
+    largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in tensors]))
+    shift = _floor_log2(largest)
+    mantissa = sum(_squared_norm(ops.ldexp(t, -shift)) for t in tensors)
+    return mantissa, 2 * shift
+
+
+def _present(mantissa):
+    """Whether a block number's exponent counts: a finite mantissa that is not 0."""
+    return ops.logical_and(mantissa != 0.0, ops.isfinite(mantissa))
+
+
+def _common_exponent(terms):
+    """The largest exponent among the terms `(present, exponent)` that are present; 0 where none is."""
+    low = ops.full((), _NO_EXPONENT, "int32")
+    common = low
+    for present, exponent in terms:
+        common = ops.maximum(common, ops.where(present, exponent, low))
+    return ops.where(common == low, ops.zeros((), "int32"), common)
+
+
+def _in_exponent(mantissa, exponent, common):
+    """`mantissa * 2**exponent` as a mantissa of `common` (>= exponent where the mantissa is not 0)."""
+    return ops.ldexp(mantissa, ops.where(mantissa != 0.0, exponent - common, ops.zeros((), "int32")))
+
+
+def _block_add(first, second):
+    """The sum of two block numbers, in the larger exponent of the two that are not 0."""
+    (m1, e1), (m2, e2) = first, second
+    common = _common_exponent([(_present(m1), e1), (_present(m2), e2)])
+    return _in_exponent(m1, e1, common) + _in_exponent(m2, e2, common), common
 
 
 class AdaScaleMechanics:
@@ -53,21 +107,21 @@ class AdaScaleMechanics:
 
     @staticmethod
     def _has_64_bits():
-        """float64 and int64 tensors: PyTorch has them but on Apple's MPS (where Keras places tensors when
-        there is no CUDA device); JAX only with `jax_enable_x64`."""
+        """float64 tensors (for views such as tau): PyTorch has them but on Apple's MPS (where Keras places
+        tensors when there is no CUDA device); JAX only with `jax_enable_x64`."""
         if keras.backend.backend() == "jax":
-            return _x64_enabled()
+            import jax
+
+            return bool(jax.config.jax_enable_x64)
         import torch
 
         return torch.cuda.is_available() or not torch.backends.mps.is_available()
 
     def _choose_statistics_dtype(self):
-        # float64 statistics square any float32 gradient without overflow or underflow where the backend
-        # has float64; JAX without x64 turns a float64 request into float32 (with a warning): ask for that.
-        return "float64" if self._has_64_bits() else "float32"
+        return "float32"  # with an exponent of its own (see LARGEST_FAST_SUM)
 
     def _choose_counters_dtype(self):
-        return "int64" if self._has_64_bits() else "int32"
+        return "int32"  # 2^31 micro-batches; Keras's own `iterations` is int32 on JAX without x64
 
     @staticmethod
     def _compiled_state_step(step):
@@ -100,9 +154,16 @@ class AdaScaleMechanics:
         return gradient
 
     def _add_statistic_accumulator(self, variables):
-        """The accumulator of the micro-batches' sums of squares, in the statistics dtype."""
-        return self.add_variable((), initializer="zeros", dtype=self._statistics_dtype,
+        """The accumulator of the micro-batches' sums of squares, `[mantissa, exponent]` in the statistics dtype
+        (an exponent is an integer well inside float32's exact ones)."""
+        return self.add_variable((2,), initializer="zeros", dtype=self._statistics_dtype,
                                  name="sample_sqr_norm_accumulator")
+
+    def _add_backend_state_variables(self):
+        # The exponent of the moving averages of the variance and the squared norm.
+        self._statistics_exponent = self.add_variable((), initializer="zeros", dtype="int32",
+                                                      aggregation="only_first_replica",
+                                                      name="adascale_statistics_exponent")
 
     # Keras's hooks.
 
@@ -125,21 +186,28 @@ class AdaScaleMechanics:
         return
 
     def _sqr_norm_sum(self, tensors):
-        """`sum_k ||t_k||^2` in the statistics dtype: float32 squares summed into a float64 total, redone
-        in float64 where that total is not finite or below 1e-20 (as `distribute.sqr_norm_sum`)."""
-        dtype = self._statistics_dtype
-        if dtype == "float32":
-            return sum(_squared_norm(t, "float32") for t in tensors)
+        """`sum_k ||t_k||^2` as a block number `(float32 mantissa, int32 exponent)`: the float32 sum where it
+        lies in [1e-20, 1e20], else the sum over the tensors scaled by a power of two (`_scaled_sqr_norm_sum`)."""
+        fast = sum(_squared_norm(t) for t in tensors)
+        usable = ops.logical_and(ops.isfinite(fast), ops.logical_and(fast >= gain_lib.SMALLEST_FAST_SUM,
+                                                                     fast <= LARGEST_FAST_SUM))
+        return ops.cond(usable, lambda: (fast, ops.zeros((), "int32")), lambda: _scaled_sqr_norm_sum(tensors))
 
-        def fast_dtype(t):
-            return "float64" if keras.backend.standardize_dtype(t.dtype) == "float64" else "float32"
+    @staticmethod
+    def _accumulated_statistic(accumulated, local):
+        """The statistic accumulator's value `[mantissa, exponent]` after adding the block number `local`."""
+        mantissa, exponent = _block_add((accumulated[0], ops.cast(accumulated[1], "int32")), local)
+        return ops.stack([mantissa, ops.cast(exponent, "float32")])
 
-        fast = sum(ops.cast(_squared_norm(t, fast_dtype(t)), "float64") for t in tensors)
-        return ops.cond(
-            ops.logical_and(ops.isfinite(fast), fast >= gain_lib.SMALLEST_FAST_SUM),
-            lambda: fast,
-            lambda: sum(_squared_norm(t, "float64") for t in tensors),
-        )
+    def _statistics_in_units(self, values, exponent=None):
+        """The variance or squared norm `values` (mantissas of the averages' exponent) as numbers (tensors)."""
+        if exponent is None:
+            exponent = ops.convert_to_tensor(self._statistics_exponent.value)
+        return ops.ldexp(values, exponent)
+
+    def _statistics_exponent_number(self):
+        """The moving averages' exponent as a Python int (eager)."""
+        return int(self._statistics_exponent.numpy())
 
     def _statistic_gradients(self, grads, variables):
         """What the statistics measure: the gradients themselves (AdaScaleAdam may precondition them)."""
@@ -180,11 +248,13 @@ class AdaScaleMechanics:
             # In place (Keras's `assign_add` on PyTorch makes a new tensor and copies it back).
             for accumulator, grad in zip(accumulators, grads):
                 accumulator.value.add_(ops.cast(grad, accumulator.dtype))
-            self._sample_sqr_norm_accumulator.value.add_(local)
+            statistic = self._sample_sqr_norm_accumulator
+            statistic.assign(self._accumulated_statistic(ops.convert_to_tensor(statistic.value), local))
             if not bool(setting_lib.is_update_step(setting, micro_step)):
                 return
             sums = [ops.convert_to_tensor(a.value) for a in accumulators]
-            statistic_sum = ops.convert_to_tensor(self._sample_sqr_norm_accumulator.value)
+            accumulated = ops.convert_to_tensor(statistic.value)
+            statistic_sum = (accumulated[0], ops.cast(accumulated[1], "int32"))
         else:
             sums, statistic_sum = list(grads), local
         state, finite, grads, values = self._statistics_step(sums, statistic_sum, trainable_variables, setting,
@@ -203,7 +273,9 @@ class AdaScaleMechanics:
         configured = bool(accumulators)
         if configured:
             sums = [ops.convert_to_tensor(a.value) + ops.cast(g, a.dtype) for a, g in zip(accumulators, grads)]
-            statistic_sum = ops.convert_to_tensor(self._sample_sqr_norm_accumulator.value) + local
+            accumulated = self._accumulated_statistic(
+                ops.convert_to_tensor(self._sample_sqr_norm_accumulator.value), local)
+            statistic_sum = (accumulated[0], ops.cast(accumulated[1], "int32"))
             accumulators = accumulators + [self._sample_sqr_norm_accumulator]
         else:
             sums, statistic_sum = list(grads), local
@@ -215,11 +287,11 @@ class AdaScaleMechanics:
                                                                       setting, micro_step)
             updated = self._updated_values(rule_variables, mean_grads, trainable_variables, state, finite)
             # the accumulators start the next update from zero
-            zeros = [ops.zeros_like(s) for s in sums] + [ops.zeros_like(statistic_sum)] if configured else []
+            zeros = [ops.zeros_like(s) for s in sums] + [ops.zeros_like(accumulated)] if configured else []
             return updated + zeros + values
 
         def accumulate():
-            return ([ops.convert_to_tensor(v.value) for v in rule_variables] + sums + [statistic_sum]
+            return ([ops.convert_to_tensor(v.value) for v in rule_variables] + sums + [accumulated]
                     + [ops.convert_to_tensor(v.value) for v in self._state_variables()])
 
         if configured:
@@ -230,7 +302,8 @@ class AdaScaleMechanics:
             variable.assign(value)
 
     def _state_variables(self):
-        return [self._state_floats, self._state_counters, self._setting_counters, self._setting_scales]
+        return [self._state_floats, self._state_counters, self._setting_counters, self._setting_scales,
+                self._statistics_exponent]
 
     def _written_variables(self):
         """The optimizer variables an update rule may write: its slots (momentum, Adam's moments...)."""
@@ -243,7 +316,8 @@ class AdaScaleMechanics:
         return [v for v in self.variables if id(v) not in own]
 
     def _statistics_step(self, sums, statistic_sum, trainable_variables, setting, micro_step):
-        """The update that completes at `micro_step`, up to its rule (pure).
+        """The update that completes at `micro_step`, up to its rule (pure). `statistic_sum` is the block
+        number `(mantissa, exponent)` of the micro-batches' sums of squares.
 
         Returns:
             `(state, finite, clipped mean gradients, the new values of the state variables)`.
@@ -253,17 +327,30 @@ class AdaScaleMechanics:
         grads = [s / ops.cast(micro_batches, s.dtype) for s in sums]
         mean_sqr_norm = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
         scale = ops.cast(setting_lib.update_scale(setting, micro_batches, TENSORS), dtype)
+        state, exponent = self._read_state(), ops.convert_to_tensor(self._statistics_exponent.value)
+        # The averages and both sums in one exponent: the largest of those that are not 0.
+        averaged = ops.logical_or(state.variance_average != 0.0, state.sqr_norm_average != 0.0)
+        common = _common_exponent([(averaged, exponent), (_present(statistic_sum[0]), statistic_sum[1]),
+                                   (_present(mean_sqr_norm[0]), mean_sqr_norm[1])])
+        state = state._replace(variance_average=_in_exponent(state.variance_average, exponent, common),
+                               sqr_norm_average=_in_exponent(state.sqr_norm_average, exponent, common))
+        statistic_sum, mean_sqr_norm = _in_exponent(*statistic_sum, common), _in_exponent(*mean_sqr_norm, common)
         state, finite = self._state_step(
-            self._read_state(), statistic_sum, mean_sqr_norm, ops.cast(self.learning_rate, "float32"),
+            state, statistic_sum, mean_sqr_norm, ops.cast(self.learning_rate, "float32"),
             ops.cast(micro_batches, dtype), scale, self._smoothing_tensor(scale),
         )
+        # Renormalized: the larger average's mantissa near 1, so that the next sums, of any size, fit.
+        shift = _floor_log2(ops.maximum(ops.abs(state.variance_average), ops.abs(state.sqr_norm_average)))
+        state = state._replace(variance_average=ops.ldexp(state.variance_average, -shift),
+                               sqr_norm_average=ops.ldexp(state.sqr_norm_average, -shift))
+        exponent = common + shift
         # The setting advances whether or not the update was finite: its micro-batches are spent.
         next_setting = setting_lib.complete(setting, micro_step, TENSORS)
         counters, scales = setting_lib.values(next_setting, self._configuration, TENSORS,
                                               self._setting_counters.value, self._setting_scales.value)
         floats = ops.stack([ops.cast(getattr(state, f), dtype) for f in gain_lib.FLOAT_FIELDS])
         state_counters = ops.stack([getattr(state, f) for f in gain_lib.COUNTER_FIELDS])
-        values = [floats, state_counters, ops.stack(counters), ops.stack(scales)]
+        values = [floats, state_counters, ops.stack(counters), ops.stack(scales), exponent]
         return state, finite, super()._clip_gradients(grads), values
 
     def _updated_values(self, rule_variables, grads, trainable_variables, state, finite):

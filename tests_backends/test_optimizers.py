@@ -225,16 +225,16 @@ def test_save_and_load_resume_exactly(problem, tmp_path):
         assert (gain, tau) == (expected_gain, expected_tau)
 
 
-def test_the_statistics_are_float64_where_the_backend_has_it():
+def test_the_statistics_are_float32_with_an_exponent_and_the_counters_int32():
+    # float64 is not what it says off TensorFlow (JAX without x64 has none; Keras's PyTorch ops compute many
+    # float64 operations in float32): float32 mantissas and a power-of-two exponent (test_statistics_range).
     optimizer = keras_adascale.AdaScaleSGD(gradient_accumulation_steps=2)
-    if BACKEND == "torch":
-        assert optimizer._statistics_dtype == "float64" and optimizer._counters_dtype == "int64"
-    else:  # JAX without x64 (its default) has neither float64 nor int64: asked for, it warns and gives 32 bits
-        import jax
-
-        assert not jax.config.jax_enable_x64
-        assert optimizer._statistics_dtype == "float32" and optimizer._counters_dtype == "int32"
-    assert keras.backend.standardize_dtype(optimizer._state_floats.dtype) == optimizer._statistics_dtype
+    assert optimizer._statistics_dtype == "float32" and optimizer._counters_dtype == "int32"
+    optimizer.build([keras.Variable(np.zeros(3, np.float32))])
+    for variable in (optimizer._state_floats, optimizer._sample_sqr_norm_accumulator):
+        assert keras.backend.standardize_dtype(variable.dtype) == "float32"
+    assert keras.backend.standardize_dtype(optimizer._statistics_exponent.dtype) == "int32"
+    assert tuple(optimizer._sample_sqr_norm_accumulator.shape) == (2,)  # mantissa, exponent
 
 
 def test_autoscale_changes_the_count_in_fit(problem):
