@@ -62,9 +62,10 @@ docs-serve: $(VENV)/.docs
 compat:
 	$(PYTHON) tools/compat.py
 
-# What CI runs besides `make test`: the oldest supported pair, the lower bounds of pyproject.toml.
+# What CI runs besides `make test`: the oldest supported pairs, the lower bounds of pyproject.toml (the core
+# dependencies on TensorFlow; the `jax` and `torch` extras).
 compat-oldest:
-	$(PYTHON) tools/compat.py --pairs oldest
+	$(PYTHON) tools/compat.py --pairs oldest,jax-oldest,torch-oldest
 
 clean:
 	rm -rf $(VENV) $(BACKENDS_VENV) runs site .compat

@@ -30,6 +30,20 @@ def test_the_lower_bounds_are_the_oldest_tested_pair():
         assert f">={version}" in declared[name], (name, declared[name], version)
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_backends_extras_lower_bounds_are_their_oldest_tested_pair(backend):
+    (oldest,) = [pair for pair in compat.load_pairs() if pair["name"] == f"{backend}-oldest"]
+    assert oldest["backend"] == backend and oldest["blocking"]
+    pinned = dict(requirement.split("==") for requirement in oldest["requirements"])
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][backend]
+    assert sorted(f"{name}>={version}" for name, version in pinned.items()) == sorted(extra)
+
+
+def test_the_oldest_pairs_are_what_ci_runs():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "tools/compat.py --pairs oldest,jax-oldest,torch-oldest" in makefile
+
+
 def test_no_upper_bound_is_declared_without_a_known_break():
     assert all("<" not in requirement for requirement in _declared().values()), _declared()
 
@@ -56,14 +70,14 @@ def test_pytest_counts_are_read_from_its_closing_line(line, counts):
 
 
 def test_the_table_names_a_failing_pair_and_marks_a_nightly_not_blocking():
-    row = {"tensorflow": "2.16.2", "keras": "3.5.0", "python": "3.11.9", "passed": 130, "failed": 60,
-           "errors": 10, "skipped": 2, "date": "2026-11-29"}
+    row = {"backend": "TensorFlow", "version": "2.16.2", "keras": "3.5.0", "python": "3.11.9", "passed": 130,
+           "failed": 60, "errors": 10, "skipped": 2, "date": "2026-11-29"}
     rows = [{**row, "pair": "oldest", "blocking": True, "problem": "core tests failed (exit 1)"},
             {**row, "pair": "nightly", "blocking": False, "problem": "core tests failed (exit 1)"},
             {**row, "pair": "newest", "blocking": True, "problem": None, "failed": 0, "errors": 0}]
     lines = compat.table(rows).splitlines()
-    assert lines[0].startswith("| pair | TensorFlow | Keras |")
-    assert lines[2] == "| oldest | 2.16.2 | 3.5.0 | 3.11.9 | 130 | 60 | 10 | 2 | FAILED | 2026-11-29 |"
+    assert lines[0].startswith("| pair | backend | Keras |")
+    assert lines[2] == "| oldest | TensorFlow 2.16.2 | 3.5.0 | 3.11.9 | 130 | 60 | 10 | 2 | FAILED | 2026-11-29 |"
     assert lines[3].endswith("| failed (not blocking) | 2026-11-29 |")
     assert lines[4].endswith("| ok | 2026-11-29 |")
 
@@ -72,7 +86,8 @@ def test_the_table_names_a_failing_pair_and_marks_a_nightly_not_blocking():
 def test_a_failing_blocking_pair_fails_the_run_naming_it_and_a_nightly_does_not(monkeypatch, capsys, tmp_path,
                                                                                  pair, exit_code):
     def failing(pair, venvs, fresh):
-        return {"pair": pair["name"], "blocking": pair["blocking"], "tensorflow": "2.16.2", "keras": "3.5.0",
+        return {"pair": pair["name"], "blocking": pair["blocking"], "backend": "TensorFlow", "version": "2.16.2",
+                "keras": "3.5.0",
                 "python": "3.11.9", "passed": 1, "failed": 2, "errors": 0, "skipped": 0, "minutes": 0.1, "date": "2026-11-29",
                 "log": "x.log", "problem": "core tests failed (exit 1)"}
 

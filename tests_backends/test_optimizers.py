@@ -281,3 +281,9 @@ def test_without_accumulation_it_is_the_reference_at_s_one(problem):
         _, actual = fit(problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9), 1, 8)
     assert_same_history(actual, expected)
     assert [tau for _, _, tau in actual] == [float(update) for update in range(1, 9)]
+
+
+def test_a_keras_older_than_the_extras_lower_bound_is_refused_naming_it(monkeypatch):
+    monkeypatch.setattr(keras, "__version__", "3.12.1")
+    with pytest.raises(RuntimeError, match=r"needs Keras 3\.13 or newer \(this is Keras 3\.12\.1\): pip install 'keras>=3\.13'"):
+        keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2)

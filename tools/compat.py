@@ -1,10 +1,12 @@
-"""`make compat`: the core tests in one virtual environment per TensorFlow / Keras pair, and a table.
+"""`make compat`: the core tests in one virtual environment per backend / Keras pair, and a table.
 
-The pairs are in tools/compat_pairs.toml. Each gets a virtual environment under `--venvs` (kept and
-reused while its requirements are unchanged; `--fresh` rebuilds), the project installed editable in
-it, and the core test modules run there. Prints one row per pair (the versions actually imported,
-passed / failed / errors / skipped, minutes, the date) as a Markdown table, and exits 1 when a blocking pair
-failed, naming it. A non-blocking pair (the nightlies) is reported and never fails the run.
+The pairs are in tools/compat_pairs.toml: TensorFlow / Keras pairs, and JAX or PyTorch / Keras pairs
+(`backend = "jax"` or `"torch"`). Each gets a virtual environment under `--venvs` (kept and reused while
+its requirements are unchanged; `--fresh` rebuilds), the project installed editable in it, and the core
+test modules run there: tests/'s on TensorFlow, tests_backends/ with `KERAS_BACKEND` set on the others
+(in an environment without TensorFlow, as `make test` runs them). Prints one row per pair (the versions
+actually imported, passed / failed / errors / skipped, minutes, the date) as a Markdown table, and exits 1
+when a blocking pair failed, naming it. A non-blocking pair (the nightlies) is reported and never fails the run.
 
     python tools/compat.py                 # every pair
     python tools/compat.py --pairs oldest  # what CI runs besides the full suite
@@ -35,8 +37,20 @@ CORE_TESTS = ("tests/test_gain.py", "tests/test_optimizer.py", "tests/test_adam.
 # What the core tests import besides the package, as the `test` and `examples` extras pin them
 # (TensorFlow >= 2.21 no longer installs tensorboard, which the callback's TensorBoard tests need).
 TEST_TOOLS = ("pytest", "hypothesis", "tensorboard")
-_VERSIONS = ("import json, sys, tensorflow as tf, keras; "
-             "print(json.dumps([tf.__version__, keras.version(), sys.version.split()[0]]))")
+# Per backend: its name in the table, its import package, the tests, and the tools they import.
+BACKENDS = {
+    "tensorflow": {"name": "TensorFlow", "module": "tensorflow", "tests": CORE_TESTS, "tools": TEST_TOOLS},
+    "jax": {"name": "JAX", "module": "jax", "tests": ("tests_backends",), "tools": ("pytest", "hypothesis")},
+    "torch": {"name": "PyTorch", "module": "torch", "tests": ("tests_backends",), "tools": ("pytest", "hypothesis")},
+}
+# JAX 0.10 needs NumPy 2; the other backends' pairs get it too (pip may keep an older one otherwise).
+BACKEND_EXTRAS = ("numpy>=2",)
+
+
+def _versions_probe(backend):
+    module = BACKENDS[backend]["module"]
+    return (f"import json, sys, {module} as backend, keras; "
+            "print(json.dumps([backend.__version__, keras.version(), sys.version.split()[0]]))")
 
 
 def load_pairs(path=PAIRS_FILE):
@@ -44,19 +58,20 @@ def load_pairs(path=PAIRS_FILE):
     pairs = tomllib.loads(path.read_text())["pair"]
     for pair in pairs:
         pair.setdefault("nightly", False)
+        pair.setdefault("backend", "tensorflow")
     return pairs
 
 
-def test_tool_requirements():
-    """The requirements for `TEST_TOOLS`, as pyproject.toml's `test` and `examples` extras declare them."""
+def test_tool_requirements(tools=TEST_TOOLS):
+    """The requirements for `tools`, as pyproject.toml's `test` and `examples` extras declare them."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    return [r for r in extras["test"] + extras["examples"] if re.match(r"[A-Za-z0-9_.-]+", r)[0].lower() in TEST_TOOLS]
+    return [r for r in extras["test"] + extras["examples"] if re.match(r"[A-Za-z0-9_.-]+", r)[0].lower() in tools]
 
 
-def _environment(tf_log_level):
-    """This environment without a path that could put another copy of the project first."""
+def _environment(tf_log_level, backend="tensorflow"):
+    """This environment without a path that could put another copy of the project first, on `backend`."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    return {**env, "TF_CPP_MIN_LOG_LEVEL": tf_log_level}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": tf_log_level, "KERAS_BACKEND": backend}
 
 
 def _run(command, log, **kwargs):
@@ -69,7 +84,8 @@ def _run(command, log, **kwargs):
 def build_venv(pair, venv, log, fresh):
     """Creates `venv` for `pair` unless one made for the same requirements is there. Returns an error or None."""
     stamp = venv / "compat-requirements.json"
-    wanted = {"requirements": pair["requirements"], "tools": test_tool_requirements(), "nightly": pair["nightly"]}
+    wanted = {"requirements": pair["requirements"], "tools": test_tool_requirements(BACKENDS[pair["backend"]]["tools"]),
+              "nightly": pair["nightly"], "backend": pair["backend"]}
     if not fresh and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return None
     shutil.rmtree(venv, ignore_errors=True)
@@ -77,7 +93,14 @@ def build_venv(pair, venv, log, fresh):
     if _run([sys.executable, "-m", "venv", str(venv)], log):
         return "venv creation failed"
     _run(pip + ["install", "--quiet", "--upgrade", "pip"], log)
-    if not pair["nightly"]:
+    if pair["backend"] != "tensorflow":
+        # Without TensorFlow (a core dependency, not imported on these backends), as `make test` does: the
+        # project without its dependencies, the pair's pins (the extras' lower bounds) and the test tools.
+        if _run(pip + ["install", "--quiet", *pair["requirements"], *BACKEND_EXTRAS, *wanted["tools"]], log):
+            return "install failed (see the log)"
+        if _run(pip + ["install", "--quiet", "--no-deps", "-e", str(ROOT)], log):
+            return "install of the project failed (see the log)"
+    elif not pair["nightly"]:
         # Through the declared ranges: a pair that pyproject.toml refuses fails here.
         if _run(pip + ["install", "--quiet", "-e", str(ROOT), *pair["requirements"], *wanted["tools"]], log):
             return "install failed (see the log): the declared ranges may refuse this pair"
@@ -109,22 +132,24 @@ def run_pair(pair, venvs, fresh):
     venvs.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     start = time.monotonic()
+    backend = BACKENDS[pair["backend"]]
     row = {"pair": pair["name"], "blocking": pair["blocking"], "date": datetime.date.today().isoformat(),
-           "tensorflow": "-", "keras": "-", "python": "-", "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
+           "backend": backend["name"], "version": "-", "keras": "-", "python": "-", "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
            "minutes": 0.0, "log": str(log)}
     row["problem"] = build_venv(pair, venv, log, fresh)
     python = str(venv / "bin" / "python")
     if row["problem"] is None:
-        found = subprocess.run([python, "-c", _VERSIONS], capture_output=True, text=True,
-                               env=_environment("3"))
+        found = subprocess.run([python, "-c", _versions_probe(pair["backend"])], capture_output=True, text=True,
+                               env=_environment("3", pair["backend"]))
         if found.returncode:
             row["problem"] = "import failed: " + (found.stderr.strip().splitlines() or ["?"])[-1]
         else:
-            row["tensorflow"], row["keras"], row["python"] = json.loads(found.stdout.strip().splitlines()[-1])
+            row["version"], row["keras"], row["python"] = json.loads(found.stdout.strip().splitlines()[-1])
     if row["problem"] is None:
-        tests = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not slow", *CORE_TESTS],
+        tests = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not slow",
+                                *backend["tests"]],
                                cwd=ROOT, capture_output=True, text=True,
-                               env=_environment("2"))
+                               env=_environment("2", pair["backend"]))
         with open(log, "a") as stream:
             stream.write(tests.stdout + tests.stderr)
         row["passed"], row["failed"], row["errors"], row["skipped"] = _summary_counts(tests.stdout)
@@ -136,11 +161,11 @@ def run_pair(pair, venvs, fresh):
 
 def table(rows):
     """The rows as a Markdown table."""
-    lines = ["| pair | TensorFlow | Keras | Python | passed | failed | errors | skipped | result | date |",
+    lines = ["| pair | backend | Keras | Python | passed | failed | errors | skipped | result | date |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         result = "ok" if row["problem"] is None else "FAILED" if row["blocking"] else "failed (not blocking)"
-        lines.append(f"| {row['pair']} | {row['tensorflow']} | {row['keras']} | {row['python']} | {row['passed']} "
+        lines.append(f"| {row['pair']} | {row['backend']} {row['version']} | {row['keras']} | {row['python']} | {row['passed']} "
                      f"| {row['failed']} | {row['errors']} | {row['skipped']} | {result} | {row['date']} |")
     return "\n".join(lines)
 
@@ -171,7 +196,7 @@ def main(argv=None):
     for row in rows:
         if row["problem"]:
             kind = "FAILED" if row["blocking"] else "failed, not blocking"
-            print(f"compat: {kind}: {row['pair']} (TensorFlow {row['tensorflow']}, Keras {row['keras']}): "
+            print(f"compat: {kind}: {row['pair']} ({row['backend']} {row['version']}, Keras {row['keras']}): "
                   f"{row['problem']}", file=sys.stderr)
     return 1 if broken else 0
 
