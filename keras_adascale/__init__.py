@@ -5,13 +5,15 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-__all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleSGD", "AutoScale", "ScaleInvariantSchedule", "ScalePolicy",
-           "enable_multi_worker_fit"]
+__all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleModel", "AdaScaleSGD", "AdaScaleSequential", "AutoScale",
+           "ScaleInvariantSchedule", "ScalePolicy", "enable_multi_worker_fit"]
 __version__ = "0.3.0"
 
 _MODULES = {
     "AdaScaleAdam": "keras_adascale.adam",
     "AdaScaleCallback": "keras_adascale.callbacks",
+    "AdaScaleModel": "keras_adascale.model",
+    "AdaScaleSequential": "keras_adascale.model",
     "AdaScaleSGD": "keras_adascale.optimizer",
     "AutoScale": "keras_adascale.callbacks",
     "ScalePolicy": "keras_adascale.autoscale",
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # what __getattr__ provides, for static tools: type checkers,
     from keras_adascale.autoscale import ScalePolicy
     from keras_adascale.callbacks import AdaScaleCallback, AutoScale
     from keras_adascale.keras_fixes import enable_multi_worker_fit
+    from keras_adascale.model import AdaScaleModel, AdaScaleSequential
     from keras_adascale.optimizer import AdaScaleSGD
     from keras_adascale.schedules import ScaleInvariantSchedule
 

@@ -3,15 +3,17 @@
 An AdaScale optimizer is a Keras optimizer subclass that takes over how an update is applied, so it
 overrides and calls the hooks that Keras's own optimizers use (`_backend_update_step`,
 `_get_variable_index`, ...): Keras has no public API for them. Each name here says where it is used
-and why no public API does the same; `missing()` checks them all on the installed Keras and
-TensorFlow, and tests/test_private_api.py fails naming any that upstream renamed or removed.
+and why no public API does the same; `missing()` checks those of the running Keras backend on the
+installed Keras (and TensorFlow or JAX), and tests/test_private_api.py (TensorFlow) and
+tests_backends/test_private_api.py (JAX, PyTorch) fail naming any that upstream renamed or removed.
 Names used only by the code for older releases carry the Keras versions they are needed for.
 """
 
+import importlib
 from typing import NamedTuple
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 
 class PrivateName(NamedTuple):
@@ -22,38 +24,41 @@ class PrivateName(NamedTuple):
     used_by: str
     why: str
     keras_below: tuple = None  # needed only for Keras releases before this one
+    backends: tuple = ("tensorflow",)  # the Keras backends whose code uses it
 
 
 _OPTIMIZER = "a built keras.optimizers.SGD"
+_JAX_TRAINER = "keras.src.backend.jax.trainer.JAXTrainer"
+_ALL = ("tensorflow", "jax", "torch")
 # Found as a base of keras.Model: its name changed (TensorFlowTrainer through 3.15, Trainer in the 3.16 nightlies).
 _TRAINER = "Keras's TensorFlow trainer class (keras_fixes.trainer_class())"
 _HOOK = "the update hook AdaScale takes over; Keras's optimizers override the same"
 
 NAMES = (
     PrivateName(_OPTIMIZER, "_iterations", "base.py, distribute.py, functional.py",
-                "the micro-step counter: the public `iterations` counts updates under accumulation"),
+                "the micro-step counter: the public `iterations` counts updates under accumulation", backends=_ALL),
     PrivateName(_OPTIMIZER, "_learning_rate", "base.py, callbacks.py, functional.py",
-                "the schedule object itself: the public `learning_rate` is its value"),
-    PrivateName(_OPTIMIZER, "_get_current_learning_rate", "base.py", "overridden: a schedule keyed on tau"),
-    PrivateName(_OPTIMIZER, "_accumulated_gradients", "distribute.py, functional.py", "Keras's gradient accumulators"),
+                "the schedule object itself: the public `learning_rate` is its value", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_get_current_learning_rate", "base.py", "overridden: a schedule keyed on tau", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_accumulated_gradients", "distribute.py, functional.py", "Keras's gradient accumulators", backends=_ALL),
     PrivateName(_OPTIMIZER, "_trainable_variables", "distribute.py", "the variables EMA averages"),
     PrivateName(_OPTIMIZER, "_get_variable_index", "distribute.py, functional.py, adam.py",
-                "a variable's slot in the optimizer's lists, as in every Keras optimizer's update_step"),
+                "a variable's slot in the optimizer's lists, as in every Keras optimizer's update_step", backends=_ALL),
     PrivateName(_OPTIMIZER, "_track_variable", "distribute.py",
                 "tracks the per-replica accumulator, which `add_variable` cannot make (no synchronization)"),
-    PrivateName(_OPTIMIZER, "_backend_apply_gradients", "distribute.py, functional.py", _HOOK),
+    PrivateName(_OPTIMIZER, "_backend_apply_gradients", "distribute.py, functional.py", _HOOK, backends=_ALL),
     PrivateName(_OPTIMIZER, "_backend_update_step", "distribute.py", _HOOK),
-    PrivateName(_OPTIMIZER, "_clip_gradients", "distribute.py, functional.py", _HOOK + " (clipping after the all-reduce)"),
-    PrivateName(_OPTIMIZER, "_apply_weight_decay", "distribute.py, functional.py", _HOOK + " (decay at the gain-scaled rate)"),
-    PrivateName(_OPTIMIZER, "_use_weight_decay", "optimizer.py, adam.py", "`exclude_from_weight_decay`"),
+    PrivateName(_OPTIMIZER, "_clip_gradients", "distribute.py, functional.py", _HOOK + " (clipping after the all-reduce)", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_apply_weight_decay", "distribute.py, functional.py", _HOOK + " (decay at the gain-scaled rate)", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_use_weight_decay", "optimizer.py, adam.py", "`exclude_from_weight_decay`", backends=_ALL),
     PrivateName(_OPTIMIZER, "_distributed_tf_update_step", "distribute.py, adam.py",
                 "runs update_step on every variable in cross-replica context"),
     PrivateName(_OPTIMIZER, "_update_model_variables_moving_average", "distribute.py", "EMA, as Keras's apply"),
     PrivateName(_OPTIMIZER, "_overwrite_model_variables_with_average_value", "distribute.py",
                 "EMA, as Keras's apply"),
-    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_momentums", "adam.py", "Adam's m"),
-    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocities", "adam.py", "Adam's v"),
-    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocity_hats", "adam.py", "AMSGrad's v_hat"),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_momentums", "adam.py", "Adam's m", backends=_ALL),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocities", "adam.py", "Adam's v", backends=_ALL),
+    PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocity_hats", "adam.py", "AMSGrad's v_hat", backends=_ALL),
     PrivateName("tf.__internal__.distribute", "strategy_supports_no_merge_call", "distribute.py",
                 "whether the update may run in replica context, as Keras's TF optimizer decides"),
     PrivateName("tf.__internal__.distribute.interim", "maybe_merge_call", "distribute.py",
@@ -86,12 +91,29 @@ NAMES = (
                 "the epoch the backup records"),
     PrivateName("a keras.callbacks.BackupAndRestore", "_last_batch_seen", "experiments/training.py",
                 "the batch the backup records"),
+    PrivateName(_JAX_TRAINER, "_update_metrics_variables", "model.py",
+                "the loss tracker and the compiled metrics after the step, as Keras's JAX train_step updates them",
+                backends=("jax",)),
 )
 
 
 def _built(optimizer):
-    optimizer.build([keras.Variable(tf.zeros((2,)))])
+    optimizer.build([keras.Variable(np.zeros((2,), np.float32))])
     return optimizer
+
+
+def _tf(path=""):
+    """TensorFlow's module at `path` (imported here, on the TensorFlow backend only)."""
+    module = importlib.import_module("tensorflow")
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part)
+    return module
+
+
+def _jax_trainer():
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    return JAXTrainer
 
 
 def _trainer_module():
@@ -112,14 +134,16 @@ def _trainer_class():
 _OWNERS = {
     _OPTIMIZER: lambda: _built(keras.optimizers.SGD(gradient_accumulation_steps=2, use_ema=True)),
     "a built keras.optimizers.Adam(amsgrad=True)": lambda: _built(keras.optimizers.Adam(amsgrad=True)),
-    "tf.__internal__.distribute": lambda: tf.__internal__.distribute,
-    "tf.__internal__.distribute.interim": lambda: tf.__internal__.distribute.interim,
+    "tf.__internal__.distribute": lambda: _tf("__internal__.distribute"),
+    "tf.__internal__.distribute.interim": lambda: _tf("__internal__.distribute.interim"),
     "keras.Variable(0.0)": lambda: keras.Variable(0.0),
     "keras.src.backend.tensorflow.trainer": _trainer_module,
     _TRAINER: lambda: _trainer_class(),
-    "tf.distribute.MirroredStrategy": lambda: tf.distribute.MirroredStrategy,
+    "tf.distribute.MirroredStrategy": lambda: _tf("distribute.MirroredStrategy"),
     "a keras.callbacks.BackupAndRestore": lambda: keras.callbacks.BackupAndRestore("unused_backup_dir"),
+    _JAX_TRAINER: _jax_trainer,
 }
+
 
 
 def keras_version():
@@ -128,12 +152,18 @@ def keras_version():
 
 
 def versions():
-    """'Keras X with TensorFlow Y', for messages."""
-    return f"Keras {keras.version()} with TensorFlow {tf.__version__}"
+    """'Keras X with TensorFlow Y' (or JAX, PyTorch: the running backend), for messages."""
+    backend = keras.backend.backend()
+    name, module = {"tensorflow": ("TensorFlow", "tensorflow"), "jax": ("JAX", "jax"),
+                    "torch": ("PyTorch", "torch")}.get(backend, (backend, None))
+    version = importlib.import_module(module).__version__ if module else "?"
+    return f"Keras {keras.version()} with {name} {version}"
 
 
-def needed(entry):
-    """Whether the installed Keras is one that `entry` is used with."""
+def needed(entry, backend=None):
+    """Whether `entry` is used with the installed Keras on `backend` (default: the running one)."""
+    if (backend or keras.backend.backend()) not in entry.backends:
+        return False
     return entry.keras_below is None or keras_version() < entry.keras_below
 
 

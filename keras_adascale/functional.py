@@ -47,6 +47,8 @@ def _squared_norm(tensor):
 # the noise scale are ratios of numbers of one exponent, read from the mantissas; the variance and the
 # squared norm are the mantissas times 2**exponent.
 LARGEST_FAST_SUM = 1e20
+# The oldest Keras these mechanics run on (`keras.ops.ldexp`; the `[jax]` and `[torch]` extras' lower bound).
+MINIMUM_KERAS = (3, 13)
 _NO_EXPONENT = -(2**30)  # below any exponent: where a term is 0 (and its exponent arbitrary)
 
 
@@ -102,8 +104,15 @@ class AdaScaleMechanics:
     def _strategy_in_scope():
         return None
 
+    # Set by `AdaScaleModel`'s train step, while it applies a gradient, to the block number of the sum of the
+    # replicas' squared norms: the optimizer's own of the mean gradient would see one sample.
+    _incoming_statistic = None
+
     def _replicas_in_sync(self):
-        return 1
+        """R, the devices on the batch axis of `keras.distribution`'s distribution (JAX; else 1)."""
+        from keras_adascale.model import replicas_in_distribution
+
+        return replicas_in_distribution()
 
     @staticmethod
     def _has_64_bits():
@@ -138,12 +147,14 @@ class AdaScaleMechanics:
         return not torch.compiler.is_compiling()
 
     def _enable_backend_fixes(self):
-        # Keras counts the micro-step in `apply`, after `_backend_apply_gradients`, from 3.10 on; before, it
-        # counted it in the method this class replaces (the TensorFlow mechanics count it there themselves).
-        if tuple(int(part) for part in keras.__version__.split(".")[:2]) < (3, 10):
+        # `keras.ops.ldexp` (the statistics' exponents) is in Keras from 3.13. Keras counts the micro-step
+        # in `apply`, after `_backend_apply_gradients`, from 3.10 on; before, it counted it in the method
+        # this class replaces (the TensorFlow mechanics count it there themselves).
+        if tuple(int(part) for part in keras.__version__.split(".")[:2]) < MINIMUM_KERAS:
+            minimum = ".".join(map(str, MINIMUM_KERAS))
             raise RuntimeError(
-                f"{type(self).__name__} on the {keras.backend.backend()} backend needs Keras 3.10 or newer "
-                f"(this is Keras {keras.__version__}): pip install 'keras>=3.10'."
+                f"{type(self).__name__} on the {keras.backend.backend()} backend needs Keras {minimum} or newer "
+                f"(this is Keras {keras.__version__}): pip install 'keras>={minimum}'."
             )
 
     def _check_strategy(self):
@@ -191,6 +202,8 @@ class AdaScaleMechanics:
         fast = sum(_squared_norm(t) for t in tensors)
         usable = ops.logical_and(ops.isfinite(fast), ops.logical_and(fast >= gain_lib.SMALLEST_FAST_SUM,
                                                                      fast <= LARGEST_FAST_SUM))
+        if keras.backend.backend() == "torch":  # eager: the exponent of the usual case as a Python 0
+            return (fast, 0) if bool(usable) else _scaled_sqr_norm_sum(tensors)
         return ops.cond(usable, lambda: (fast, ops.zeros((), "int32")), lambda: _scaled_sqr_norm_sum(tensors))
 
     @staticmethod
@@ -225,11 +238,36 @@ class AdaScaleMechanics:
         """A finite update: the update rule on every variable."""
         self._update_variables(distribution, grads_and_vars, learning_rate)
 
+    def _replica_statistic(self, grads, trainable_variables):
+        """One replica's sum of squares of what the statistics measure, a block number (in its train step)."""
+        return self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+
+    @staticmethod
+    def _sum_over_axis(statistic, axis):
+        """The block numbers of the replicas along the mesh axis `axis`, summed (inside `shard_map`)."""
+        import jax
+
+        mantissa, exponent = statistic
+        low = ops.full((), _NO_EXPONENT, "int32")
+        common = jax.lax.pmax(ops.where(_present(mantissa), exponent, low), axis)
+        common = ops.where(common == low, ops.zeros((), "int32"), common)
+        return jax.lax.psum(_in_exponent(mantissa, exponent, common), axis), common
+
     def _backend_apply_gradients(self, grads, trainable_variables):
         setting = self._scale_setting()
         counters_dtype = keras.backend.standardize_dtype(self._setting_counters.dtype)
         micro_step = ops.cast(ops.convert_to_tensor(self._iterations.value), counters_dtype)
-        local = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        if self._incoming_statistic is not None:
+            local = self._incoming_statistic  # the replicas', from AdaScaleModel's train step
+        elif self._configuration.replicas > 1:
+            raise ValueError(
+                f"{type(self).__name__} under keras.distribution with {self._configuration.replicas} devices on "
+                "the batch axis sees only the replicas' mean gradient in Keras's own train step: build the model "
+                "as keras_adascale.AdaScaleModel (or AdaScaleSequential), whose train step gives it each "
+                "replica's gradient statistics."
+            )
+        else:
+            local = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
         if keras.backend.backend() == "torch":
             self._eager_apply(grads, trainable_variables, local, setting, micro_step)
         else:
@@ -249,7 +287,10 @@ class AdaScaleMechanics:
             for accumulator, grad in zip(accumulators, grads):
                 accumulator.value.add_(ops.cast(grad, accumulator.dtype))
             statistic = self._sample_sqr_norm_accumulator
-            statistic.assign(self._accumulated_statistic(ops.convert_to_tensor(statistic.value), local))
+            if isinstance(local[1], int) and float(statistic.value[1]) == 0.0:
+                statistic.value[0].add_(local[0])  # the usual case: both of exponent 0, in place
+            else:
+                statistic.assign(self._accumulated_statistic(ops.convert_to_tensor(statistic.value), local))
             if not bool(setting_lib.is_update_step(setting, micro_step)):
                 return
             sums = [ops.convert_to_tensor(a.value) for a in accumulators]
@@ -337,7 +378,7 @@ class AdaScaleMechanics:
         statistic_sum, mean_sqr_norm = _in_exponent(*statistic_sum, common), _in_exponent(*mean_sqr_norm, common)
         state, finite = self._state_step(
             state, statistic_sum, mean_sqr_norm, ops.cast(self.learning_rate, "float32"),
-            ops.cast(micro_batches, dtype), scale, self._smoothing_tensor(scale),
+            ops.cast(micro_batches, dtype) * float(self._configuration.replicas), scale, self._smoothing_tensor(scale),
         )
         # Renormalized: the larger average's mantissa near 1, so that the next sums, of any size, fit.
         shift = _floor_log2(ops.maximum(ops.abs(state.variance_average), ops.abs(state.sqr_norm_average)))

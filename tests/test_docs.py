@@ -43,7 +43,9 @@ def blocks(language):
             if match["language"] != language:
                 continue
             line = text.count("\n", 0, match.start("code")) + 1
-            marks = [pytest.mark.skip(reason=match["marker"])] if (match["marker"] or "").startswith("skip") else []
+            # "jax only (...)": a JAX block, run by tests_backends/test_docs.py on JAX's 4 host devices
+            skipped = (match["marker"] or "").startswith(("skip", "jax only"))
+            marks = [pytest.mark.skip(reason=match["marker"])] if skipped else []
             name = page.relative_to(ROOT).as_posix()
             found.append(pytest.param(textwrap.dedent(match["code"]), match["marker"] or "", id=f"{name}:{line}", marks=marks))
     return found
@@ -56,7 +58,8 @@ def test_every_page_has_its_blocks_found():
         fences = len(re.findall(r"^[ \t]*```", text, re.M))
         assert fences == 2 * len(list(_BLOCK.finditer(text))), f"{page}: a fence without a language?"
         for marker in re.findall(r"<!-- test(?:_readme)?:[^>]*-->", text):
-            assert re.match(r"<!-- test: (skip \(.+\)|fresh process \(.+\)) -->$", marker), (page, marker)
+            assert re.match(r"<!-- test: (skip \(.+\)|fresh process \(.+\)|jax only \(.+\)) -->$", marker), \
+                (page, marker)
 
 
 def placeholders():

@@ -10,6 +10,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
+# Four host devices for keras.distribution on JAX (test_model.py), set before JAX starts; the other tests run
+# on the first, as on one device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 

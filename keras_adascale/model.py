@@ -1,0 +1,146 @@
+"""`AdaScaleModel`: per-replica gradient statistics on JAX under `keras.distribution`.
+
+On JAX, Keras's train step takes the gradient of the loss over the globally sharded batch, so an optimizer
+only ever sees the all-reduced mean: the per-replica gradients AdaScale measures are gone. This model's
+JAX train step, under a distribution whose batch axis has R > 1 devices (`DataParallel`, or `ModelParallel`
+with a batch axis), computes the gradient inside `jax.shard_map` over that axis instead: each replica the
+gradient of its own mean loss, then their mean (the gradient Keras's step would have: one all-reduce) and
+the sum of their squared norms, which the optimizer receives with the gradient. An AdaScale optimizer then
+has N = R x k samples per update (k micro-batches of gradient accumulation), as under `MirroredStrategy`.
+
+Where there is no such distribution, on one device, and on TensorFlow and PyTorch, the train step is
+Keras's own (on TensorFlow, `tf.distribute` gives the optimizer each replica's gradient already).
+
+What changes against Keras's own JAX step, as under `MirroredStrategy`:
+- BatchNormalization normalizes over each replica's part of the batch (Keras's JAX step: the global
+  batch); its moving statistics are the mean of the replicas'.
+- Dropout draws a different mask on each replica: the seed generators' states are offset by the
+  replica's index within the step (without it, every replica would draw the same mask).
+The loss and the compiled metrics are the global batch's, as in Keras's step.
+"""
+
+import keras
+from keras import ops
+
+_SEED_STATE = "seed_generator_state"
+
+
+def _is_float(value):
+    return keras.backend.standardize_dtype(value.dtype).startswith(("float", "bfloat"))
+
+
+def _batch_axis():
+    """`(distribution, its batch axis name, the devices along it)`, or None without a distribution."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or getattr(distribution, "batch_dim_name", None) is None:
+        return None
+    mesh = distribution.device_mesh
+    axis = distribution.batch_dim_name
+    return distribution, axis, mesh.shape[list(mesh.axis_names).index(axis)]
+
+
+def replicas_in_distribution():
+    """R, the devices along the current distribution's batch axis (1 without one, or off JAX)."""
+    if keras.backend.backend() != "jax":
+        return 1
+    found = _batch_axis()
+    return 1 if found is None else int(found[2])
+
+
+class AdaScaleTrainStep:
+    """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
+
+    def train_step(self, *args):
+        replicas = replicas_in_distribution()
+        if keras.backend.backend() != "jax" or replicas == 1:
+            return super().train_step(*args)
+        return self._per_replica_train_step(*args)
+
+    def _check_optimizer(self, replicas):
+        optimizer = self.optimizer
+        if not hasattr(optimizer, "_incoming_statistic"):
+            raise ValueError(
+                f"{type(self).__name__} computes per-replica gradient statistics for an AdaScale optimizer "
+                f"(AdaScaleSGD, AdaScaleAdam); got {type(optimizer).__name__}. Use keras.Model for other optimizers."
+            )
+        if optimizer._configuration.replicas != replicas:
+            raise ValueError(
+                f"{type(optimizer).__name__} was made for {optimizer._configuration.replicas} replicas, but the "
+                f"distribution's batch axis has {replicas} devices: make the optimizer after "
+                "`keras.distribution.set_distribution(...)`."
+            )
+
+    def _per_replica_train_step(self, state, data):
+        import jax
+        from jax.sharding import PartitionSpec
+
+        distribution, axis, replicas = _batch_axis()
+        self._check_optimizer(replicas)
+        optimizer = self.optimizer
+        trainable, non_trainable, optimizer_values, metrics = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
+        seeds = [v.path.endswith(_SEED_STATE) for v in self.non_trainable_variables]
+        model_variables = self.trainable_variables
+
+        def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
+            index = jax.lax.axis_index(axis)
+            offsets = [ops.cast(ops.stack([index, 0]), v.dtype) if seed else None
+                       for v, seed in zip(non_trainable, seeds)]
+            non_trainable = [v + o if o is not None else v for v, o in zip(non_trainable, offsets)]
+            (_, aux), grads = grad_fn(trainable, non_trainable, metrics, x, y, sample_weight, training=True,
+                                      optimizer_variables=optimizer_values)
+            unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
+            # The statistic: this replica's sum of squares, as the optimizer measures it (AdaScaleAdam may
+            # precondition), with its optimizer state, then summed over the replicas in one exponent.
+            with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
+                statistic = optimizer._replica_statistic(grads, model_variables)
+            statistic = optimizer._sum_over_axis(statistic, axis)
+            grads = jax.lax.pmean(grads, axis)
+            new_non_trainable = [
+                v - o if o is not None else (jax.lax.pmean(v, axis) if _is_float(v) else v)
+                for v, o in zip(new_non_trainable, offsets)
+            ]
+            # Metrics updated in the loss (a multi-output model's per-output losses): the replicas' increments.
+            new_metrics = [old + jax.lax.psum(new - old, axis) if _is_float(new) else new
+                           for old, new in zip(metrics, new_metrics)]
+            return jax.lax.pmean(unscaled_loss, axis), y_pred, new_non_trainable, new_metrics, grads, statistic
+
+        replicated, batch = PartitionSpec(), PartitionSpec(axis)
+        step = jax.shard_map(
+            local,
+            mesh=distribution.device_mesh.backend_mesh,
+            in_specs=(replicated, replicated, replicated, replicated, batch, batch, batch),
+            out_specs=(replicated, batch, replicated, replicated, replicated, replicated),
+            axis_names={axis},
+            check_vma=False,
+        )
+        unscaled_loss, y_pred, non_trainable, metrics, grads, statistic = step(
+            trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight)
+        optimizer._incoming_statistic = statistic
+        try:
+            trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
+        finally:
+            optimizer._incoming_statistic = None
+        logs, metrics = self._update_metrics_variables(metrics, unscaled_loss, x, y, y_pred, sample_weight)
+        return logs, (trainable, non_trainable, optimizer_values, metrics)
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale")
+class AdaScaleModel(AdaScaleTrainStep, keras.Model):
+    """A `keras.Model` whose JAX train step gives an AdaScale optimizer each replica's gradient statistics.
+
+    Build it as a `keras.Model`: `AdaScaleModel(inputs, outputs)`, or subclass it. For a `Sequential`
+    model, `AdaScaleModel(inputs, sequential(inputs))` or `AdaScaleSequential`.
+
+    Under `keras.distribution.DataParallel` on JAX (or a `ModelParallel` with a batch axis) with R devices on
+    the batch axis, each update of an `AdaScaleSGD` or `AdaScaleAdam` made after `set_distribution` has
+    N = R x k gradient samples (k: `gradient_accumulation_steps`, default 1), and S = N by default.
+    Elsewhere it is a plain `keras.Model` (see the module's documentation for what differs from Keras's
+    own JAX step: BatchNormalization per replica, a dropout mask per replica).
+    """
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale")
+class AdaScaleSequential(AdaScaleTrainStep, keras.Sequential):
+    """`keras.Sequential` with `AdaScaleModel`'s train step."""

@@ -1,0 +1,173 @@
+"""AdaScaleModel: per-replica statistics under keras.distribution.DataParallel on JAX, 4 CPU devices.
+
+conftest.py gives the JAX process 4 host devices (XLA_FLAGS). N = 4 replicas x k micro-batches: sample
+i of an update is the i-th block of BATCH rows of its 4k x BATCH, as the reference takes them.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adascale
+from conftest import BACKEND, Recorder, assert_same_history
+from problems import BATCH, LeastSquares, reference_history
+from reference import AdaScaleAdamReference
+
+REPLICAS = 4
+UPDATES = 5
+
+
+@pytest.fixture
+def problem():
+    return LeastSquares(num_examples=64 * BATCH, seed=3)
+
+
+@pytest.fixture
+def data_parallel():
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution on JAX")
+    import jax
+
+    assert len(jax.devices("cpu")) == REPLICAS, "conftest.py sets XLA_FLAGS for 4 host devices"
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+    yield
+    keras.distribution.set_distribution(None)
+
+
+def adascale_model(problem, cls=None):
+    """The least-squares model as an AdaScaleModel (functional), or `cls` of the same layers."""
+    inputs = keras.Input((problem.dim,))
+    dense = keras.layers.Dense(1)
+    if cls is keras_adascale.AdaScaleSequential:
+        model = cls([inputs, dense])
+    else:
+        model = (cls or keras_adascale.AdaScaleModel)(inputs, dense(inputs))
+    model.set_weights([problem.initial[:-1].reshape(-1, 1), problem.initial[-1:]])
+    return model
+
+
+def fit(model, problem, optimizer, steps, updates, first=0):
+    model.compile(optimizer=optimizer, loss="mse")
+    rows = REPLICAS * BATCH
+    start, stop = first * steps * rows, (first + updates) * steps * rows
+    recorder = Recorder(every=steps)
+    model.fit(problem.x[start:stop], problem.y[start:stop], batch_size=rows, shuffle=False, callbacks=[recorder],
+              verbose=0)
+    return recorder.history
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sgd_under_data_parallel_matches_the_reference_with_n_replicas_times_k(problem, data_parallel, steps):
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps if steps > 1 else None)
+    assert optimizer.samples_per_update == REPLICAS * steps and optimizer.scale == REPLICAS * steps
+    history = fit(adascale_model(problem), problem, optimizer, steps, UPDATES)
+    _, expected = reference_history(problem, REPLICAS * steps, UPDATES, learning_rate=0.05, momentum=0.9)
+    assert_same_history(history, expected)
+    assert 1.0 < history[-1][1] < REPLICAS * steps
+
+
+def test_adam_and_a_sequential_model_match_the_reference(problem, data_parallel):
+    options = {"learning_rate": 0.05, "beta_1": 0.9, "beta_2": 0.99}
+    optimizer = keras_adascale.AdaScaleAdam(**options)
+    history = fit(adascale_model(problem, keras_adascale.AdaScaleSequential), problem, optimizer, 1, UPDATES)
+    reference = AdaScaleAdamReference(problem.initial, scale=REPLICAS, **options)
+    _, expected = reference_history(problem, REPLICAS, UPDATES, reference=reference)
+    assert_same_history(history, expected)
+
+
+def test_keras_own_model_under_data_parallel_is_refused_naming_adascale_model(problem, data_parallel):
+    model = problem.model()
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    with pytest.raises(ValueError, match="sees only the replicas' mean gradient.*AdaScaleModel"):
+        model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
+
+
+def test_an_optimizer_made_before_the_distribution_is_refused(problem):
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution on JAX")
+    optimizer = keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2)  # one device: N = k
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+    try:
+        model = adascale_model(problem)
+        model.compile(optimizer=optimizer, loss="mse")
+        with pytest.raises(ValueError, match="made for 1 replicas, but the distribution's batch axis has 4 devices"):
+            model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def test_save_and_load_resume_exactly(problem, data_parallel, tmp_path):
+    _, expected = reference_history(problem, REPLICAS * 2, 4, learning_rate=0.05, momentum=0.9)
+    model = adascale_model(problem)
+    first = fit(model, problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=2),
+                2, 2)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert type(loaded) is keras_adascale.AdaScaleModel
+    recorder = Recorder(every=2)
+    rows = 2 * REPLICAS * BATCH
+    loaded.fit(problem.x[2 * rows:4 * rows], problem.y[2 * rows:4 * rows], batch_size=REPLICAS * BATCH,
+               shuffle=False, callbacks=[recorder], verbose=0)
+    assert_same_history(first + recorder.history, expected)
+
+
+def test_the_loss_and_metrics_are_the_global_batch_s_as_in_keras_own_step(problem, data_parallel):
+    # Learning rate 0: both models keep their weights, so each batch's logs are comparable.
+    logs = {}
+    for name, model in (("keras", problem.model()), ("adascale", adascale_model(problem))):
+        optimizer = keras_adascale.AdaScaleSGD(0.0) if name == "adascale" else keras.optimizers.SGD(0.0)
+        model.compile(optimizer=optimizer, loss="mse", metrics=["mae"])
+        history = model.fit(problem.x[:256], problem.y[:256], batch_size=REPLICAS * BATCH, shuffle=False,
+                            epochs=2, verbose=0)
+        logs[name] = history.history
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(logs["adascale"][key], logs["keras"][key], rtol=1e-6)
+
+
+def test_each_replica_draws_its_own_dropout_mask(data_parallel):
+    # Every replica gets the same rows: with one mask for all, the replicas' gradients would be equal and
+    # the variance 0 (Keras's seed generators give each shard of a shard_map the same state).
+    inputs = keras.Input((16,))
+    outputs = keras.layers.Dense(1, kernel_initializer="ones")(keras.layers.Dropout(0.5)(inputs))
+    model = keras_adascale.AdaScaleModel(inputs, outputs)
+    optimizer = keras_adascale.AdaScaleSGD(0.0)
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.tile(np.linspace(1.0, 2.0, 16, dtype=np.float32), (REPLICAS * BATCH, 1))
+    model.fit(x, np.zeros((REPLICAS * BATCH, 1), np.float32), batch_size=REPLICAS * BATCH, verbose=0)
+    assert optimizer.snapshot()["gradient_variance"] > 0
+    # and the next step draws new masks: the seed state advanced as in Keras's own step
+    states = [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+    assert states and all(int(np.asarray(keras.ops.convert_to_numpy(s))[1]) > 0 for s in states)
+
+
+def test_without_a_distribution_it_is_keras_own_step(problem):
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=4)
+    model = adascale_model(problem)
+    model.compile(optimizer=optimizer, loss="mse")
+    recorder = Recorder(every=4)
+    model.fit(problem.x[:4 * 4 * BATCH], problem.y[:4 * 4 * BATCH], batch_size=BATCH, shuffle=False,
+              callbacks=[recorder], verbose=0)
+    _, expected = reference_history(problem, 4, 4, learning_rate=0.05, momentum=0.9)
+    assert_same_history(recorder.history, expected)
+
+
+def test_batch_normalization_is_per_replica_and_its_moving_statistics_the_replicas_mean(data_parallel):
+    # Each replica's rows have their own mean: per-replica normalization differs from the global batch's.
+    rng = np.random.default_rng(0)
+    rows = BATCH
+    x = np.concatenate([10.0 * r + (r + 1) * rng.normal(size=(rows, 1)) for r in range(REPLICAS)]).astype(np.float32)
+    inputs = keras.Input((1,))
+    normalized = keras.layers.BatchNormalization(center=False, scale=False, momentum=0.99, epsilon=1e-3)(inputs)
+    outputs = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False)(normalized)
+    model = keras_adascale.AdaScaleModel(inputs, outputs)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.0), loss="mse")
+    history = model.fit(x, x, batch_size=REPLICAS * rows, shuffle=False, verbose=0)
+    parts = x.astype(np.float64).reshape(REPLICAS, rows)
+    means, variances = parts.mean(axis=1), parts.var(axis=1)
+    per_replica = np.mean([np.mean(((p - m) / np.sqrt(v + 1e-3) - p) ** 2) for p, m, v in zip(parts, means, variances)])
+    whole = np.mean(((parts - parts.mean()) / np.sqrt(parts.var() + 1e-3) - parts) ** 2)
+    assert history.history["loss"][0] == pytest.approx(per_replica, rel=1e-5)
+    assert abs(per_replica - whole) > 1e-2 * whole  # the two normalizations are told apart
+    layer = model.layers[1]
+    assert float(np.asarray(layer.moving_mean)[0]) == pytest.approx(0.01 * means.mean(), rel=1e-5)
+    assert float(np.asarray(layer.moving_variance)[0]) == pytest.approx(0.99 + 0.01 * variances.mean(), rel=1e-5)
