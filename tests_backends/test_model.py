@@ -171,3 +171,59 @@ def test_batch_normalization_is_per_replica_and_its_moving_statistics_the_replic
     layer = model.layers[1]
     assert float(np.asarray(layer.moving_mean)[0]) == pytest.approx(0.01 * means.mean(), rel=1e-5)
     assert float(np.asarray(layer.moving_variance)[0]) == pytest.approx(0.99 + 0.01 * variances.mean(), rel=1e-5)
+
+
+def test_changing_the_accumulation_steps_between_fits_matches_the_reference(problem, data_parallel):
+    # k 2 -> 1 with 4 replicas: N 8 -> 4, and S keeps its ratio to N (8 -> 4).
+    reference, first = reference_history(problem, REPLICAS * 2, 3, learning_rate=0.05, momentum=0.9)
+    reference.scale = REPLICAS
+    _, second = reference_history(problem, REPLICAS, 4, reference=reference, first=6)
+    model = adascale_model(problem)
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+    history = fit(model, problem, optimizer, 2, 3)
+    optimizer.set_accumulation_steps(1)
+    assert optimizer.samples_per_update == REPLICAS and optimizer.scale == REPLICAS
+    recorder = Recorder(every=1)
+    start, rows = 3 * 2 * REPLICAS * BATCH, REPLICAS * BATCH
+    model.fit(problem.x[start:start + 4 * rows], problem.y[start:start + 4 * rows], batch_size=rows, shuffle=False,
+              callbacks=[recorder], verbose=0)
+    assert_same_history(history + recorder.history, first + second)
+
+
+def test_autoscale_changes_the_count_under_data_parallel(problem, data_parallel):
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=2)
+    model = adascale_model(problem)
+    model.compile(optimizer=optimizer, loss="mse")
+    # an update costing 4096 examples' compute: fewer, larger updates pay (S is a multiple of the 4 replicas)
+    callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=4096.0, max_steps=8)
+    model.fit(problem.x, problem.y, batch_size=REPLICAS * BATCH, shuffle=False, epochs=2, verbose=0,
+              callbacks=[callback])
+    assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 2
+    assert optimizer.samples_per_update == REPLICAS * optimizer.accumulation_steps
+    assert callback.changes[-1]["scale"] == REPLICAS * callback.changes[-1]["steps"]
+
+
+def test_model_parallel_with_a_batch_axis_matches_the_reference_with_its_replicas():
+    # A 2 x 2 mesh: the kernel's rows sharded on "model", the batch on "batch" (2 replicas).
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution on JAX")
+    problem = LeastSquares(num_examples=64 * BATCH, dim=4, seed=5)
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices=keras.distribution.list_devices("cpu"))
+    layout = keras.distribution.LayoutMap(mesh)
+    layout[".*dense.*kernel"] = ("model", None)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout, batch_dim_name="batch"))
+    try:
+        model = adascale_model(problem)
+        kernel = model.layers[-1].kernel
+        assert "model" in str(kernel.value.sharding.spec)  # the layout took
+        optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+        assert optimizer.samples_per_update == 4
+        model.compile(optimizer=optimizer, loss="mse")
+        recorder = Recorder(every=2)
+        rows = 2 * BATCH
+        model.fit(problem.x[:5 * 2 * rows], problem.y[:5 * 2 * rows], batch_size=rows, shuffle=False,
+                  callbacks=[recorder], verbose=0)
+    finally:
+        keras.distribution.set_distribution(None)
+    _, expected = reference_history(problem, 4, 5, learning_rate=0.05, momentum=0.9)
+    assert_same_history(recorder.history, expected)

@@ -287,3 +287,19 @@ def test_a_keras_older_than_the_extras_lower_bound_is_refused_naming_it(monkeypa
     monkeypatch.setattr(keras, "__version__", "3.12.1")
     with pytest.raises(RuntimeError, match=r"needs Keras 3\.13 or newer \(this is Keras 3\.12\.1\): pip install 'keras>=3\.13'"):
         keras_adascale.AdaScaleSGD(0.1, gradient_accumulation_steps=2)
+
+
+def test_changing_the_scale_between_fits_matches_the_reference(problem):
+    """S 4 -> 2 with N = 4 kept (`set_scale`): the reference with the new S from the next update."""
+    reference, first = reference_history(problem, STEPS, 3, learning_rate=0.05, momentum=0.9)
+    reference.scale = 2
+    _, second = reference_history(problem, STEPS, 3, reference=reference, first=3)
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=STEPS)
+    model, actual = fit(problem, optimizer, STEPS, 3)
+    optimizer.set_scale(2)
+    assert optimizer.scale == 2 and optimizer.accumulation_steps == STEPS
+    recorder = Recorder(every=STEPS)
+    start = 3 * STEPS * BATCH
+    model.fit(problem.x[start:start + 3 * STEPS * BATCH], problem.y[start:start + 3 * STEPS * BATCH],
+              batch_size=BATCH, shuffle=False, callbacks=[recorder], verbose=0)
+    assert_same_history(actual + recorder.history, first + second)
