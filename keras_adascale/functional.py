@@ -239,7 +239,11 @@ class AdaScaleMechanics:
         self._update_variables(distribution, grads_and_vars, learning_rate)
 
     def _replica_statistic(self, grads, trainable_variables):
-        """One replica's sum of squares of what the statistics measure, a block number (in its train step)."""
+        """One replica's sum of squares of what the statistics measure, a block number (in its train step).
+
+        Of the gradients `apply` will see: divided by `loss_scale_factor` where one is set, as `apply` divides."""
+        if self.loss_scale_factor is not None:
+            grads = [g / self.loss_scale_factor for g in grads]
         return self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
 
     @staticmethod

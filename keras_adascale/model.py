@@ -58,6 +58,12 @@ class AdaScaleTrainStep:
 
     def _check_optimizer(self, replicas):
         optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                f"{type(self).__name__} does not support keras.optimizers.LossScaleOptimizer under a distribution "
+                "yet: give the AdaScale optimizer itself (float32 training), or train with gradient accumulation "
+                "on one device."
+            )
         if not hasattr(optimizer, "_incoming_statistic"):
             raise ValueError(
                 f"{type(self).__name__} computes per-replica gradient statistics for an AdaScale optimizer "

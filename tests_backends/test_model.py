@@ -227,3 +227,26 @@ def test_model_parallel_with_a_batch_axis_matches_the_reference_with_its_replica
         keras.distribution.set_distribution(None)
     _, expected = reference_history(problem, 4, 5, learning_rate=0.05, momentum=0.9)
     assert_same_history(recorder.history, expected)
+
+
+def test_sample_weights_and_a_loss_scale_factor_give_keras_own_loss_and_the_reference(problem, data_parallel):
+    weights = np.linspace(0.5, 1.5, 256).astype(np.float32)
+    losses = {}
+    for name, model in (("keras", problem.model()), ("adascale", adascale_model(problem))):
+        optimizer = keras_adascale.AdaScaleSGD(0.0) if name == "adascale" else keras.optimizers.SGD(0.0)
+        model.compile(optimizer=optimizer, loss="mse")
+        losses[name] = model.fit(problem.x[:256], problem.y[:256], sample_weight=weights, batch_size=REPLICAS * BATCH,
+                                 shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(losses["adascale"], losses["keras"], rtol=1e-6)
+    # The loss scaled by 128 (and the gradients with it): the statistics are of the unscaled gradients.
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, loss_scale_factor=128.0)
+    history = fit(adascale_model(problem), problem, optimizer, 1, UPDATES)
+    _, expected = reference_history(problem, REPLICAS, UPDATES, learning_rate=0.05, momentum=0.9)
+    assert_same_history(history, expected)
+
+
+def test_a_loss_scale_optimizer_is_refused_under_a_distribution(problem, data_parallel):
+    model = adascale_model(problem)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras_adascale.AdaScaleSGD(0.05)), loss="mse")
+    with pytest.raises(ValueError, match="does not support keras.optimizers.LossScaleOptimizer"):
+        model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
