@@ -33,7 +33,7 @@ CORE_TESTS = ("tests/test_gain.py", "tests/test_optimizer.py", "tests/test_adam.
               "tests/test_callbacks.py", "tests/test_validation.py", "tests/test_init.py",
               "tests/test_keras_conventions.py", "tests/test_private_api.py", "tests/test_mirrored.py",
               "tests/test_distribute.py", "tests/test_changing_scale.py", "tests/test_multi_worker.py",
-              "tests/test_setting.py", "tests/test_fairscale.py", "tests/test_autoscale.py")
+              "tests/test_setting.py", "tests/test_fairscale.py", "tests/test_autoscale.py", "tests/test_model.py")
 # What the core tests import besides the package, as the `test` and `examples` extras pin them
 # (TensorFlow >= 2.21 no longer installs tensorboard, which the callback's TensorBoard tests need).
 TEST_TOOLS = ("pytest", "hypothesis", "tensorboard")
