@@ -250,3 +250,22 @@ def test_a_loss_scale_optimizer_is_refused_under_a_distribution(problem, data_pa
     model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras_adascale.AdaScaleSGD(0.05)), loss="mse")
     with pytest.raises(ValueError, match="does not support keras.optimizers.LossScaleOptimizer"):
         model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Subclassed(keras_adascale.AdaScaleModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_a_subclassed_model_matches_the_reference(problem, data_parallel):
+    model = Subclassed()
+    model(problem.x[:1])
+    model.set_weights([problem.initial[:-1].reshape(-1, 1), problem.initial[-1:]])
+    history = fit(model, problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9), 1, UPDATES)
+    _, expected = reference_history(problem, REPLICAS, UPDATES, learning_rate=0.05, momentum=0.9)
+    assert_same_history(history, expected)
