@@ -41,6 +41,8 @@ def parse_args(argv=None):
     args.models = (args.models or ("mlp" if args.quick else "mlp,cnn")).split(",")
     args.windows = args.windows or (1 if args.quick else 9)
     args.steps = args.steps or (2 if args.quick else 10)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: a window is timed from one batch end to the next")
     return args
 
 

@@ -29,7 +29,7 @@ def test_jax_data_parallel_quick_prints_the_ratios_and_the_memory(tmp_path):
 
         pytest.skip("keras.distribution on JAX")
     script = SCRIPT.parent / "jax_data_parallel.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--steps", "1"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
