@@ -16,8 +16,10 @@ value and collects what it assigns (an `update_step` that read another variable 
 value, which JAX's `fit` empties during an epoch). PyTorch is eager: a Python `if` on the
 micro-batch that completes an update, and the accumulation and the update rule in place.
 
-One replica: under `keras.distribution.DataParallel` the optimizer sees the all-reduced mean gradient
-of each micro-batch, so N = k. Per-replica statistics on JAX need a train step of their own.
+Replicas: under `keras.distribution.DataParallel` Keras's train step hands the optimizer only the
+all-reduced mean gradient. `model.AdaScaleModel`'s train step computes each replica's gradient in
+`jax.shard_map` and hands the optimizer the sum of their squared norms with it (`_incoming_statistic`):
+N = replicas x k. Without that statistic, an optimizer made for several replicas refuses to apply.
 """
 
 import keras
