@@ -68,7 +68,9 @@ def vmap_model_class(keras, keras_adascale):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    class VmapModel(keras_adascale.AdaScaleModel):
+    from keras_adascale.model import AdaScaleFunctional
+
+    class VmapModel(AdaScaleFunctional):
         def _per_replica_train_step(self, state, data):
             distribution = keras.distribution.distribution()
             axis = distribution.batch_dim_name

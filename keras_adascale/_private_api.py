@@ -91,6 +91,9 @@ NAMES = (
                 "the epoch the backup records"),
     PrivateName("a keras.callbacks.BackupAndRestore", "_last_batch_seen", "experiments/training.py",
                 "the batch the backup records"),
+    PrivateName("keras.src.models.functional", "Functional", "model.py",
+                "the class of `keras.Model(inputs, outputs)`: AdaScaleModel's functional form subclasses it, "
+                "as Keras would inject it into AdaScaleModel itself", backends=_ALL),
     PrivateName(_JAX_TRAINER, "_update_metrics_variables", "model.py",
                 "the loss tracker and the compiled metrics after the step, as Keras's JAX train_step updates them",
                 backends=("jax",)),
@@ -142,6 +145,7 @@ _OWNERS = {
     "tf.distribute.MirroredStrategy": lambda: _tf("distribute.MirroredStrategy"),
     "a keras.callbacks.BackupAndRestore": lambda: keras.callbacks.BackupAndRestore("unused_backup_dir"),
     _JAX_TRAINER: _jax_trainer,
+    "keras.src.models.functional": lambda: importlib.import_module("keras.src.models.functional"),
 }
 
 

@@ -21,6 +21,7 @@ The loss and the compiled metrics are the global batch's, as in Keras's step.
 
 import keras
 from keras import ops
+from keras.src.models import functional as keras_functional
 
 _SEED_STATE = "seed_generator_state"
 
@@ -132,12 +133,11 @@ class AdaScaleTrainStep:
         return logs, (trainable, non_trainable, optimizer_values, metrics)
 
 
-@keras.saving.register_keras_serializable(package="keras_adascale")
 class AdaScaleModel(AdaScaleTrainStep, keras.Model):
     """A `keras.Model` whose JAX train step gives an AdaScale optimizer each replica's gradient statistics.
 
-    Build it as a `keras.Model`: `AdaScaleModel(inputs, outputs)`, or subclass it. For a `Sequential`
-    model, `AdaScaleModel(inputs, sequential(inputs))` or `AdaScaleSequential`.
+    Build it as a `keras.Model`: `AdaScaleModel(inputs, outputs)`, or subclass it and define `call`. For a
+    `Sequential` model, `AdaScaleSequential`.
 
     Under `keras.distribution.DataParallel` on JAX (or a `ModelParallel` with a batch axis) with R devices on
     the batch axis, each update of an `AdaScaleSGD` or `AdaScaleAdam` made after `set_distribution` has
@@ -145,6 +145,34 @@ class AdaScaleModel(AdaScaleTrainStep, keras.Model):
     Elsewhere it is a plain `keras.Model` (see the module's documentation for what differs from Keras's
     own JAX step: BatchNormalization per replica, a dropout mask per replica).
     """
+
+    # Keras makes a `Model` subclass called with inputs and outputs functional by rewriting the class's bases
+    # for good (`inject_functional_model_class`), after which a subclass of it defined by `call` could not be
+    # made. `AdaScaleModel(inputs, outputs)` is an instance of a functional subclass instead, as
+    # `keras.Model(inputs, outputs)` is a `Functional`; a subclass of `AdaScaleModel` is built by `call`.
+    def __new__(cls, *args, **kwargs):
+        if cls is AdaScaleModel and _functional_arguments(args, kwargs):
+            return AdaScaleFunctional.__new__(AdaScaleFunctional, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args, **kwargs):
+        if _functional_arguments(args, kwargs) and not isinstance(self, keras_functional.Functional):
+            raise TypeError(
+                f"{type(self).__name__} subclasses AdaScaleModel: build it by defining `call` (a subclassed model), "
+                "or build a functional model as keras_adascale.AdaScaleModel(inputs, outputs) (a functional subclass "
+                "subclasses keras_adascale.model.AdaScaleFunctional)."
+            )
+        super().__init__(*args, **kwargs)
+
+
+def _functional_arguments(args, kwargs):
+    """Whether a model's arguments are a functional model's: inputs and outputs (as Keras tells them)."""
+    return len(args) == 2 or (len(args) == 1 and "outputs" in kwargs) or ("inputs" in kwargs and "outputs" in kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_adascale", name="AdaScaleModel")
+class AdaScaleFunctional(AdaScaleModel, keras_functional.Functional):
+    """`AdaScaleModel(inputs, outputs)`: a functional AdaScaleModel (saved and loaded as `AdaScaleModel`)."""
 
 
 @keras.saving.register_keras_serializable(package="keras_adascale")

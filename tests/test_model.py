@@ -27,9 +27,39 @@ def test_under_mirrored_strategy_it_matches_the_reference_and_loads_as_itself(le
     assert_same_history(recorder.history, expected)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
-    assert type(loaded) is keras_adascale.AdaScaleModel and type(loaded.optimizer) is keras_adascale.AdaScaleSGD
+    assert isinstance(loaded, keras_adascale.AdaScaleModel) and type(loaded.optimizer) is keras_adascale.AdaScaleSGD
 
 
 def test_a_sequential_one_is_a_keras_sequential():
     model = keras_adascale.AdaScaleSequential([keras.Input((3,)), keras.layers.Dense(1)])
     assert isinstance(model, keras.Sequential) and model.count_params() == 4
+
+
+def test_a_functional_one_leaves_the_class_subclassable():
+    # Keras would rewrite the class's bases for good on the first functional call (inject_functional_model_class).
+    inputs = keras.Input((3,))
+    functional = keras_adascale.AdaScaleModel(inputs, keras.layers.Dense(1)(inputs))
+    assert isinstance(functional, keras_adascale.AdaScaleModel)
+
+    class Subclassed(keras_adascale.AdaScaleModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    assert Subclassed()(tf.ones((2, 3))).shape == (2, 1)
+    assert keras.Model in keras_adascale.AdaScaleModel.__bases__
+
+
+def test_a_subclass_called_with_inputs_and_outputs_says_how_to_build_it():
+    class Subclassed(keras_adascale.AdaScaleModel):
+        pass
+
+    inputs = keras.Input((3,))
+    import pytest
+
+    with pytest.raises(TypeError, match="build it by defining `call`"):
+        Subclassed(inputs, keras.layers.Dense(1)(inputs))
+    assert keras.Model in keras_adascale.AdaScaleModel.__bases__

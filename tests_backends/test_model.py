@@ -103,7 +103,7 @@ def test_save_and_load_resume_exactly(problem, data_parallel, tmp_path):
                 2, 2)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
-    assert type(loaded) is keras_adascale.AdaScaleModel
+    assert isinstance(loaded, keras_adascale.AdaScaleModel)
     recorder = Recorder(every=2)
     rows = 2 * REPLICAS * BATCH
     loaded.fit(problem.x[2 * rows:4 * rows], problem.y[2 * rows:4 * rows], batch_size=REPLICAS * BATCH,
