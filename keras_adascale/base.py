@@ -384,7 +384,7 @@ class AdaScaleBase(AdaScaleMechanics):
             state.variance_average, state.sqr_norm_average, state.average_weight, NUMBERS)
         scale = setting.next_scale
         predicted = gain_lib.gain_ratio(variance, sqr_norm, NUMBERS.like(scale, variance), NUMBERS)
-        exponent = self._statistics_exponent_number()  # 0 but where float32 statistics keep one (JAX without x64)
+        exponent = self._statistics_exponent_number()  # the averages' own on JAX and PyTorch; 0 on TensorFlow
         return {
             "gain": float(state.gain),
             "scale_invariant_iterations": float(state.tau_whole) + float(state.tau_fraction),

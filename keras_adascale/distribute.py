@@ -248,7 +248,7 @@ class AdaScaleMechanics:
         return  # float64 statistics (float32 under TPUStrategy): sums of squares need no exponent of their own
 
     @staticmethod
-    def _statistics_in_units(values, exponent=None):
+    def _statistics_in_units(values):
         return values
 
     @staticmethod

@@ -76,13 +76,23 @@ def _present(mantissa):
     return ops.logical_and(mantissa != 0.0, ops.isfinite(mantissa))
 
 
+def _counted_exponent(present, exponent):
+    """`exponent` where its term is present, else below every exponent (for a maximum over terms)."""
+    return ops.where(present, exponent, ops.full((), _NO_EXPONENT, "int32"))
+
+
+def _or_zero(common):
+    """A maximum of `_counted_exponent`s, 0 where no term was present."""
+    return ops.where(common == _NO_EXPONENT, ops.zeros((), "int32"), common)
+
+
 def _common_exponent(terms):
     """The largest exponent among the terms `(present, exponent)` that are present; 0 where none is."""
-    low = ops.full((), _NO_EXPONENT, "int32")
-    common = low
-    for present, exponent in terms:
-        common = ops.maximum(common, ops.where(present, exponent, low))
-    return ops.where(common == low, ops.zeros((), "int32"), common)
+    counted = [_counted_exponent(present, exponent) for present, exponent in terms]
+    common = counted[0]
+    for exponent in counted[1:]:
+        common = ops.maximum(common, exponent)
+    return _or_zero(common)
 
 
 def _in_exponent(mantissa, exponent, common):
@@ -214,11 +224,9 @@ class AdaScaleMechanics:
         mantissa, exponent = _block_add((accumulated[0], ops.cast(accumulated[1], "int32")), local)
         return ops.stack([mantissa, ops.cast(exponent, "float32")])
 
-    def _statistics_in_units(self, values, exponent=None):
+    def _statistics_in_units(self, values):
         """The variance or squared norm `values` (mantissas of the averages' exponent) as numbers (tensors)."""
-        if exponent is None:
-            exponent = ops.convert_to_tensor(self._statistics_exponent.value)
-        return ops.ldexp(values, exponent)
+        return ops.ldexp(values, ops.convert_to_tensor(self._statistics_exponent.value))
 
     def _statistics_exponent_number(self):
         """The moving averages' exponent as a Python int (eager)."""
@@ -254,9 +262,7 @@ class AdaScaleMechanics:
         import jax
 
         mantissa, exponent = statistic
-        low = ops.full((), _NO_EXPONENT, "int32")
-        common = jax.lax.pmax(ops.where(_present(mantissa), exponent, low), axis)
-        common = ops.where(common == low, ops.zeros((), "int32"), common)
+        common = _or_zero(jax.lax.pmax(_counted_exponent(_present(mantissa), exponent), axis))
         return jax.lax.psum(_in_exponent(mantissa, exponent, common), axis), common
 
     def _backend_apply_gradients(self, grads, trainable_variables):

@@ -2,6 +2,7 @@
 gradient), so the same model code runs on every backend. Its JAX train step is tested in tests_backends/."""
 
 import keras
+import pytest
 import tensorflow as tf
 
 import keras_adascale
@@ -58,8 +59,6 @@ def test_a_subclass_called_with_inputs_and_outputs_says_how_to_build_it():
         pass
 
     inputs = keras.Input((3,))
-    import pytest
-
     with pytest.raises(TypeError, match="build it by defining `call`"):
         Subclassed(inputs, keras.layers.Dense(1)(inputs))
     assert keras.Model in keras_adascale.AdaScaleModel.__bases__

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from conftest import BACKEND
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "backends_overhead.py"
@@ -25,8 +27,6 @@ def test_backends_overhead_quick_prints_the_ratio_to_keras_sgd(tmp_path):
 
 def test_jax_data_parallel_quick_prints_the_ratios_and_the_memory(tmp_path):
     if BACKEND != "jax":
-        import pytest
-
         pytest.skip("keras.distribution on JAX")
     script = SCRIPT.parent / "jax_data_parallel.py"
     result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True,
