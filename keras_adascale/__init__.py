@@ -51,9 +51,7 @@ def __getattr__(name):
 
 def _require_tensorflow_backend(requirement=None):
     """Raises ImportError unless Keras runs on TensorFlow, before any TensorFlow-specific module loads."""
-    _require_backend(("tensorflow",), requirement or (
-        "keras_adascale needs Keras's TensorFlow backend here: the experiment runner is built on TensorFlow, "
-        "tf.data and tf.distribute"))
+    _require_backend(("tensorflow",), requirement or "keras_adascale needs Keras's TensorFlow backend here")
 
 
 def _require_backend(backends, requirement):

@@ -244,7 +244,7 @@ def test_a_keras_that_loaded_an_unsupported_backend_is_refused_naming_it(monkeyp
                                         "keras_adascale needs Keras's TensorFlow, JAX or PyTorch backend")
     # what needs TensorFlow says so on JAX and PyTorch too
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    with pytest.raises(ImportError, match="experiment runner is built on TensorFlow.*runs on its 'torch' backend"):
+    with pytest.raises(ImportError, match="needs Keras's TensorFlow backend here.*runs on its 'torch' backend"):
         keras_adascale._require_tensorflow_backend()
 
 
@@ -254,6 +254,7 @@ def test_the_runner_under_another_keras_backend_exits_2_naming_the_requirement(t
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", "x.yaml"], capture_output=True,
                             text=True, timeout=120, env=env, cwd=tmp_path)
     assert result.returncode == 2
-    assert "keras-adascale: error: keras_adascale needs Keras's TensorFlow backend here" in result.stderr
+    assert ("keras-adascale: error: the experiment runner trains on Keras's TensorFlow backend (tf.distribute) or "
+            "its JAX backend") in result.stderr
     assert "KERAS_BACKEND=numpy" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()

@@ -57,7 +57,7 @@ def test_every_run_of_a_saved_config_builds(path):
             built[key] = (sum(int(np.prod(w.shape)) for w in model.trainable_weights), model.output_shape)
         assert key in TRAINABLE_PARAMETERS, f"no independent parameter count for {key}"
         assert built[key] == TRAINABLE_PARAMETERS[key]
-        replicas = run["strategy"]["devices"] if run["strategy"]["name"] == "mirrored" else 1
+        replicas = run["strategy"]["devices"] if run["strategy"]["name"] in config.LOCAL_STRATEGIES else 1
         steps = training.plan(run, replicas)
         scale, batch = run["optimizer"]["scale"], run["dataset"]["batch_size"]
         baseline = run["optimizer"]["baseline_batch_size"] or batch

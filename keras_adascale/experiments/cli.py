@@ -18,6 +18,10 @@ Train and compare AdaScale SGD runs (Johnson et al., ICML 2020).
   keras-adascale advise runs/demo/adascale
 """
 
+# What `train` says where Keras runs on another backend.
+RUNNER_BACKENDS = ("the experiment runner trains on Keras's TensorFlow backend (tf.distribute) or its JAX backend "
+                   "(keras.distribution), with tf.data input pipelines")
+
 _COLUMNS = (
     ("run", "{}"), ("optimizer", "{}"), ("S", "{}"), ("replicas x accum", "{}"), ("updates", "{}"),
     ("tau", "{:.0f}"), ("mean gain", "{:.3f}"), ("train loss", "{:.4f}"), ("test acc", "{:.4f}"),
@@ -93,13 +97,14 @@ def _train(args):
             raise config_lib.ConfigError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}")
         runs = [run for run in runs if run["run"] in args.only]
     try:
-        keras_adascale._require_tensorflow_backend()
+        keras_adascale._require_backend(("tensorflow", "jax"), RUNNER_BACKENDS)
     except ImportError as error:
         raise config_lib.ConfigError(str(error)) from error
     import tensorflow_datasets as tfds
 
-    from keras_adascale.experiments import data, strategies, training  # imports TensorFlow
+    from keras_adascale.experiments import data, strategies, training  # imports TensorFlow (tf.data on JAX too)
 
+    strategies.check_backend(runs)
     tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
     strategies.configure_devices(runs)
     data.check([run["dataset"] for run in runs])

@@ -15,7 +15,10 @@ OPTIMIZERS = ("adascale", "sgd", "lsr", "lsr_warmup", "adascale_adam", "adam", "
 # The AdaScale optimizers: their updates hold N gradient samples and their schedule follows tau.
 ADASCALE_OPTIMIZERS = ("adascale", "adascale_adam")
 STATISTICS = ("raw", "preconditioned")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# tf.distribute strategies (TensorFlow) and data_parallel, keras.distribution.DataParallel (JAX).
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "data_parallel")
+# The strategies whose `devices` key is their replica count, known before they run.
+LOCAL_STRATEGIES = ("mirrored", "data_parallel")
 MODELS = tuple(models.REGISTRY)
 SCHEDULES = ("constant", "piecewise_constant", "cosine")
 
@@ -57,7 +60,8 @@ SCHEMA = {
     "total_steps": Key(
         1000, "T_SI: length of the single-batch (S = 1) schedule, in scale-invariant steps", int, minimum=1
     ),
-    "jit_compile": Key(False, "compile the train step with XLA (helps on GPU/TPU; slower on CPU)", bool),
+    "jit_compile": Key(False, "compile the train step with XLA (helps on GPU/TPU; slower on CPU); TensorFlow only: "
+                       "on JAX the step is always compiled (jax.jit), as without it JAX runs it op by op", bool),
     "evaluations": Key(10, "how many times the test split is evaluated during training", int, minimum=1),
     "dataset": _section(
         name=Key("bundled_mnist", "tensorflow-datasets name (bundled_mnist and python_chars ship offline)", str),
@@ -80,8 +84,10 @@ SCHEMA = {
         hidden_units=Key([512, 512], "mlp only: widths of the hidden layers", list),
     ),
     "strategy": _section(
-        name=Key("default", "tf.distribute strategy", str, choices=STRATEGIES),
-        devices=Key(1, "mirrored only: replicas; on a machine without GPUs, logical CPU devices", int,
+        name=Key("default", "where a run trains: one device (default); tf.distribute's mirrored, multi_worker or "
+                 "tpu (KERAS_BACKEND=tensorflow); data_parallel, keras.distribution.DataParallel with "
+                 "keras_adascale.AdaScaleModel (KERAS_BACKEND=jax)", str, choices=STRATEGIES),
+        devices=Key(1, "mirrored and data_parallel: replicas; on a machine without GPUs, CPU devices", int,
                     minimum=1),
         tpu=Key("", "tpu only: TPUClusterResolver address ('' = the attached/Colab TPU)", str),
     ),
@@ -248,7 +254,7 @@ def _run_errors(run, bad=frozenset()):
     elif not bad & _BATCH_RULE_KEYS:
         # Multi-worker and TPU replica counts are known only at run time (`training.plan` checks
         # them there); a whole number of samples is needed everywhere.
-        replicas = strategy["devices"] if strategy["name"] == "mirrored" else 1
+        replicas = strategy["devices"] if strategy["name"] in LOCAL_STRATEGIES else 1
         try:
             batches_per_update(run, replicas, label="")
         except ConfigError as error:

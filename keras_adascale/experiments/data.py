@@ -207,7 +207,7 @@ def _load(config, split, **kwargs):
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _examples(config, split):
+def split_size(config, split):
     """How many examples `split` (slices such as 'train[:2%]' included) of the dataset holds."""
     return _builder(config).info.splits[split].num_examples
 
@@ -278,7 +278,7 @@ def train_dataset(config, global_batch_size, seed, skip_batches=0):
         return shuffled.enumerate().map(lambda position, example: _augment(example, _fold(augment_key, position)),
                                         num_parallel_calls=tf.data.AUTOTUNE)
 
-    first_pass, offset = divmod(skip_batches * global_batch_size, _examples(config, config["train_split"]))
+    first_pass, offset = divmod(skip_batches * global_batch_size, split_size(config, config["train_split"]))
     dataset = tf.data.Dataset.counter(start=first_pass).flat_map(one_pass).skip(offset)
     dataset = dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _with_sharding(dataset)
@@ -291,7 +291,7 @@ def test_dataset(config, global_batch_size):
         `(dataset, steps)`: pass `steps` to `model.evaluate`, which cannot
         count the batches of a distributed dataset itself.
     """
-    examples = _examples(config, config["test_split"])
+    examples = split_size(config, config["test_split"])
     dataset = _load(config, config["test_split"])
     dataset = _with_sharding(dataset.batch(global_batch_size).cache().prefetch(tf.data.AUTOTUNE))
     return dataset, -(-examples // global_batch_size)

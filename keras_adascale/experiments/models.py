@@ -124,6 +124,17 @@ REGISTRY = {
 LANGUAGE_MODELS = ("char_lm",)
 
 
+def per_replica(model):
+    """The same layers, inputs and outputs as a `keras_adascale.AdaScaleModel` (a functional model).
+
+    Under a `keras.distribution` on JAX its train step gives an AdaScale optimizer each replica's
+    gradient statistics; elsewhere it trains as `model` does.
+    """
+    from keras_adascale import AdaScaleModel
+
+    return AdaScaleModel(model.inputs, model.outputs, name=model.name)
+
+
 def build(config, input_shape, num_classes):
     """Builds the model a config's `model` section names, with logits as output.
 

@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_adascale import AdaScaleAdam, AdaScaleSGD, AutoScale
+from keras_adascale.base import AdaScaleBase
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots, strategies
 from keras_adascale.experiments.config import ConfigError
@@ -322,8 +323,11 @@ def _run_folders(run, strategy, output_root, overwrite):
     )
 
 
-def _compiled_model(run, strategy):
-    """The run's model and plan, compiled in the strategy's scope after its dataset has been checked.
+def _compiled_model(run, placement):
+    """The run's model and plan, compiled where `placement` says after its dataset has been checked.
+
+    On JAX an AdaScale run's model is an `AdaScaleModel`, whose train step gives the optimizer each
+    replica's gradient statistics under a `keras.distribution` (on one device it is Keras's own step).
 
     Raises:
         ConfigError: if the dataset cannot be used, or the model is not for its task.
@@ -338,16 +342,41 @@ def _compiled_model(run, strategy):
         )
     data.prepare(run["dataset"])
     keras.utils.set_random_seed(run["seed"])
-    with strategy.scope():
-        steps = plan(run, strategy.num_replicas_in_sync)
+    with placement.build_scope():
+        steps = plan(run, placement.replicas)
         model = models.build(run["model"], input_shape, num_classes)
+        if keras.backend.backend() == "jax" and isinstance(steps.optimizer, AdaScaleBase):
+            model = models.per_replica(model)
         model.compile(
             optimizer=steps.optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
-            jit_compile=run["jit_compile"],
+            # JAX's step is always jitted (config.SCHEMA's jit_compile): Keras's False runs it op by op there.
+            jit_compile=run["jit_compile"] or keras.backend.backend() == "jax",
         )
     return model, steps
+
+
+def _test_batch_size(run, steps, placement):
+    """The test split's batch: at least 256 examples; under a `keras.distribution` a multiple of the
+    replicas, as each batch is split evenly over them (the last one too, which is smaller).
+
+    Raises:
+        ConfigError: under a distribution, if the test split cannot be split evenly over the replicas.
+    """
+    size = max(steps.batch_size, 256)
+    if placement.distribution is None:
+        return size
+    replicas = placement.replicas
+    examples = data.split_size(run["dataset"], run["dataset"]["test_split"])
+    if examples % replicas:
+        raise ConfigError(
+            f"dataset.test_split: '{run['dataset']['test_split']}' holds {examples} examples, which "
+            f"strategy.name=data_parallel cannot split evenly over {replicas} devices (keras.distribution "
+            f"splits every batch evenly); choose a test split of a multiple of {replicas} examples, e.g. "
+            f"'{run['dataset']['test_split'].split('[')[0]}[:{examples - examples % replicas}]'"
+        )
+    return -(-size // replicas) * replicas
 
 
 def _open_work_dir(folders, run):
@@ -358,7 +387,7 @@ def _open_work_dir(folders, run):
     (folders.work / "config.json").write_text(json.dumps(run, indent=2) + "\n")
 
 
-def _fit(run, model, steps, folders, test_data):
+def _fit(run, model, steps, folders, test_data, replicas):
     """`model.fit` until tau >= T_SI, resuming from the backup of an interrupted run.
 
     Returns:
@@ -386,7 +415,7 @@ def _fit(run, model, steps, folders, test_data):
         folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
         steps.batch_size, test_data, run["evaluations"], label=run["run"],
         bits_per_character=data.is_language_model(run["dataset"]),
-        replicas=model.distribute_strategy.num_replicas_in_sync,
+        replicas=replicas,
     )
     auto = [AutoScale(**steps.autoscale["callback"])] if steps.autoscale else []
     start = time.perf_counter()
@@ -463,7 +492,9 @@ def train(run, output_root, overwrite=False):
     batch as in an uninterrupted run.
 
     Under a multi-worker strategy the chief writes the run folder and every
-    other worker writes `<run>.<task_type><task_id>` beside it.
+    other worker writes `<run>.<task_type><task_id>` beside it. On JAX the
+    run trains under the `keras.distribution` its strategy names (see
+    `strategies.place`).
 
     Args:
         run: a resolved run (see `config.resolve`).
@@ -479,13 +510,14 @@ def train(run, output_root, overwrite=False):
             config is in the way (the message lists the keys that differ), or
             the backup of an interrupted run cannot be read.
     """
-    strategy = strategies.make_strategy(run["strategy"])
-    folders = _run_folders(run, strategy, output_root, overwrite)
-    model, steps = _compiled_model(run, strategy)
-    replicas = strategy.num_replicas_in_sync
-    print(f"  {_describe_update(run, replicas, steps)}", flush=True)
-    test_data = data.test_dataset(run["dataset"], max(steps.batch_size, 256))
-    _open_work_dir(folders, run)
-    fit_seconds = _fit(run, model, steps, folders, test_data)
-    _finish(folders, model, _summary(run, replicas, steps, model, folders.work, fit_seconds))
+    placement = strategies.place(run["strategy"])
+    folders = _run_folders(run, placement.strategy, output_root, overwrite)
+    with placement.run_scope():
+        model, steps = _compiled_model(run, placement)
+        replicas = placement.replicas
+        print(f"  {_describe_update(run, replicas, steps)}", flush=True)
+        test_data = data.test_dataset(run["dataset"], _test_batch_size(run, steps, placement))
+        _open_work_dir(folders, run)
+        fit_seconds = _fit(run, model, steps, folders, test_data, replicas)
+        _finish(folders, model, _summary(run, replicas, steps, model, folders.work, fit_seconds))
     return folders.final
