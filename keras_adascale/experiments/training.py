@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_adascale import AdaScaleAdam, AdaScaleSGD, AutoScale
+from keras_adascale.autoscale import updates_done
 from keras_adascale.base import AdaScaleBase
 from keras_adascale.experiments import config as config_lib
 from keras_adascale.experiments import data, models, plots, strategies
@@ -456,7 +457,7 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
         "baseline_batch_size": baseline,
         "replicas": replicas,
         "accumulation": accumulation,
-        "updates": int(model.optimizer.iterations.numpy()),
+        "updates": updates_done(model.optimizer),
         "tau": rows[-1]["tau"],
         "examples": rows[-1]["examples"],
         "baseline_batches": rows[-1]["examples"] / baseline,
