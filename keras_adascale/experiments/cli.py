@@ -108,6 +108,7 @@ def _train(args):
     tfds.disable_progress_bar()  # its nested bars garble logs; the runner reports progress itself
     strategies.configure_devices(runs)
     data.check([run["dataset"] for run in runs])
+    training.check_test_splits(runs)
     output_root = pathlib.Path(args.output_dir)
     run_dirs = []
     for index, run in enumerate(runs):

@@ -358,26 +358,42 @@ def _compiled_model(run, placement):
     return model, steps
 
 
-def _test_batch_size(run, steps, placement):
-    """The test split's batch: at least 256 examples; under a `keras.distribution` a multiple of the
-    replicas, as each batch is split evenly over them (the last one too, which is smaller).
+def _test_split_problem(run):
+    """Why the run's strategy cannot evaluate its test split, or None: `data_parallel` splits every batch
+    evenly over its devices (the last, smaller one too)."""
+    if run["strategy"]["name"] != "data_parallel":
+        return None
+    replicas, split = run["strategy"]["devices"], run["dataset"]["test_split"]
+    examples = data.split_size(run["dataset"], split)
+    if examples % replicas == 0:
+        return None
+    return (f"dataset.test_split: '{split}' holds {examples} examples, which strategy.name=data_parallel cannot "
+            f"split evenly over {replicas} devices (keras.distribution splits every batch evenly); choose a test "
+            f"split of a multiple of {replicas} examples, e.g. '{split.split('[')[0]}[:{examples - examples % replicas}]'")
+
+
+def check_test_splits(runs):
+    """Checks, before any run trains, that each run's strategy can evaluate its test split.
 
     Raises:
-        ConfigError: under a distribution, if the test split cannot be split evenly over the replicas.
+        ConfigError: naming each test split that `data_parallel` cannot split evenly over its devices.
     """
+    problems = sorted({problem for problem in map(_test_split_problem, runs) if problem})
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _test_batch_size(run, steps, placement):
+    """The test split's batch: at least 256 examples; under a `keras.distribution` a multiple of the replicas.
+
+    Raises:
+        ConfigError: if the strategy cannot split the test split evenly over the replicas.
+    """
+    problem = _test_split_problem(run)
+    if problem:
+        raise ConfigError(problem)
     size = max(steps.batch_size, 256)
-    if placement.distribution is None:
-        return size
-    replicas = placement.replicas
-    examples = data.split_size(run["dataset"], run["dataset"]["test_split"])
-    if examples % replicas:
-        raise ConfigError(
-            f"dataset.test_split: '{run['dataset']['test_split']}' holds {examples} examples, which "
-            f"strategy.name=data_parallel cannot split evenly over {replicas} devices (keras.distribution "
-            f"splits every batch evenly); choose a test split of a multiple of {replicas} examples, e.g. "
-            f"'{run['dataset']['test_split'].split('[')[0]}[:{examples - examples % replicas}]'"
-        )
-    return -(-size // replicas) * replicas
+    return size if placement.distribution is None else -(-size // placement.replicas) * placement.replicas
 
 
 def _open_work_dir(folders, run):
