@@ -9,11 +9,13 @@ Each page holds its generated part between `<!-- generated: NAME (...) -->` and 
 After changing the schema or the command line, run `python docs/hooks.py` to write them anew.
 """
 
+import argparse
 import json
 import os
 import pathlib
 import re
 import sys
+import textwrap
 
 from keras_adascale.experiments import cli, config
 
@@ -58,26 +60,117 @@ def config_reference():
     return "\n".join(lines)
 
 
-def cli_reference():
-    # argparse wraps to the terminal width: a fixed one, for this call only. (Its layout also changes with
-    # the Python version: the committed page is written on the one CI runs, 3.11.)
-    columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"
-    try:
-        return _cli_reference()
-    finally:
-        if columns is None:
-            del os.environ["COLUMNS"]
+# The `--help` text is written here from the parser's actions, not by argparse's `format_help`, whose layout
+# changes with the Python version (3.13 and 3.14 rework the usage and option lines, 3.14 adds color) and the
+# terminal width: this page is the same on every Python. It keeps argparse's 3.10-3.12 layout at 100 columns.
+_WIDTH = 98  # argparse's: the terminal's 100 columns less 2
+_HELP_COLUMN = 24  # argparse's max_help_position
+
+
+def _invocation(action):
+    """How an argument is written in the argument list: `--set KEY=VALUE`, `config`, `RUN_DIR`."""
+    if not action.option_strings:
+        return action.metavar or action.dest
+    if action.nargs == 0:
+        return ", ".join(action.option_strings)
+    metavar = action.metavar or action.dest.upper()
+    return ", ".join(f"{option} {metavar}" for option in action.option_strings)
+
+
+def _in_usage(action):
+    """How an argument is written in the usage line: `[--only RUN[,RUN...]]`, `RUN_DIR [RUN_DIR ...]`."""
+    if action.nargs not in (None, 0, "+", argparse.PARSER):
+        raise ValueError(f"docs/hooks.py writes no usage for nargs={action.nargs!r} ({action.dest}): add it")
+    if not action.option_strings:
+        name = action.metavar or action.dest
+        if isinstance(action, argparse._SubParsersAction):
+            return "{" + ",".join(action.choices) + "} ..."
+        return f"{name} [{name} ...]" if action.nargs == "+" else name
+    option = action.option_strings[0]
+    text = option if action.nargs == 0 else f"{option} {action.metavar or action.dest.upper()}"
+    return text if action.required else f"[{text}]"
+
+
+def _usage(parser, prog):
+    prefix = f"usage: {prog} "
+    shown = [action for action in parser._actions if action.help != argparse.SUPPRESS]
+    optionals = [_in_usage(action) for action in shown if action.option_strings]
+    positionals = [_in_usage(action) for action in shown if not action.option_strings]
+    line = prefix + " ".join(optionals + positionals)
+    if len(line) <= _WIDTH:
+        return [line]
+    indent = " " * len(prefix)  # too long: the options wrapped, then the positionals on lines of their own
+    lines = []
+    for parts in (optionals, positionals):
+        current = None
+        for part in parts:
+            if current is not None and len(current) + 1 + len(part) > _WIDTH:
+                lines.append(current)
+                current = None
+            current = (indent + part) if current is None else f"{current} {part}"
+        if current is not None:
+            lines.append(current)
+    lines[0] = prefix + lines[0][len(indent):]
+    return lines
+
+
+def _argument_lines(invocation, text, column):
+    """One argument as argparse lists it: its help from `column` on, wrapped, or on the next lines."""
+    wrapped = textwrap.wrap(" ".join(text.split()), _WIDTH - column) if text else []
+    if not wrapped:
+        return [invocation]
+    if len(invocation) + 2 <= column:
+        lines = [invocation.ljust(column) + wrapped[0]]
+        wrapped = wrapped[1:]
+    else:
+        lines = [invocation]
+    return lines + [" " * column + line for line in wrapped]
+
+
+def _help(action, prog):
+    return action.help % {**vars(action), "prog": prog} if action.help else ""
+
+
+def _text(text, raw):
+    if raw:
+        return text.strip("\n").splitlines()
+    return textwrap.wrap(" ".join(text.split()), _WIDTH)
+
+
+def _help_page(parser, prog):
+    """The `--help` of `parser`, as argparse's 3.10-3.12 layout writes it at 100 columns."""
+    raw = issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter)
+    lines = _usage(parser, prog) + [""]
+    if parser.description:
+        lines += _text(parser.description, raw) + [""]
+    rows = {"positional arguments:": [], "options:": []}
+    for action in (action for action in parser._actions if action.help != argparse.SUPPRESS):
+        section = rows["options:" if action.option_strings else "positional arguments:"]
+        if isinstance(action, argparse._SubParsersAction):
+            section.append(("  {" + ",".join(action.choices) + "}", _help(action, prog)))
+            section += [(f"    {choice.dest}", _help(choice, prog)) for choice in action._choices_actions]
         else:
-            os.environ["COLUMNS"] = columns
+            section.append((f"  {_invocation(action)}", _help(action, prog)))
+    # One help column for both lists, as argparse aligns every argument of a parser.
+    column = min(max(len(invocation) for section in rows.values() for invocation, _ in section) + 2,
+                 _HELP_COLUMN)
+    for title, section in rows.items():
+        if section:
+            lines.append(title)
+            for invocation, text in section:
+                lines += _argument_lines(invocation, text, column)
+            lines.append("")
+    if parser.epilog:
+        lines += _text(parser.epilog, raw) + [""]
+    return "\n".join(lines).rstrip()
 
 
-def _cli_reference():
+def cli_reference():
     parser = cli.parser()
-    lines = ["## `keras-adascale`", "", "```text", parser.format_help().rstrip(), "```", ""]
-    commands = next(action for action in parser._actions if action.choices and isinstance(action.choices, dict))
+    lines = ["## `keras-adascale`", "", "```text", _help_page(parser, parser.prog), "```", ""]
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     for name, sub in commands.choices.items():
-        lines += [f"## `keras-adascale {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
+        lines += [f"## `keras-adascale {name}`", "", "```text", _help_page(sub, f"{parser.prog} {name}"), "```", ""]
     return "\n".join(lines)
 
 

@@ -79,9 +79,9 @@ class AdaScaleAdam(base.AdaScaleBase, keras.optimizers.Adam):
         scale: optional number >= 1, S (see `AdaScaleSGD`). Defaults to N.
         smoothing: optional float in [0, 1), theta. Defaults to
             `max(1 - S / 1000, 0)`.
-        non_finite: `"skip"` or `"raise"` (see `AdaScaleSGD`): a skipped
-            update leaves the weights, both moments, their ages, tau and the
-            averages as they were.
+        non_finite: `"skip"` or `"raise"` (see `AdaScaleSGD`, which says what
+            raises on each backend): a skipped update leaves the weights, both
+            moments, their ages, tau and the averages as they were.
         name: string. Defaults to `"adascale_adam"`, made unique as Keras does.
         **kwargs: the keyword arguments of `keras.optimizers.Optimizer`
             (`weight_decay` makes it AdamW, `clipnorm`, `global_clipnorm`,

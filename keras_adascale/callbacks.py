@@ -32,6 +32,11 @@ def print_message(message):
         logging.info(message)
 
 
+def _number(value):
+    """`value` as a message shows it: at most two decimals, no trailing zeros (300, 301.5)."""
+    return f"{float(value):.2f}".rstrip("0").rstrip(".")
+
+
 def _logged_names(logged):
     if logged == "all":
         return STATISTICS
@@ -84,6 +89,10 @@ class AdaScaleCallback(keras.callbacks.Callback):
     update, at step `optimizer.iterations` (the update count, as Keras's own
     `evaluation_*_vs_iterations`), into the `train` run of that log directory.
 
+    A `fit` that starts with tau already at `total_steps` (a resumed run that had
+    finished) runs no batch: the callback prints why (`verbose=1`) and `fit`
+    returns an empty `History`.
+
     With `non_finite="raise"` on the optimizer it also raises after a batch whose
     update was skipped: inside an XLA-compiled step (`jit_compile=True`) the
     optimizer's own check cannot fail the step, so this is where it fails.
@@ -97,13 +106,17 @@ class AdaScaleCallback(keras.callbacks.Callback):
             says). Needs the `tensorboard` package.
         logged: the statistics added to the logs: a tuple of names (default: gain,
             tau, learning rate and S), or `"all"`.
+        verbose: 0 or 1 (default), whether to print why `fit` runs no batch when
+            tau is already at `total_steps` as it starts.
 
     References:
         Johnson et al., 2020, Algorithm 1 (the loop `while tau < T_SI`).
     """
 
-    def __init__(self, total_steps=None, log_dir=None, logged=DEFAULT_LOGGED):
+    def __init__(self, total_steps=None, log_dir=None, logged=DEFAULT_LOGGED, verbose=1):
         super().__init__()
+        self.verbose = verbose
+        self._saved_initial_epoch = None
         self.total_steps = validation.optional(validation.positive, total_steps, "total_steps")
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.logged = _logged_names(logged)
@@ -136,8 +149,10 @@ class AdaScaleCallback(keras.callbacks.Callback):
                 "ScaleInvariantSchedule(..., total_steps=...).",
                 UserWarning, __file__, inspect.currentframe().f_lineno, module=__name__, registry={},
             )
-        if total_steps is not None and float(optimizer.scale_invariant_iterations) >= total_steps:
-            self.model.stop_training = True
+        self._saved_initial_epoch = None
+        tau = float(optimizer.scale_invariant_iterations)
+        if total_steps is not None and tau >= total_steps:
+            self._stop_before_any_batch(tau, total_steps)
         if self.log_dir is not None:
             # The same folder as keras.callbacks.TensorBoard's training scalars: one run in TensorBoard.
             # tf.summary writes TensorBoard's files on every backend, as keras.callbacks.TensorBoard does.
@@ -147,7 +162,24 @@ class AdaScaleCallback(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
             self._logged_update = autoscale.updates_done(optimizer)
 
+    def _stop_before_any_batch(self, tau, total_steps):
+        """tau is at T_SI before `fit`'s first batch: no epoch runs (Keras checks `stop_training` only
+        after a batch), and why is printed, as EarlyStopping says why it stopped."""
+        self.model.stop_training = True
+        # The epoch fit starts from, as BackupAndRestore sets it: fit's `epochs`, past its last, so that none runs.
+        # Put back at the end of fit, where Keras would leave it for the next fit to start from.
+        self._saved_initial_epoch = (self.model._initial_epoch,)
+        self.model._initial_epoch = self.params.get("epochs", 0)
+        if self.verbose:
+            print_message(
+                f"AdaScaleCallback: tau {_number(tau)} >= total_steps {_number(total_steps)}: training is "
+                "complete, so fit runs no batch. To train further, give a larger total_steps."
+            )
+
     def on_train_end(self, logs=None):
+        if self._saved_initial_epoch is not None:
+            (self.model._initial_epoch,) = self._saved_initial_epoch
+            self._saved_initial_epoch = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -62,11 +62,16 @@ class AdaScaleSGD(base.AdaScaleBase, keras.optimizers.SGD):
         non_finite: `"skip"` or `"raise"`, what an update whose gradients hold
             a NaN or an Inf does. `"skip"` (the default) leaves the weights,
             momentum, tau and the averages as they were and adds one to
-            `skipped_updates`; `"raise"` also skips and counts it, then fails
-            the step with `tf.errors.InvalidArgumentError` (XLA drops that
-            assertion: under `jit_compile=True`, `AdaScaleCallback` raises
-            `FloatingPointError` after the batch). Either way no NaN reaches
-            the averages.
+            `skipped_updates`; `"raise"` also skips and counts it, then raises.
+            What raises depends on the backend. TensorFlow: the step fails
+            with `tf.errors.InvalidArgumentError` (in `fit`, a custom loop or
+            eager); XLA drops that assertion, so under `jit_compile=True`
+            only `AdaScaleCallback` raises, `FloatingPointError` after the
+            batch that completed the update. JAX and PyTorch: the optimizer
+            itself never raises (`fit`, compiled or not, and `apply` go on as
+            under `"skip"`); `AdaScaleCallback` raises `FloatingPointError`
+            after that batch, so in `fit` add it, and in a custom loop check
+            `skipped_updates`. Either way no NaN reaches the averages.
         name: string. Defaults to `"adascale_sgd"`, made unique as Keras
             does (`"adascale_sgd_1"` for the second).
         **kwargs: the keyword arguments of `keras.optimizers.Optimizer`

@@ -73,7 +73,7 @@ def straight_and_killed(command, incomplete, root, epochs=3, timeout=240, env=No
 def assert_same_finished_models(first, second):
     """The `model.keras` files of two finished runs hold the same weights and optimizer state."""
     one, other = keras.models.load_model(first), keras.models.load_model(second)
-    for a, b in zip(one.get_weights(), other.get_weights()):
+    for a, b in zip(one.get_weights(), other.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(one.optimizer.variables, other.optimizer.variables):
+    for a, b in zip(one.optimizer.variables, other.optimizer.variables, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)

@@ -43,6 +43,36 @@ def test_stops_at_the_first_update_reaching_total_steps(least_squares):
     assert tau >= 10 and tau - gain < 10
 
 
+def test_a_fit_resumed_at_total_steps_runs_no_batch_and_says_why(least_squares, capsys):
+    model, optimizer = compiled(least_squares, total_steps=10)
+    model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=50,
+              callbacks=[keras_adascale.AdaScaleCallback()], verbose=0)
+    capsys.readouterr()
+    weights, tau = model.get_weights(), float(optimizer.scale_invariant_iterations)
+    micro_steps = int(optimizer._iterations)
+    assert tau >= 10
+
+    # Resumed with the defaults of fit and of the callback: nothing trains, and it says so.
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=3,
+                        callbacks=[keras_adascale.AdaScaleCallback()])
+    out = capsys.readouterr().out
+    assert f"tau {tau:.2f}".rstrip("0").rstrip(".") + " >= total_steps 10: training is complete" in out, out
+    assert history.history == {}
+    assert int(optimizer._iterations) == micro_steps
+    assert float(optimizer.scale_invariant_iterations) == tau
+    for before, after in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)
+
+    # verbose=0 is silent; a larger T_SI trains again from epoch 0, as a fit without the callback would.
+    model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=1,
+              callbacks=[keras_adascale.AdaScaleCallback(verbose=0)], verbose=0)
+    assert capsys.readouterr().out == ""
+    history = model.fit(least_squares.x, least_squares.y, batch_size=8, epochs=2, verbose=0,
+                        callbacks=[keras_adascale.AdaScaleCallback(total_steps=1000)])
+    assert len(history.history["loss"]) == 2
+    assert int(optimizer._iterations) == micro_steps + 2 * 192 // 8
+
+
 def test_with_adascale_adam_it_stops_at_total_steps_and_logs_the_square_root_rate(least_squares):
     model = least_squares.model()
     optimizer = keras_adascale.AdaScaleAdam(keras_adascale.ScaleInvariantSchedule(0.02, total_steps=10),

@@ -249,7 +249,7 @@ def test_a_run_whose_s_changed_resumes_bit_exact_from_a_keras_file(tmp_path):
     restored.fit(problem.x[first_rows:], problem.y[first_rows:], batch_size=BATCH, shuffle=False, verbose=0,
                  callbacks=[ChangeSteps({5: 8})])
     np.testing.assert_array_equal(flat_weights(restored), flat_weights(uninterrupted))
-    for a, b in zip(restored.optimizer.variables, uninterrupted.optimizer.variables):
+    for a, b in zip(restored.optimizer.variables, uninterrupted.optimizer.variables, strict=True):
         if a.name != "iteration":  # micro-steps: the resumed fit counts its own from the restored value
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
@@ -292,6 +292,6 @@ def test_a_run_whose_s_changed_resumes_bit_exact_from_backup_and_restore(tmp_pat
         train(tmp_path / "preempted", Interrupt(epoch=2, batch=5))
     model = train(tmp_path / "preempted")
     np.testing.assert_array_equal(flat_weights(model), flat_weights(expected))
-    for a, b in zip(model.optimizer.variables, expected.optimizer.variables):
+    for a, b in zip(model.optimizer.variables, expected.optimizer.variables, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     assert model.optimizer.accumulation_steps == 5

@@ -201,6 +201,30 @@ def test_readme_is_a_landing_page():
         assert (ROOT / link).is_file(), link
 
 
+def _hooks():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    return hooks
+
+
+def test_the_cli_page_is_written_from_the_parser_not_by_argparse_s_formatter(monkeypatch):
+    """argparse's `--help` layout changes with the Python version (3.13 and 3.14 rework it) and the terminal:
+    the page must be the same whatever argparse's formatter and COLUMNS say."""
+    import argparse
+
+    hooks = _hooks()
+    page = hooks.cli_reference()
+    monkeypatch.setenv("COLUMNS", "40")
+    for method in ("format_help", "_format_usage", "_format_action", "_format_text"):
+        monkeypatch.setattr(argparse.HelpFormatter, method, lambda self, *args: "another Python's layout\n")
+    assert hooks.cli_reference() == page
+    assert "usage: keras-adascale train [-h] [--set KEY=VALUE]" in page
+    assert "  --output OUTPUT       PNG to write (default: RUN_DIR/advice.png)" in page  # the help column
+
+
 def test_the_committed_reference_pages_match_the_code():
     """docs/runner/config.md and cli.md carry the generated tables in the repository (a reader of the README's
     links sees them); they must be what the schema and the parser say now (`python docs/hooks.py` writes them)."""

@@ -155,7 +155,7 @@ def test_a_backup_cut_between_its_weights_and_its_metadata_resumes_the_epoch_it_
     restoring.set_model(resumed)
     restoring.on_train_begin()
     assert resumed._initial_epoch == 2
-    for restored, saved in zip(resumed.get_weights(), after_two):
+    for restored, saved in zip(resumed.get_weights(), after_two, strict=True):
         np.testing.assert_array_equal(restored, saved)  # epoch 2's weights, not epoch 3's
 
 

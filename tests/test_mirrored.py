@@ -175,7 +175,7 @@ def test_a_nan_on_one_replica_makes_every_replica_skip(least_squares):
     tau = float(optimizer.scale_invariant_iterations)
     x[12, 0] = np.nan  # in the second replica's half of the batch
     step(x, y)
-    for before, after in zip(weights, model.get_weights()):
+    for before, after in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     assert float(optimizer.scale_invariant_iterations) == tau and int(optimizer.skipped_updates) == 1
     for variable in model.trainable_variables:  # the replicas did not drift apart

@@ -218,7 +218,7 @@ def test_a_job_with_a_killed_worker_restarts_and_ends_where_an_uninterrupted_job
     finished = [tmp_path / name / "job" / "adascale" for name in ("straight", "killed")]
     straight, restarted = (keras.models.load_model(path / "model.keras") for path in finished)
     for a, b in zip(straight.get_weights() + straight.optimizer.variables,
-                    restarted.get_weights() + restarted.optimizer.variables):
+                    restarted.get_weights() + restarted.optimizer.variables, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     rows = [read_jsonl(path / "metrics.jsonl") for path in finished]
     assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[0]]

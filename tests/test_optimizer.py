@@ -604,9 +604,9 @@ def test_backup_and_restore_resumes_to_the_same_end_as_an_uninterrupted_run(leas
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "preempted", Interrupt(epoch=2, batch=5))
     model, optimizer = train(tmp_path / "preempted")  # the restarted job
-    for a, b in zip(model.get_weights(), expected_model.get_weights()):
+    for a, b in zip(model.get_weights(), expected_model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(optimizer.variables, expected.variables):
+    for a, b in zip(optimizer.variables, expected.variables, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     assert float(optimizer.scale_invariant_iterations) > 16  # 16 updates, each with gain >= 1
 

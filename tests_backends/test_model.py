@@ -10,8 +10,8 @@ import pytest
 
 import keras_adascale
 from conftest import BACKEND, Recorder, assert_same_history
-from problems import BATCH, LeastSquares, reference_history
-from reference import AdaScaleAdamReference
+from problems import BATCH, LeastSquares, UpdateRecorder, reference_history, replay_reference
+from reference import AdaScaleAdamReference, AdaScaleReference
 
 REPLICAS = 4
 UPDATES = 5
@@ -196,11 +196,20 @@ def test_autoscale_changes_the_count_under_data_parallel(problem, data_parallel)
     model.compile(optimizer=optimizer, loss="mse")
     # an update costing 4096 examples' compute: fewer, larger updates pay (S is a multiple of the 4 replicas)
     callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=4096.0, max_steps=8)
+    recorder = UpdateRecorder()  # after AutoScale: it reads the S that AutoScale set for the next update
     model.fit(problem.x, problem.y, batch_size=REPLICAS * BATCH, shuffle=False, epochs=2, verbose=0,
-              callbacks=[callback])
+              callbacks=[callback, recorder])
     assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 2
     assert optimizer.samples_per_update == REPLICAS * optimizer.accumulation_steps
     assert callback.changes[-1]["scale"] == REPLICAS * callback.changes[-1]["steps"]
+    # Each update: N = S = 4 replicas x its k micro-batches, k as AutoScale set it; the reference at the same
+    # (N, S), update by update.
+    assert [scale for _, _, scale in recorder.updates] == [REPLICAS * (stop - first)
+                                                           for first, stop, _ in recorder.updates]
+    assert len({scale for _, _, scale in recorder.updates}) > 1 and len(recorder.updates) >= 4  # one across epochs
+    reference = AdaScaleReference(problem.initial, 0.01, scale=REPLICAS * 2, momentum=0.9)
+    expected = replay_reference(problem, recorder.updates, reference, samples_per_batch=REPLICAS)
+    assert_same_history(recorder.history, expected)
 
 
 def test_model_parallel_with_a_batch_axis_matches_the_reference_with_its_replicas():

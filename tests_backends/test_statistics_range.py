@@ -73,7 +73,7 @@ def test_the_statistics_are_the_same_at_extreme_gradient_scales(magnitude):
     _, plain = run(micro_batches(3, [1.0] * 3))
     optimizer, scaled = run(micro_batches(3, [magnitude] * 3))
     assert 1.0 < plain[-1]["gain"] < STEPS and scaled[-1]["gradient_sqr_norm"] > 0  # (mu2 is clipped to 0 at first)
-    for unscaled, row in zip(plain, scaled):
+    for unscaled, row in zip(plain, scaled, strict=True):
         assert row["gain"] == pytest.approx(unscaled["gain"], rel=1e-5)
         assert row["skipped_updates"] == 0
         for name in ("gradient_variance", "gradient_sqr_norm"):
@@ -98,7 +98,7 @@ def test_the_statistics_follow_the_reference_as_the_gradients_shrink_and_grow_by
     samples = micro_batches(len(magnitudes), magnitudes, seed=1)
     _, rows = run(samples, smoothing=0.5)  # a short memory: every update's magnitude shows
     reference = AdaScaleReference(np.zeros(sum(math.prod(s) for s in SHAPES)), 0.0, scale=STEPS, smoothing=0.5)
-    for update, row in zip(samples, rows):
+    for update, row in zip(samples, rows, strict=True):
         flat = [np.concatenate([np.asarray(g, np.float64).ravel() for g in grads]) for grads in update]
         gain = reference.update_gain(flat)
         variance, sqr_norm = reference.moments()
