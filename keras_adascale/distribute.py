@@ -8,19 +8,20 @@ reduced values to the pure `gain.step`.
 import inspect
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_adascale import gain as gain_lib
 from keras_adascale import keras_fixes
+from keras_adascale import numerics
 from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import TENSORS
 
 # A float64 sum of squares travels inside the float32 gradients' all-reduce as two float32
-# words scaled by these powers of two: the first keeps its precision down to ~1e-68, the
-# second up to ~1e77 (float32 alone spans 1e-38..3e38), so a sum of squares of gradients
+# words scaled by powers of two (float32 alone spans 1e-38..3e38), so a sum of squares of gradients
 # from 1e-30 to 1e30 arrives to float32 precision.
-_SMALL_WORD_SCALE = 2.0**100
-_LARGE_WORD_SCALE = 2.0**-128
+_SMALL_WORD_SCALE = numerics.SMALL_WORD_SCALE
+_LARGE_WORD_SCALE = numerics.LARGE_WORD_SCALE
 
 
 def _xla_available():
@@ -264,6 +265,33 @@ class AdaScaleMechanics:
         words = words[0] if words is not None else tf.zeros((), self._statistics_dtype)
         return self._add_replica_local_variable(words.shape, words.dtype, "sample_sqr_norm_accumulator")
 
+    def _add_count_accumulator(self):
+        """The per-replica count of what entered the accumulators (in the statistic's words' dtype, to travel
+        in the same all-reduce)."""
+        return self._add_replica_local_variable((2,), self._sample_sqr_norm_accumulator.dtype,
+                                                "sample_count_accumulator")
+
+    # A saved file's layout (see `base.AdaScaleBase.save_own_variables`).
+
+    @staticmethod
+    def _backend_only_variables():
+        return []
+
+    def _portable_floats(self, floats):
+        return np.asarray(floats, np.float64)
+
+    def _assign_floats(self, floats):
+        self._state_floats.assign(floats.astype(self._statistics_dtype))
+
+    def _statistic_number(self, words):
+        """The saved statistic: each replica held g_i / R (the loss scaled by 1/R), a sample is g_i."""
+        return numerics.decoded_words(words) * self._configuration.replicas**2
+
+    def _statistic_value(self, number):
+        return numerics.encoded_words(number / self._configuration.replicas**2,
+                                      np.zeros(self._sample_sqr_norm_accumulator.shape,
+                                               self._sample_sqr_norm_accumulator.dtype))
+
     def _check_strategy(self):
         if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not self._strategy:
             raise ValueError(
@@ -345,12 +373,16 @@ class AdaScaleMechanics:
         if not self._configuration.steps:
             super()._backend_apply_gradients(grads, trainable_variables)
             return
+        # Keras's `iterations` before this micro-step, as its EMA reads it.
+        updates_before = tf.identity(self._scale_setting().updates)
         accumulators = [
             self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
         ]
         for grad, accumulator in zip(grads, accumulators):
             self.assign_add(accumulator, grad)
         self.assign_add(self._sample_sqr_norm_accumulator, self._local_statistic_words(grads, trainable_variables))
+        self.assign_add(self._sample_count_accumulator,
+                        tf.constant(self._count_increment(), self._sample_count_accumulator.dtype))
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             learning_rate = self.learning_rate
             setting = self._scale_setting()
@@ -370,13 +402,7 @@ class AdaScaleMechanics:
             # This replaces the method that counts the micro-step in Keras < 3.10.
             self.assign_add(self._iterations, 1)
         if self.use_ema:
-            self._update_model_variables_moving_average(self._trainable_variables)
-            if self.ema_overwrite_frequency:
-                tf.cond(
-                    tf.equal((self.iterations + 1) % self.ema_overwrite_frequency, 0),
-                    lambda: self._overwrite_model_variables_with_average_value(self._trainable_variables),
-                    tf.no_op,
-                )
+            self._moving_average_step(updates_before)
 
     def _micro_step(self):
         return tf.cast(tf.convert_to_tensor(self._iterations), tf.int64)
@@ -407,38 +433,43 @@ class AdaScaleMechanics:
         local_sqr_norm_sum = decode_statistic(
             [tf.convert_to_tensor(self._sample_sqr_norm_accumulator.value)], self._statistics_dtype
         )
+        counted = tf.convert_to_tensor(self._sample_count_accumulator.value)
+        replica_context = tf.distribute.get_replica_context()
+        if replica_context is not None and replica_context.num_replicas_in_sync > 1:
+            counted = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, counted)
         self._reduce_and_update(grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting,
-                                micro_batches)
-        for accumulator in accumulators + [self._sample_sqr_norm_accumulator]:
+                                micro_batches, measured=self._measured(counted, micro_batches))
+        for accumulator in accumulators + [self._sample_sqr_norm_accumulator, self._sample_count_accumulator]:
             self.assign(accumulator, tf.zeros_like(accumulator.value))
         return tf.no_op()
 
     def _cross_replica_update_from_accumulators(self, distribution, accumulators, trainable_variables):
         statistic_accumulator = self._sample_sqr_norm_accumulator
+        count_accumulator = self._sample_count_accumulator
 
         def update():
             # Destinations on every replica's device make this one batched all-reduce,
-            # the statistic's words in the same buffer as the gradients where dtypes allow.
+            # the statistic's words and the count in the same buffer as the gradients where dtypes allow.
             pairs = [(a.value, v.value) for a, v in zip(accumulators, trainable_variables)]
+            counts = [(statistic_accumulator.value, trainable_variables[0].value),
+                      (count_accumulator.value, trainable_variables[0].value)]
             same_dtype = statistic_accumulator.dtype == accumulators[0].dtype
             if same_dtype:
-                pairs.append((statistic_accumulator.value, trainable_variables[0].value))
+                pairs += counts
             sums = distribution.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, pairs)
             if not same_dtype:
-                sums += distribution.extended.batch_reduce_to(
-                    tf.distribute.ReduceOp.SUM, [(statistic_accumulator.value, trainable_variables[0].value)]
-                )
+                sums += distribution.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, counts)
             sums = [distribution.experimental_local_results(s)[0] for s in sums]
             micro_batches = setting_lib.accumulated(setting, self._micro_step())
-            grads = [s / tf.cast(micro_batches, s.dtype) for s in sums[:-1]]
-            sample_sqr_norm_sum = decode_statistic(sums[-1:], self._statistics_dtype)
+            grads = [s / tf.cast(micro_batches, s.dtype) for s in sums[:-2]]
+            sample_sqr_norm_sum = decode_statistic(sums[-2:-1], self._statistics_dtype)
             state, finite, grads, learning_rate = self._adascale_step(
                 grads, trainable_variables, sample_sqr_norm_sum, distribution.num_replicas_in_sync,
-                self.learning_rate, setting, micro_batches,
+                self.learning_rate, setting, micro_batches, measured=self._measured(sums[-1], micro_batches),
             )
             self._apply_and_record(distribution, list(zip(grads, trainable_variables)), learning_rate, state, finite,
                                    self._next_setting(setting))
-            for accumulator in accumulators + [statistic_accumulator]:
+            for accumulator in accumulators + [statistic_accumulator, count_accumulator]:
                 for component in distribution.experimental_local_results(accumulator.value):
                     self.assign(component, tf.zeros_like(component))
             return tf.no_op()
@@ -455,14 +486,14 @@ class AdaScaleMechanics:
                                 self._scale_setting(), 1)
 
     def _reduce_and_update(self, grads, local_sqr_norm_sum, trainable_variables, learning_rate, setting,
-                           micro_batches):
+                           micro_batches, measured=None):
         """Replica context: one all-reduce, the state step, one merge_call to apply."""
         grads, sample_sqr_norm_sum, replicas = all_reduce(grads, local_sqr_norm_sum)
         # With one sample, the sample is the mean: no second pass over it.
         single_sample = replicas == 1 and not self._configuration.steps
         state, finite, grads, learning_rate = self._adascale_step(
             grads, trainable_variables, sample_sqr_norm_sum, replicas, learning_rate, setting, micro_batches,
-            mean_sqr_norm=sample_sqr_norm_sum if single_sample else None,
+            mean_sqr_norm=sample_sqr_norm_sum if single_sample else None, measured=measured,
         )
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._apply_and_record,
@@ -475,7 +506,7 @@ class AdaScaleMechanics:
         )
 
     def _adascale_step(self, grads, variables, sample_sqr_norm_sum, replicas, learning_rate, setting,
-                       micro_batches, mean_sqr_norm=None):
+                       micro_batches, mean_sqr_norm=None, measured=None):
         """Algorithm 1 on reduced values: `(new state, finite, clipped grads, effective learning rate)`.
 
         `micro_batches` is how many the update holds (its k, unless a restore into another
@@ -495,6 +526,7 @@ class AdaScaleMechanics:
             float(replicas) * tf.cast(micro_batches, dtype),
             scale,
             self._smoothing_tensor(scale),
+            measured=measured,
         )
         return state, finite, super()._clip_gradients(grads), state.effective_learning_rate
 

@@ -23,6 +23,7 @@ N = replicas x k. Without that statistic, an optimizer made for several replicas
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_adascale import gain as gain_lib
@@ -107,6 +108,11 @@ def _block_add(first, second):
     return _in_exponent(m1, e1, common) + _in_exponent(m2, e2, common), common
 
 
+def _exponent_of(magnitude):
+    """floor(log2 m) for a finite m > 0 (a Python float), else 0: the exponent that puts m's mantissa in [1, 2)."""
+    return int(np.floor(np.log2(magnitude))) if np.isfinite(magnitude) and magnitude > 0 else 0
+
+
 class AdaScaleMechanics:
     """The Keras optimizer hooks of AdaScale on JAX and PyTorch (one replica, gradient accumulation)."""
 
@@ -182,6 +188,41 @@ class AdaScaleMechanics:
         return self.add_variable((2,), initializer="zeros", dtype=self._statistics_dtype,
                                  name="sample_sqr_norm_accumulator")
 
+    def _add_count_accumulator(self):
+        """The count of what entered the accumulators: [R, R^2] per micro-batch of R replicas."""
+        return self.add_variable((2,), initializer="zeros", dtype="float32", name="sample_count_accumulator")
+
+    def _count_added(self):
+        """What one micro-batch of all R replicas adds to the count accumulator (the replicas' increments)."""
+        replicas = float(self._configuration.replicas)
+        return ops.convert_to_tensor([replicas * i for i in self._count_increment()], "float32")
+
+    # A saved file's layout (see `base.AdaScaleBase.save_own_variables`): numbers, not mantissas.
+
+    def _backend_only_variables(self):
+        return [self._statistics_exponent]
+
+    def _portable_floats(self, floats):
+        floats = np.asarray(floats, np.float64).copy()
+        floats[:2] = np.ldexp(floats[:2], self._statistics_exponent_number())
+        return floats
+
+    def _assign_floats(self, floats):
+        exponent = _exponent_of(max(abs(floats[0]), abs(floats[1])))
+        mantissas = floats.copy()
+        mantissas[:2] = np.ldexp(floats[:2], -exponent)
+        self._state_floats.assign(mantissas.astype("float32"))
+        self._statistics_exponent.assign(np.asarray(exponent, "int32"))
+
+    @staticmethod
+    def _statistic_number(value):
+        return float(np.ldexp(np.float64(value[0]), int(value[1])))
+
+    @staticmethod
+    def _statistic_value(number):
+        exponent = _exponent_of(abs(number))
+        return np.asarray([np.ldexp(number, -exponent), exponent], "float32")
+
     def _add_backend_state_variables(self):
         # The exponent of the moving averages of the variance and the squared norm.
         self._statistics_exponent = self.add_variable((), initializer="zeros", dtype="int32",
@@ -189,16 +230,6 @@ class AdaScaleMechanics:
                                                       name="adascale_statistics_exponent")
 
     # Keras's hooks.
-
-    def build(self, variables):
-        if self.built:
-            return
-        if self.use_ema:
-            raise ValueError(
-                f"{type(self).__name__} does not support `use_ema=True` on the {keras.backend.backend()} "
-                "backend yet (it does on TensorFlow)."
-            )
-        super().build(variables)
 
     def _clip_gradients(self, grads):
         # Clipping happens on the mean gradient of the update.
@@ -280,10 +311,14 @@ class AdaScaleMechanics:
             )
         else:
             local = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        # Keras's `iterations` before this micro-step, as its EMA reads it (a copy: on PyTorch a view of a counter)
+        updates_before = ops.copy(setting.updates)
         if keras.backend.backend() == "torch":
             self._eager_apply(grads, trainable_variables, local, setting, micro_step)
         else:
             self._traced_apply(grads, trainable_variables, local, setting, micro_step)
+        if self.use_ema:
+            self._moving_average_step(updates_before)
 
     def _accumulators(self, trainable_variables):
         if not self._configuration.steps:
@@ -298,6 +333,7 @@ class AdaScaleMechanics:
             # In place (Keras's `assign_add` on PyTorch makes a new tensor and copies it back).
             for accumulator, grad in zip(accumulators, grads):
                 accumulator.value.add_(ops.cast(grad, accumulator.dtype))
+            self._sample_count_accumulator.value.add_(self._count_added())
             statistic = self._sample_sqr_norm_accumulator
             if isinstance(local[1], int) and float(statistic.value[1]) == 0.0:
                 statistic.value[0].add_(local[0])  # the usual case: both of exponent 0, in place
@@ -308,15 +344,17 @@ class AdaScaleMechanics:
             sums = [ops.convert_to_tensor(a.value) for a in accumulators]
             accumulated = ops.convert_to_tensor(statistic.value)
             statistic_sum = (accumulated[0], ops.cast(accumulated[1], "int32"))
+            counted = ops.convert_to_tensor(self._sample_count_accumulator.value)
+            accumulators = accumulators + [statistic, self._sample_count_accumulator]
         else:
-            sums, statistic_sum = list(grads), local
+            sums, statistic_sum, counted = list(grads), local, None
         state, finite, grads, values = self._statistics_step(sums, statistic_sum, trainable_variables, setting,
-                                                             micro_step)
+                                                             micro_step, counted)
         if bool(finite):
             self._apply_update(None, list(zip(grads, trainable_variables)), state.effective_learning_rate, state)
         for variable, value in zip(self._state_variables(), values):
             variable.assign(value)
-        for accumulator in accumulators + ([self._sample_sqr_norm_accumulator] if accumulators else []):
+        for accumulator in accumulators:
             accumulator.value.zero_()
 
     def _traced_apply(self, grads, trainable_variables, local, setting, micro_step):
@@ -329,22 +367,24 @@ class AdaScaleMechanics:
             accumulated = self._accumulated_statistic(
                 ops.convert_to_tensor(self._sample_sqr_norm_accumulator.value), local)
             statistic_sum = (accumulated[0], ops.cast(accumulated[1], "int32"))
-            accumulators = accumulators + [self._sample_sqr_norm_accumulator]
+            counted = ops.convert_to_tensor(self._sample_count_accumulator.value) + self._count_added()
+            accumulators = accumulators + [self._sample_sqr_norm_accumulator, self._sample_count_accumulator]
         else:
-            sums, statistic_sum = list(grads), local
+            sums, statistic_sum, counted = list(grads), local, None
         rule_variables = list(trainable_variables) + self._written_variables()
         targets = rule_variables + accumulators + self._state_variables()
 
         def update():
             state, finite, mean_grads, values = self._statistics_step(sums, statistic_sum, trainable_variables,
-                                                                      setting, micro_step)
+                                                                      setting, micro_step, counted)
             updated = self._updated_values(rule_variables, mean_grads, trainable_variables, state, finite)
             # the accumulators start the next update from zero
-            zeros = [ops.zeros_like(s) for s in sums] + [ops.zeros_like(accumulated)] if configured else []
+            zeros = ([ops.zeros_like(s) for s in sums] + [ops.zeros_like(accumulated), ops.zeros_like(counted)]
+                     if configured else [])
             return updated + zeros + values
 
         def accumulate():
-            return ([ops.convert_to_tensor(v.value) for v in rule_variables] + sums + [accumulated]
+            return ([ops.convert_to_tensor(v.value) for v in rule_variables] + sums + [accumulated, counted]
                     + [ops.convert_to_tensor(v.value) for v in self._state_variables()])
 
         if configured:
@@ -363,14 +403,15 @@ class AdaScaleMechanics:
         own = {id(v) for v in [self._iterations, *self._state_variables()]}
         own |= {id(v) for v in getattr(self, "_accumulated_gradients", None) or []}
         if self._configuration.steps:
-            own.add(id(self._sample_sqr_norm_accumulator))
+            own |= {id(self._sample_sqr_norm_accumulator), id(self._sample_count_accumulator)}
         if isinstance(self._learning_rate, keras.Variable):
             own.add(id(self._learning_rate))
         return [v for v in self.variables if id(v) not in own]
 
-    def _statistics_step(self, sums, statistic_sum, trainable_variables, setting, micro_step):
+    def _statistics_step(self, sums, statistic_sum, trainable_variables, setting, micro_step, counted=None):
         """The update that completes at `micro_step`, up to its rule (pure). `statistic_sum` is the block
-        number `(mantissa, exponent)` of the micro-batches' sums of squares.
+        number `(mantissa, exponent)` of the micro-batches' sums of squares, `counted` the count accumulator
+        with them (None without accumulation).
 
         Returns:
             `(state, finite, clipped mean gradients, the new values of the state variables)`.
@@ -391,6 +432,7 @@ class AdaScaleMechanics:
         state, finite = self._state_step(
             state, statistic_sum, mean_sqr_norm, ops.cast(self.learning_rate, "float32"),
             ops.cast(micro_batches, dtype) * float(self._configuration.replicas), scale, self._smoothing_tensor(scale),
+            measured=None if counted is None else self._measured(counted, micro_batches),
         )
         # Renormalized: the larger average's mantissa near 1, so that the next sums, of any size, fit.
         shift = _floor_log2(ops.maximum(ops.abs(state.variance_average), ops.abs(state.sqr_norm_average)))

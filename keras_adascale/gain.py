@@ -17,17 +17,22 @@ from keras_adascale.numerics import TENSORS
 class AdaScaleState(NamedTuple):
     """Everything AdaScale carries from one update to the next.
 
+    The statistics dtype is float64 on TensorFlow (float32 under `TPUStrategy`) and float32 on JAX
+    and PyTorch, where the two averages are mantissas of one int32 power-of-two exponent that the
+    mechanics keep beside the state (`functional`). The counters are int64 on TensorFlow, int32 on
+    JAX and PyTorch.
+
     Attributes:
         variance_average: running (uncorrected) average of the raw sigma2 estimates, statistics dtype.
         sqr_norm_average: running (uncorrected) average of the raw mu2 estimates, statistics dtype.
         average_weight: running average of 1 (`1 - theta^t`): the bias correction.
         gain: r of the last update, float32 (1 before any).
-        tau_whole: int64 whole part of tau, the scale-invariant iterations.
+        tau_whole: integer whole part of tau, the scale-invariant iterations (counters dtype).
         tau_fraction: float32 fractional part of tau, in [0, 1): a float32 tau
             alone would round r away once tau reaches ~1e6, and floor(tau)
             picks the learning rate.
         effective_learning_rate: float32 `gain * lr(floor(tau))` of the last update.
-        skipped_updates: int64 count of updates skipped for NaN or Inf gradients.
+        skipped_updates: count of updates skipped for NaN or Inf gradients (counters dtype).
     """
 
     variance_average: object
@@ -41,7 +46,9 @@ class AdaScaleState(NamedTuple):
 
 
 # Below this, a sum of float32 squares may have lost precision (squares under ~1e-38 are subnormal or
-# zero): the mechanics' sums of squares redo it in float64 there.
+# zero): the mechanics' sums of squares redo it there, TensorFlow's in float64 (`distribute`), JAX's and
+# PyTorch's in float32 over the gradients scaled by a power of two, as a float32 mantissa and an int32
+# exponent (`functional`, which also does so above its LARGEST_FAST_SUM).
 SMALLEST_FAST_SUM = 1e-20
 
 # How an `AdaScaleState` is stored: the statistics-dtype fields (the float32 ones held exactly in it) in
@@ -187,8 +194,10 @@ def update_gain(
 ):
     """One AdaScale statistics step: moments, moving averages, gain.
 
-    All arguments are scalars of one float dtype (float64 on CPU and GPU,
-    float32 on TPU; see `AdaScaleSGD`), which the results keep.
+    All arguments are scalars of one float dtype, the statistics dtype, which
+    the results keep: float64 on TensorFlow (float32 under `TPUStrategy`),
+    float32 on JAX and PyTorch, where the sums and averages are mantissas of
+    one power-of-two exponent (`functional`): the gain, a ratio, is the same.
 
     Args:
         sample_sqr_norm_sum: `sum_i ||g_i||^2` over the N samples.
@@ -216,7 +225,7 @@ def _identity(gain):
 
 
 def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing,
-         learning_rate_scale=_identity):
+         learning_rate_scale=_identity, measured=None):
     """Algorithm 1's scalar path for one update: statistics, gain, learning rate, tau.
 
     Where a sum of squares is not finite (a NaN or an Inf in the gradients),
@@ -233,6 +242,11 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         smoothing: theta, statistics dtype.
         learning_rate_scale: the learning rate's factor for a gain r, a function of the float32
             gain: r itself (Algorithm 1; the default) or `keras.ops.sqrt` (AdaScaleAdam).
+        measured: optional boolean scalar, whether this update's sums measure it: False for an
+            update whose micro-batches came from different replica counts (a restore in its
+            middle into another configuration), whose samples are neither equal nor counted in
+            N. Such an update is applied with the gain the averages give at its S, and the
+            averages and their weight are kept as they were. None: always measured.
 
     Returns:
         `(new_state, finite)`: `finite` is the boolean "apply this update".
@@ -252,6 +266,11 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         state.sqr_norm_average,
         state.average_weight,
     )
+    if measured is not None:
+        kept = (state.variance_average, state.sqr_norm_average, state.average_weight)
+        variance_average, sqr_norm_average, average_weight = (
+            ops.where(measured, new, old) for new, old in zip((variance_average, sqr_norm_average, average_weight), kept))
+        gain = ops.where(measured, gain, gain_ratio(*corrected_moments(*kept), scale))
     gain = ops.cast(gain, "float32")
     fraction = state.tau_fraction + gain
     carry = ops.floor(fraction)

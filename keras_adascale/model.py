@@ -14,13 +14,23 @@ Keras's own (on TensorFlow, `tf.distribute` gives the optimizer each replica's g
 What changes against Keras's own JAX step, as under `MirroredStrategy`:
 - BatchNormalization normalizes over each replica's part of the batch (Keras's JAX step: the global
   batch); its moving statistics are the mean of the replicas'.
-- Dropout draws a different mask on each replica: the seed generators' states are offset by the
-  replica's index within the step (without it, every replica would draw the same mask).
-The loss and the compiled metrics are the global batch's, as in Keras's step.
+- Dropout draws a different mask on each replica: each seed generator's seed is hashed with the replica's
+  index within the step (`jax.random.fold_in`), so every replica and every layer has a stream of its own
+  (without it, every replica would draw the same mask).
+The loss, its gradient and the compiled metrics are the global batch's, as in Keras's step, for every
+reduction, with sample weights and masks: each replica's loss is its share of the global batch's loss
+(Keras's reduction with the global batch's divisor: the sum of the sample weights, of the valid entries
+of a mask, or the number of entries, summed over the replicas), times R, so that the replicas' mean is
+the global loss and each replica's gradient is a sample of the global gradient.
 """
 
+import contextlib
+
 import keras
+import numpy as np
 from keras import ops
+from keras.src.backend.common import masking as keras_masking
+from keras.src.losses import loss as keras_loss
 from keras.src.models import functional as keras_functional
 
 _SEED_STATE = "seed_generator_state"
@@ -48,14 +58,82 @@ def replicas_in_distribution():
     return 1 if found is None else int(found[2])
 
 
+@contextlib.contextmanager
+def _global_reductions(axis, replicas):
+    """Inside the step's `shard_map`: Keras's loss reductions give each replica its share of the global
+    batch's loss, times `replicas` (see the module's documentation).
+
+    Keras's `reduce_values` divides a replica's weighted sum by the replica's own divisor, and its
+    `apply_mask` weighs the valid entries by the replica's own count of them; here both are rescaled to the
+    global batch's (summed over the mesh axis `axis`). Patched while the step is traced."""
+    import jax
+
+    reduce_values, apply_mask = keras_loss.reduce_values, keras_loss.apply_mask
+
+    def global_share(local, dtype):
+        """`replicas x local / (sum over the replicas of local)`: a replica's divisor as the global one."""
+        local = ops.cast(local, dtype)
+        return ops.divide_no_nan(local * float(replicas), jax.lax.psum(local, axis))
+
+    def global_reduce_values(values, sample_weight=None, reduction="sum_over_batch_size"):
+        loss = reduce_values(values, sample_weight, reduction)
+        if reduction in (None, "none") or tuple(values.shape) in ((), (0,)):
+            return loss
+        if reduction == "sum":
+            return loss * float(replicas)
+        if reduction == "mean_with_sample_weight" and sample_weight is not None:
+            divisor = ops.sum(sample_weight)
+        else:
+            divisor = float(np.prod(values.shape))
+        return loss * global_share(divisor, loss.dtype)
+
+    def global_apply_mask(sample_weight, mask, dtype, reduction):
+        weights = apply_mask(sample_weight, mask, dtype, reduction)
+        if mask is None or reduction not in ("mean", "sum_over_batch_size"):
+            return weights
+        # Keras weighs the valid entries by total / valid (this replica's valid entries); the global ones here.
+        return weights * global_share(ops.sum(ops.cast(mask, dtype)), dtype)
+
+    keras_loss.reduce_values, keras_loss.apply_mask = global_reduce_values, global_apply_mask
+    try:
+        yield
+    finally:
+        keras_loss.reduce_values, keras_loss.apply_mask = reduce_values, apply_mask
+
+
+def _replica_seed(state, index):
+    """A seed generator's state `[seed, counter]` with its seed hashed with the replica's index: a stream of
+    its own for every replica and every seed (an offset `seed + index` would give replica 1 of a generator
+    seeded s the stream of replica 0 of one seeded s + 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    word = jax.random.bits(jax.random.fold_in(jax.random.PRNGKey(state[0]), index), (), jnp.uint32)
+    return jnp.stack([word.astype(state.dtype), state[1]])
+
+
 class AdaScaleTrainStep:
     """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
 
     def train_step(self, *args):
         replicas = replicas_in_distribution()
         if keras.backend.backend() != "jax" or replicas == 1:
+            self._check_distribution_kept()
             return super().train_step(*args)
         return self._per_replica_train_step(*args)
+
+    def _check_distribution_kept(self):
+        """An optimizer made for several replicas, now without them: say the distribution is gone."""
+        optimizer = getattr(self, "optimizer", None)
+        configuration = getattr(optimizer, "_configuration", None)
+        if keras.backend.backend() != "jax" or configuration is None or configuration.replicas == 1:
+            return
+        raise ValueError(
+            f"{type(optimizer).__name__} was made under a distribution with {configuration.replicas} devices on "
+            "its batch axis, and keras.distribution has none now (`keras.distribution.set_distribution(None)`, "
+            "or another with one device on the batch axis). Set the distribution again before training, or "
+            "make the optimizer (or load the model) without one: S follows N on a restore."
+        )
 
     def _check_optimizer(self, replicas):
         optimizer = self.optimizer
@@ -92,38 +170,44 @@ class AdaScaleTrainStep:
 
         def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
             index = jax.lax.axis_index(axis)
-            offsets = [ops.cast(ops.stack([index, 0]), v.dtype) if seed else None
-                       for v, seed in zip(non_trainable, seeds)]
-            non_trainable = [v + o if o is not None else v for v, o in zip(non_trainable, offsets)]
-            (_, aux), grads = grad_fn(trainable, non_trainable, metrics, x, y, sample_weight, training=True,
-                                      optimizer_variables=optimizer_values)
+            stored = non_trainable
+            non_trainable = [_replica_seed(v, index) if seed else v for v, seed in zip(stored, seeds)]
+            with _global_reductions(axis, replicas):
+                (_, aux), grads = grad_fn(trainable, non_trainable, metrics, x, y, sample_weight, training=True,
+                                          optimizer_variables=optimizer_values)
             unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
+            # The masks of the outputs, which the metrics read (a jax.Array's mask does not leave shard_map).
+            masks = keras.tree.map_structure(keras_masking.get_keras_mask, y_pred)
             # The statistic: this replica's sum of squares, as the optimizer measures it (AdaScaleAdam may
             # precondition), with its optimizer state, then summed over the replicas in one exponent.
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
                 statistic = optimizer._replica_statistic(grads, model_variables)
             statistic = optimizer._sum_over_axis(statistic, axis)
             grads = jax.lax.pmean(grads, axis)
+            # A seed generator keeps its seed and takes the counter it advanced to (the same on every replica).
             new_non_trainable = [
-                v - o if o is not None else (jax.lax.pmean(v, axis) if _is_float(v) else v)
-                for v, o in zip(new_non_trainable, offsets)
+                ops.stack([old[0] + (new[0] - hashed[0]), new[1]]) if seed
+                else (jax.lax.pmean(new, axis) if _is_float(new) else new)
+                for old, hashed, new, seed in zip(stored, non_trainable, new_non_trainable, seeds)
             ]
             # Metrics updated in the loss (a multi-output model's per-output losses): the replicas' increments.
             new_metrics = [old + jax.lax.psum(new - old, axis) if _is_float(new) else new
                            for old, new in zip(metrics, new_metrics)]
-            return jax.lax.pmean(unscaled_loss, axis), y_pred, new_non_trainable, new_metrics, grads, statistic
+            return (jax.lax.pmean(unscaled_loss, axis), y_pred, masks, new_non_trainable, new_metrics, grads,
+                    statistic)
 
         replicated, batch = PartitionSpec(), PartitionSpec(axis)
         step = jax.shard_map(
             local,
             mesh=distribution.device_mesh.backend_mesh,
             in_specs=(replicated, replicated, replicated, replicated, batch, batch, batch),
-            out_specs=(replicated, batch, replicated, replicated, replicated, replicated),
+            out_specs=(replicated, batch, batch, replicated, replicated, replicated, replicated),
             axis_names={axis},
             check_vma=False,
         )
-        unscaled_loss, y_pred, non_trainable, metrics, grads, statistic = step(
+        unscaled_loss, y_pred, masks, non_trainable, metrics, grads, statistic = step(
             trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight)
+        keras.tree.map_structure(keras_masking.set_keras_mask, y_pred, masks)
         optimizer._incoming_statistic = statistic
         try:
             trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)

@@ -11,6 +11,29 @@ import keras
 import numpy as np
 from keras import ops
 
+# A float64 sum of squares travels inside TensorFlow's float32 gradients' all-reduce as two float32 words
+# scaled by these powers of two (`distribute.encode_statistic`): the first keeps its precision down to
+# ~1e-68, the second up to ~1e77. A saved file holds the sum itself, decoded on any backend with NumPy.
+SMALL_WORD_SCALE = 2.0**100
+LARGE_WORD_SCALE = 2.0**-128
+
+
+def decoded_words(words):
+    """The float64 sum that TensorFlow's words `words` (a NumPy scalar, or two float32 words) hold."""
+    words = np.asarray(words, np.float64)
+    if words.shape == ():
+        return float(words)
+    return float(words[0] / SMALL_WORD_SCALE if np.isfinite(words[0]) else words[1] / LARGE_WORD_SCALE)
+
+
+def encoded_words(number, like):
+    """`number` as TensorFlow's words shaped and typed as the NumPy array `like` (see `decoded_words`)."""
+    like = np.asarray(like)
+    if like.shape == ():
+        return np.asarray(number, like.dtype)
+    with np.errstate(over="ignore"):
+        return np.asarray([number * SMALL_WORD_SCALE, number * LARGE_WORD_SCALE], np.float64).astype(like.dtype)
+
 
 class _Numbers:
     """The operations on Python and NumPy scalars (and, for `all_equal`, arrays).

@@ -93,9 +93,80 @@ class Recorder(keras.callbacks.Callback):
         )
 
 
+class UpdateRecorder(keras.callbacks.Callback):
+    """Records each update where it completes (where `optimizer.iterations` moves), whatever its k.
+
+    `history`: `[(weights, gain, tau)]` after each update, as `Recorder`'s; `updates`: `[(first, stop, S)]`,
+    the update's micro-batches `first..stop - 1` (counted from the start of `fit`) and its S, as the
+    optimizer's snapshot said before it (the `scale` of the next update). Listed after `AutoScale`, it
+    reads the S that AutoScale set.
+    """
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        self._updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self._scale = optimizer.snapshot()["scale"]
+        self._micro_batches = self._first = 0
+        self.history, self.updates = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._micro_batches += 1
+        optimizer = self.model.optimizer
+        updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        if updates == self._updates:
+            return  # a micro-batch of gradient accumulation
+        self._updates = updates
+        self.history.append(
+            (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
+        )
+        self.updates.append((self._first, self._micro_batches, self._scale))
+        self._first = self._micro_batches
+        self._scale = optimizer.snapshot()["scale"]
+
+
+def replay_reference(problem, updates, reference, samples_per_batch=1):
+    """The reference over `UpdateRecorder.updates` of a `fit(shuffle=False)` over all of `problem`'s rows
+    in batches of `samples_per_batch` x BATCH rows (wrapping around at each epoch): each update at its
+    recorded S, with one sample per BATCH rows of its micro-batches. Returns `[(params, gain, tau)]`."""
+    rows, history = len(problem.x), []
+    for first, stop, scale in updates:
+        reference.scale = scale
+        starts = [(micro_batch * samples_per_batch + i) * BATCH % rows
+                  for micro_batch in range(first, stop) for i in range(samples_per_batch)]
+        reference.step([problem.gradient(reference.params, start, start + BATCH) for start in starts])
+        history.append((reference.params.copy(), reference.gain, reference.tau))
+    return history
+
+
 def assert_same_history(actual, expected):
     assert len(actual) == len(expected)
-    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected):
+    for (weights, gain, tau), (ref_weights, ref_gain, ref_tau) in zip(actual, expected, strict=True):
         np.testing.assert_allclose(weights, ref_weights, rtol=2e-5, atol=1e-6)
         assert gain == pytest.approx(ref_gain, rel=1e-5)
         assert tau == pytest.approx(ref_tau, rel=1e-5)
+
+
+def ema_reference(problem, steps, updates, ema_momentum, overwrite=None, **kwargs):
+    """Keras's EMA of the weights (`use_ema`) over the reference with `steps` micro-batches of BATCH rows per update.
+
+    As Keras's `_backend_apply_gradients` does it: after every micro-step, with `iterations` (the updates done
+    before that micro-step) 0 the average is the weights, else `ema_momentum` of it; where `(iterations + 1)` is
+    a multiple of `overwrite` (`ema_overwrite_frequency`), the weights become the average, and the micro-batches
+    after it take their gradients there.
+
+    Returns:
+        `(reference, average)`: the reference after the updates and the final average (what fit leaves in the model).
+    """
+    reference = AdaScaleReference(problem.initial, scale=steps, **kwargs)
+    average, samples = np.zeros_like(reference.params), []
+    for micro_step in range(steps * updates):
+        done = micro_step // steps
+        samples.append(problem.gradient(reference.params, micro_step * BATCH, (micro_step + 1) * BATCH))
+        if len(samples) == steps:
+            reference.step(samples)
+            samples = []
+        momentum = 0.0 if done == 0 else ema_momentum
+        average = momentum * average + (1 - momentum) * reference.params
+        if overwrite and (done + 1) % overwrite == 0:
+            reference.params = average.copy()
+    return reference, average

@@ -102,8 +102,17 @@ class AdaScaleReference:
             return variance / sqr_norm
         return math.inf if variance > 0 else 0.0
 
-    def update_gain(self, samples):
-        """Algorithm 1's statistics and gain for one update's N samples; returns the gain r."""
+    def update_gain(self, samples, measured=True):
+        """Algorithm 1's statistics and gain for one update's N samples; returns the gain r.
+
+        `measured=False`: an update whose samples are not N equal ones (a restore in its middle into another
+        replica count) leaves the averages as they are and takes the gain they give at this S."""
+        if not measured:
+            variance, sqr_norm = self.moments()
+            self.updates += 1
+            self.gain = ((variance + sqr_norm) / (variance / self.scale + sqr_norm)
+                         if variance + sqr_norm > 0 else 1.0)
+            return self.gain
         theta = self.smoothing
         self.weight = theta * self.weight + (1 - theta)
         sigma2, mu2 = gain_statistics(samples, self.scale, clip=self.clip == "update")
@@ -117,9 +126,9 @@ class AdaScaleReference:
             self.gain = 1.0
         return self.gain
 
-    def step(self, samples):
-        """One update from N flat gradient samples; returns the new parameters."""
-        rate = self.update_gain(samples) * self.learning_rate(math.floor(self.tau))
+    def step(self, samples, measured=True):
+        """One update from N flat gradient samples (their mean is the gradient); returns the new parameters."""
+        rate = self.update_gain(samples, measured) * self.learning_rate(math.floor(self.tau))
         grad = np.mean(np.asarray(samples, dtype=np.float64), axis=0)
         if self.weight_decay:
             self.params = self.params - self.params * self.weight_decay * rate
@@ -168,9 +177,9 @@ class AdaScaleAdamReference(AdaScaleReference):
         v_hat = second / (1.0 - self.beta_2_product) if self.beta_2_product < 1.0 else np.zeros_like(second)
         return samples / (np.sqrt(v_hat) + self.epsilon)
 
-    def step(self, samples):
+    def step(self, samples, measured=True):
         """One update from N flat gradient samples; returns the new parameters."""
-        r = self.update_gain(self._measured(samples))
+        r = self.update_gain(self._measured(samples), measured)
         lr = self.learning_rate(math.floor(self.tau))
         grad = np.mean(np.asarray(samples, dtype=np.float64), axis=0)
         b1 = min(1.0, r * (1.0 - self.beta_1))

@@ -13,8 +13,8 @@ import pytest
 
 import keras_adascale
 from conftest import BACKEND, Recorder, assert_same_history, flat_weights
-from problems import BATCH, LeastSquares, reference_history
-from reference import AdaScaleAdamReference, piecewise_constant
+from problems import BATCH, LeastSquares, UpdateRecorder, ema_reference, reference_history, replay_reference
+from reference import AdaScaleAdamReference, AdaScaleReference, piecewise_constant
 
 STEPS = 4
 UPDATES = 6
@@ -219,8 +219,9 @@ def test_save_and_load_resume_exactly(problem, tmp_path):
     start = 2 * STEPS * BATCH
     loaded.fit(problem.x[start:start + 2 * STEPS * BATCH], problem.y[start:start + 2 * STEPS * BATCH],
                batch_size=BATCH, shuffle=False, callbacks=[recorder], verbose=0)
+    assert len(first) == len(recorder.history) == 2 and len(expected) == 4
     for (weights, gain, tau), (expected_weights, expected_gain, expected_tau) in zip(first + recorder.history,
-                                                                                       expected):
+                                                                                       expected, strict=True):
         np.testing.assert_array_equal(weights, expected_weights)
         assert (gain, tau) == (expected_gain, expected_tau)
 
@@ -242,8 +243,34 @@ def test_autoscale_changes_the_count_in_fit(problem):
     model = problem.model()
     model.compile(optimizer=optimizer, loss="mse")
     callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=64.0, max_steps=8, verbose=0)
-    model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=1, verbose=0, callbacks=[callback])
+    recorder = UpdateRecorder()  # after AutoScale: it reads the S that AutoScale set for the next update
+    model.fit(problem.x, problem.y, batch_size=BATCH, shuffle=False, epochs=1, verbose=0,
+              callbacks=[callback, recorder])
     assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 2
+    # Each update took k micro-batches at S = k, k as AutoScale set it: the reference at the same (N, S),
+    # update by update.
+    assert [scale for _, _, scale in recorder.updates] == [stop - first for first, stop, _ in recorder.updates]
+    assert len({scale for _, _, scale in recorder.updates}) > 1 and len(recorder.updates) > 4
+    reference = AdaScaleReference(problem.initial, 0.01, scale=2, momentum=0.9)
+    assert_same_history(recorder.history, replay_reference(problem, recorder.updates, reference))
+
+
+def test_a_fit_resumed_at_total_steps_runs_no_batch_and_says_why(problem, capsys):
+    optimizer = keras_adascale.AdaScaleSGD(keras_adascale.ScaleInvariantSchedule(0.05, total_steps=5),
+                                           gradient_accumulation_steps=2)
+    model = problem.model()
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(problem.x, problem.y, batch_size=BATCH, epochs=5, verbose=0,
+              callbacks=[keras_adascale.AdaScaleCallback()])
+    capsys.readouterr()
+    weights, snapshot = flat_weights(model), optimizer.snapshot()
+    assert snapshot["scale_invariant_iterations"] >= 5
+    history = model.fit(problem.x, problem.y, batch_size=BATCH, epochs=2,
+                        callbacks=[keras_adascale.AdaScaleCallback()])  # the defaults of fit and the callback
+    assert " >= total_steps 5: training is complete" in capsys.readouterr().out
+    assert history.history == {}
+    np.testing.assert_array_equal(flat_weights(model), weights)
+    assert optimizer.snapshot() == snapshot
 
 
 def test_non_finite_raise_is_raised_by_the_callback_after_the_batch(problem):
@@ -257,11 +284,29 @@ def test_non_finite_raise_is_raised_by_the_callback_after_the_batch(problem):
                   callbacks=[keras_adascale.AdaScaleCallback(total_steps=100)])
 
 
-def test_use_ema_is_refused_naming_the_backend(problem):
+def test_non_finite_raise_without_the_callback_raises_nothing_and_skips_as_skip_does(problem):
+    # What AdaScaleSGD's docstring says: off TensorFlow only AdaScaleCallback raises.
+    optimizer = keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, non_finite="raise")
     model = problem.model()
-    with pytest.raises(ValueError, match=f"does not support `use_ema=True` on the {BACKEND} backend"):
-        keras_adascale.AdaScaleSGD(0.05, gradient_accumulation_steps=2, use_ema=True).build(
-            model.trainable_variables)
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = problem.x[:8 * BATCH].copy(), problem.y[:8 * BATCH].copy()
+    y[2 * BATCH] = np.nan
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    assert optimizer.snapshot()["skipped_updates"] == 1 and np.all(np.isfinite(flat_weights(model)))
+
+
+@pytest.mark.parametrize("overwrite", [None, 2])
+def test_use_ema_averages_the_weights_as_keras_does_and_matches_the_reference(problem, overwrite):
+    # Keras's EMA, after every micro-step with its `iterations` before it (the update count): the average starts
+    # at the weights, and with `ema_overwrite_frequency` replaces them; fit's end puts the average in the model.
+    steps, updates = 2, 6
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps, use_ema=True,
+                                           ema_momentum=0.8, ema_overwrite_frequency=overwrite)
+    model, _ = fit(problem, optimizer, steps, updates)
+    reference, average = ema_reference(problem, steps, updates, 0.8, overwrite, learning_rate=0.05, momentum=0.9)
+    np.testing.assert_allclose(flat_weights(model), average, rtol=2e-5, atol=1e-6)
+    assert float(optimizer.scale_invariant_iterations) == pytest.approx(reference.tau, rel=1e-5)
+    assert reference.tau > updates  # the gain was above 1
 
 
 def test_a_star_import_takes_what_runs_here_and_the_tensorflow_only_name_says_what_it_needs():
