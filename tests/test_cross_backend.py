@@ -52,9 +52,25 @@ def test_a_file_saved_on_one_backend_resumes_on_another_where_the_uninterrupted_
                                                                                         target):
     folder = saved(source)
     run(target, "resume", folder, tmp_path)
-    expected = np.load(folder / "uninterrupted.npz")
+    assert_resumed_as_uninterrupted(folder, tmp_path, source, target)
+
+
+# Files that keras-adascale 0.3.0 saved (tests/cross_backend_driver.py's `save` on e177e98): TensorFlow's layout
+# without the count of what entered the accumulators, JAX's (and PyTorch's) with the statistics' exponent.
+SAVED_BY_0_3_0 = ROOT / "tests" / "data" / "saved_0_3_0"
+OLD_PAIRS = [("tensorflow", "tensorflow"), ("tensorflow", "jax"), ("jax", "jax"), ("jax", "torch"), ("jax", "tensorflow")]
+
+
+@pytest.mark.parametrize("source,target", OLD_PAIRS, ids=[f"{s}-0.3.0-to-{t}" for s, t in OLD_PAIRS])
+def test_a_file_saved_by_0_3_0_resumes_where_its_uninterrupted_run_ends(tmp_path, source, target):
+    run(target, "resume", SAVED_BY_0_3_0 / source, tmp_path)
+    assert_resumed_as_uninterrupted(SAVED_BY_0_3_0 / source, tmp_path, source, target)
+
+
+def assert_resumed_as_uninterrupted(saved_folder, resumed_folder, source, target):
+    expected = np.load(saved_folder / "uninterrupted.npz")
     for name in ("mid", "boundary"):
-        actual = np.load(tmp_path / f"{name}.npz")
+        actual = np.load(resumed_folder / f"{name}.npz")
         assert str(actual["backend"]) == target and str(expected["backend"]) == source
         assert int(actual["updates"]) == int(expected["updates"]) == 6
         np.testing.assert_allclose(actual["weights"], expected["weights"], rtol=2e-5, atol=1e-6, err_msg=name)
