@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 __all__ = ["AdaScaleAdam", "AdaScaleCallback", "AdaScaleModel", "AdaScaleSGD", "AdaScaleSequential", "AutoScale",
            "ScaleInvariantSchedule", "ScalePolicy", "enable_multi_worker_fit"]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _MODULES = {
     "AdaScaleAdam": "keras_adascale.adam",

@@ -219,9 +219,12 @@ def test_gradient_accumulation_steps_is_the_count_in_effect_and_the_config_keeps
 # --- a 0.2.0 checkpoint: S of the update in progress and the configured S only -----------------------------------
 
 def stored_as_0_2_0(optimizer):
-    """The optimizer's variables as Keras's store holds them, the setting in 0.2.0's layout."""
-    store = {str(index): np.array(variable.numpy()) for index, variable in enumerate(optimizer.variables)}
-    scales_key = str(next(i for i, v in enumerate(optimizer.variables) if v is optimizer._setting_scales))
+    """The optimizer's variables as Keras's store holds them, the setting in 0.2.0's layout (and, as in 0.2.0
+    and 0.3.0, no count of what entered the accumulators)."""
+    count = getattr(optimizer, "_sample_count_accumulator", None)
+    kept = [variable for variable in optimizer.variables if variable is not count]
+    store = {str(index): np.array(variable.numpy()) for index, variable in enumerate(kept)}
+    scales_key = str(next(i for i, v in enumerate(kept) if v is optimizer._setting_scales))
     scale, _, configured = store[scales_key]
     store[scales_key] = np.asarray([scale, configured], store[scales_key].dtype)
     return store
