@@ -170,3 +170,34 @@ def ema_reference(problem, steps, updates, ema_momentum, overwrite=None, **kwarg
         if overwrite and (done + 1) % overwrite == 0:
             reference.params = average.copy()
     return reference, average
+
+
+# The review's restore reproduction (tests/test_restores.py on TensorFlow, tests_backends/test_restores.py on JAX):
+# every example identical, so every gradient sample is the same and the true variance is exactly 0.
+IDENTICAL_DIM = 8
+
+
+def identical_examples(rows):
+    """`(x, y)`: `rows` copies of one example."""
+    x = np.tile(np.linspace(-1.0, 1.0, IDENTICAL_DIM, dtype=np.float32), (rows, 1))
+    return x, np.full((rows, 1), 3.0, np.float32)
+
+
+class GainRecorder(keras.callbacks.Callback):
+    """The gain after every batch (`gains`), from the optimizer's snapshot."""
+
+    def __init__(self):
+        super().__init__()
+        self.gains = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.gains.append(self.model.optimizer.snapshot()["gain"])
+
+
+def assert_no_variance_seen(optimizer, recorder, updates):
+    """After a run on identical examples: `updates` updates, every gain 1, the variance estimate 0."""
+    snapshot = optimizer.snapshot()
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == updates
+    np.testing.assert_allclose(recorder.gains, 1.0, atol=1e-5)
+    assert snapshot["gradient_sqr_norm"] > 0
+    assert snapshot["gradient_variance"] <= 1e-5 * snapshot["gradient_sqr_norm"]
