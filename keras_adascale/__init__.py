@@ -62,11 +62,20 @@ def _require_backend(backends, requirement):
     except (ImportError, ValueError) as error:  # Keras raises ValueError for an unknown backend name
         configured = os.environ.get("KERAS_BACKEND", "")
         if configured in ("", "tensorflow"):
+            if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "tensorflow":
+                chosen = "KERAS_BACKEND is not set, so Keras" if not configured else "KERAS_BACKEND=tensorflow: Keras"
+                raise ImportError(
+                    f"{chosen} runs on TensorFlow, which is not installed ({error}). Install the backend you want "
+                    "with keras-adascale's extra: pip install 'keras-adascale[tensorflow]', or "
+                    "'keras-adascale[jax]' and KERAS_BACKEND=jax, or 'keras-adascale[torch]' and KERAS_BACKEND=torch "
+                    "(in a clone: pip install -e '.[jax]')."
+                ) from error
             raise
         if configured in backends:
             raise ImportError(
                 f"KERAS_BACKEND={configured}, which Keras could not load ({error}). Install it with "
-                f"pip install 'keras-adascale[{configured}]'."
+                f"keras-adascale's extra: pip install 'keras-adascale[{configured}]' (in a clone: "
+                f"pip install -e '.[{configured}]')."
             ) from error
         raise ImportError(
             f"{requirement}, but KERAS_BACKEND={configured}, which Keras could not load ({error}). "

@@ -31,6 +31,18 @@ _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 _FLOAT_FIELDS, _FLOAT32_FIELDS, _COUNTER_FIELDS = gain_lib.FLOAT_FIELDS, gain_lib.FLOAT32_FIELDS, gain_lib.COUNTER_FIELDS
 
 
+# How to give an optimizer N >= 2 gradient samples per update, by backend (the S = 1 warning says it).
+_SEVERAL_SAMPLES = {
+    "tensorflow": "make it (and compile the model) in the scope of a tf.distribute strategy with several replicas "
+                  "(on a CPU, logical devices: tf.config.set_logical_device_configuration), or pass "
+                  "`gradient_accumulation_steps=k`",
+    "jax": "train a keras_adascale.AdaScaleModel under keras.distribution.DataParallel over several devices, "
+           "made after `set_distribution` (on a CPU, host devices: jax.config.update('jax_num_cpu_devices', n) "
+           "before JAX starts), or pass `gradient_accumulation_steps=k`",
+    "torch": "pass `gradient_accumulation_steps=k` (Keras has no multi-device PyTorch fit)",
+}
+
+
 def unique_name(prefix):
     """`prefix`, then `prefix_1`, `prefix_2`...: default names unique per session, as Keras makes them."""
     uid = keras.backend.get_uid(prefix)
@@ -444,8 +456,9 @@ class AdaScaleBase(AdaScaleMechanics):
         if configuration.initial_scale == 1 and not configuration.steps:
             warnings.warn(
                 f"{type(self).__name__} has scale S = 1 (each update holds one baseline batch): "
-                f"the gain is always 1 and it behaves as plain {self._plain_optimizer}. Use several "
-                "replicas or `gradient_accumulation_steps`, or set `scale`.",
+                f"the gain is always 1 and it behaves as plain {self._plain_optimizer}. It sees one gradient "
+                "sample per update (one replica, no gradient accumulation), so it cannot measure the gradient "
+                f"noise. For N >= 2 samples: {_SEVERAL_SAMPLES[keras.backend.backend()]}.",
                 stacklevel=2,
             )
         if configuration.steps:

@@ -25,6 +25,8 @@ the global loss and each replica's gradient is a sample of the global gradient.
 """
 
 import contextlib
+import inspect
+import math
 
 import keras
 import numpy as np
@@ -112,8 +114,64 @@ def _replica_seed(state, index):
     return jnp.stack([word.astype(state.dtype), state[1]])
 
 
+def _rows(data):
+    """The rows of array data (a NumPy or backend array, or a list, tuple or dict of them), else None."""
+    leaves = keras.tree.flatten(data) if data is not None else []
+    if not leaves or not all(hasattr(leaf, "shape") and len(getattr(leaf, "shape", ())) > 0 for leaf in leaves):
+        return None
+    return int(leaves[0].shape[0])
+
+
+def check_divisible(replicas, rows, batch_size, what):
+    """Raises ValueError where `rows` in batches of `batch_size` give a batch that `replicas` devices cannot split."""
+    last = rows % batch_size
+    if batch_size % replicas == 0 and last % replicas == 0:
+        return
+    if batch_size % replicas:
+        problem = f"the batch size {batch_size:,} does not divide by them"
+        fix = f"use a batch size that does ({batch_size - batch_size % replicas or replicas:,}, say)"
+    else:
+        problem = (f"{what}'s {rows:,} rows in batches of {batch_size:,} leave a last batch of {last:,}, "
+                   "which does not divide by them")
+        fix = (f"drop or pad the last {last % replicas:,} rows (the first {rows - last % replicas:,}), or use a "
+               "batch size that divides the rows")
+    raise ValueError(
+        f"AdaScaleModel under keras.distribution splits every batch over the {replicas} devices of its batch "
+        f"axis, and {problem}: JAX would fail at that batch (IndivisibleError), Keras's own step as well. To train, "
+        f"{fix}."
+    )
+
+
 class AdaScaleTrainStep:
     """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
+
+    def fit(self, *args, **kwargs):
+        self._check_batches(keras.Model.fit, args, kwargs)
+        return super().fit(*args, **kwargs)
+
+    def _check_batches(self, method, args, kwargs):
+        """Before training: every batch of array data splits over the distribution's devices (see
+        `check_divisible`); tf.data and generators are not read ahead."""
+        replicas = replicas_in_distribution()
+        if replicas == 1:
+            return
+        bound = inspect.signature(method).bind(self, *args, **kwargs).arguments
+        batch_size = bound.get("batch_size") or 32
+        rows = _rows(bound.get("x"))
+        if rows is None or bound.get("steps_per_epoch") is not None:
+            if bound.get("batch_size") is not None and rows is not None:
+                check_divisible(replicas, batch_size, batch_size, "the training data")
+            return
+        split = bound.get("validation_split") or 0.0
+        training = int(math.floor(rows * (1.0 - split))) if split else rows
+        check_divisible(replicas, training, batch_size, "the training data")
+        if split:
+            check_divisible(replicas, rows - training, bound.get("validation_batch_size") or batch_size,
+                            "the validation split")
+        validation = bound.get("validation_data")
+        if isinstance(validation, (tuple, list)) and _rows(validation[0]) is not None:
+            check_divisible(replicas, _rows(validation[0]), bound.get("validation_batch_size") or batch_size,
+                            "the validation data")
 
     def train_step(self, *args):
         replicas = replicas_in_distribution()
@@ -150,7 +208,8 @@ class AdaScaleTrainStep:
             )
         if optimizer._configuration.replicas != replicas:
             raise ValueError(
-                f"{type(optimizer).__name__} was made for {optimizer._configuration.replicas} replicas, but the "
+                f"{type(optimizer).__name__} was made for {optimizer._configuration.replicas} "
+                f"device{'s' if optimizer._configuration.replicas != 1 else ''} on the batch axis, but the "
                 f"distribution's batch axis has {replicas} devices: make the optimizer after "
                 "`keras.distribution.set_distribution(...)`."
             )

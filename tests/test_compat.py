@@ -16,8 +16,10 @@ _spec.loader.exec_module(compat)
 
 
 def _declared():
-    """{name: requirement} of pyproject.toml's core dependencies."""
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """{name: requirement} of pyproject.toml's core dependencies and its `tensorflow` extra (the backend the
+    `oldest` pair tests)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"] + project["optional-dependencies"]["tensorflow"]
     return {re.match(r"[A-Za-z0-9_.-]+", requirement)[0]: requirement for requirement in dependencies}
 
 
@@ -25,9 +27,14 @@ def test_the_lower_bounds_are_the_oldest_tested_pair():
     (oldest,) = [pair for pair in compat.load_pairs() if pair["name"] == "oldest"]
     pinned = dict(requirement.split("==") for requirement in oldest["requirements"])
     declared = _declared()
-    assert set(pinned) == set(declared) == {"tensorflow", "keras"}
+    assert set(pinned) == {"tensorflow", "keras"} and set(declared) == {"tensorflow", "keras", "numpy"}
     for name, version in pinned.items():
         assert f">={version}" in declared[name], (name, declared[name], version)
+
+
+def test_a_tensorflow_pair_is_installed_with_the_tensorflow_extra():
+    # The core names no backend: a pair's declared range is checked through the extra.
+    assert 'f"{ROOT}[tensorflow]"' in (ROOT / "tools" / "compat.py").read_text()
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

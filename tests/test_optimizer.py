@@ -692,3 +692,13 @@ def test_on_a_cpu_only_machine_the_state_step_is_not_xla_compiled(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "updates 2" in result.stdout
     assert "Compiled cluster using XLA" not in result.stderr
+
+
+def test_one_sample_per_update_warns_once_saying_how_to_get_several(least_squares):
+    model = least_squares.model()
+    with pytest.warns(UserWarning, match="scale S = 1") as warned:
+        model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+        model.fit(least_squares.x[:32], least_squares.y[:32], batch_size=8, verbose=0)
+    (message,) = [str(w.message) for w in warned if "scale S = 1" in str(w.message)]
+    assert "cannot measure the gradient noise" in message
+    assert "tf.distribute strategy with several replicas" in message and "gradient_accumulation_steps=k" in message

@@ -145,7 +145,7 @@ def _requirements(metadata):
 
 
 @pytest.mark.slow
-def test_the_wheel_requires_tensorflow_and_keras_and_puts_the_runner_in_an_extra(wheel):
+def test_the_wheel_requires_keras_and_numpy_and_puts_each_backend_and_the_runner_in_an_extra(wheel):
     path, _ = wheel
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -153,9 +153,13 @@ def test_the_wheel_requires_tensorflow_and_keras_and_puts_the_runner_in_an_extra
         metadata = email.message_from_string(archive.read(metadata_name).decode())
         entry_points = archive.read(metadata_name.replace("METADATA", "entry_points.txt")).decode()
     requirements = _requirements(metadata)
-    assert sorted(name for name, extra in requirements if extra is None) == ["keras", "tensorflow"]
+    assert sorted(name for name, extra in requirements if extra is None) == ["keras", "numpy"]
+    assert {name for name, extra in requirements if extra == "tensorflow"} == {"tensorflow"}
+    assert {name for name, extra in requirements if extra == "jax"} == {"jax", "jaxlib", "keras"}
+    assert {name for name, extra in requirements if extra == "torch"} == {"torch", "keras"}
     assert {name for name, extra in requirements if extra == "runner"} == {
-        "tensorflow-datasets", "importlib-resources", "pyyaml", "matplotlib"}
+        "keras-adascale", "tensorflow-datasets", "importlib-resources", "pyyaml", "matplotlib"}
+    assert requirements[("keras-adascale", "runner")] == {"tensorflow"}  # tf.data, on every backend
     assert requirements[("keras-adascale", "examples")] == {"runner"}  # the tutorials get the runner too
     assert "keras_adascale/validation.py" in names and "keras_adascale/datasets/bundled_mnist.py" in names
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
@@ -170,7 +174,7 @@ def test_the_wheel_alone_trains_in_a_fresh_venv_without_the_runners_packages(whe
     try:
         result = clock.run("venv", [sys.executable, "-m", "venv", str(environment)])
         assert result.returncode == 0, result.stderr[-3000:]
-        result = clock.run("install", [str(python), "-m", "pip", "install", "--quiet", str(path)])
+        result = clock.run("install", [str(python), "-m", "pip", "install", "--quiet", f"{path}[tensorflow]"])
         assert result.returncode == 0, result.stderr[-3000:]
 
         result = clock.run("fit", [str(python), "-c", _FIT], cwd=tmp_path)
@@ -229,7 +233,8 @@ def test_importing_under_a_supported_backend_that_is_not_installed_names_the_ext
     last_line = import_error_under("jax")
     assert last_line.startswith("ImportError: KERAS_BACKEND=jax, which Keras could not load (No module named 'jax')"), \
         last_line
-    assert last_line.endswith("Install it with pip install 'keras-adascale[jax]'.")
+    assert last_line.endswith("Install it with keras-adascale's extra: pip install 'keras-adascale[jax]' "
+                              "(in a clone: pip install -e '.[jax]').")
 
 
 def test_a_keras_that_loaded_an_unsupported_backend_is_refused_naming_it(monkeypatch):

@@ -90,7 +90,7 @@ def test_an_optimizer_made_before_the_distribution_is_refused(problem):
     try:
         model = adascale_model(problem)
         model.compile(optimizer=optimizer, loss="mse")
-        with pytest.raises(ValueError, match="made for 1 replicas, but the distribution's batch axis has 4 devices"):
+        with pytest.raises(ValueError, match="made for 1 device on the batch axis, but the distribution's batch axis has 4 devices"):
             model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
     finally:
         keras.distribution.set_distribution(None)
