@@ -374,7 +374,7 @@ class AdaScaleMechanics:
             super()._backend_apply_gradients(grads, trainable_variables)
             return
         # Keras's `iterations` before this micro-step, as its EMA reads it.
-        updates_before = tf.identity(self._scale_setting().updates)
+        updates_before = tf.identity(self._scale_setting().updates) if self.use_ema else None
         accumulators = [
             self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
         ]

@@ -193,7 +193,7 @@ class AdaScaleMechanics:
         return self.add_variable((2,), initializer="zeros", dtype="float32", name="sample_count_accumulator")
 
     def _count_added(self):
-        """What one micro-batch of all R replicas adds to the count accumulator (the replicas' increments)."""
+        """What one micro-batch of all R replicas adds to the count accumulator (the replicas' increments), traced."""
         replicas = float(self._configuration.replicas)
         return ops.convert_to_tensor([replicas * i for i in self._count_increment()], "float32")
 
@@ -311,8 +311,8 @@ class AdaScaleMechanics:
             )
         else:
             local = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
-        # Keras's `iterations` before this micro-step, as its EMA reads it (a copy: on PyTorch a view of a counter)
-        updates_before = ops.copy(setting.updates)
+        # Keras's `iterations` before this micro-step, as its EMA reads it (a copy: on PyTorch a view of a counter).
+        updates_before = ops.copy(setting.updates) if self.use_ema else None
         if keras.backend.backend() == "torch":
             self._eager_apply(grads, trainable_variables, local, setting, micro_step)
         else:
@@ -333,7 +333,10 @@ class AdaScaleMechanics:
             # In place (Keras's `assign_add` on PyTorch makes a new tensor and copies it back).
             for accumulator, grad in zip(accumulators, grads):
                 accumulator.value.add_(ops.cast(grad, accumulator.dtype))
-            self._sample_count_accumulator.value.add_(self._count_added())
+            count = self._sample_count_accumulator.value  # in place, from Python numbers: no tensor per micro-batch
+            replicas = float(self._configuration.replicas)
+            for index, increment in enumerate(self._count_increment()):
+                count[index].add_(replicas * increment)
             statistic = self._sample_sqr_norm_accumulator
             if isinstance(local[1], int) and float(statistic.value[1]) == 0.0:
                 statistic.value[0].add_(local[0])  # the usual case: both of exponent 0, in place

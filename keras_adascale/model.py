@@ -19,9 +19,9 @@ What changes against Keras's own JAX step, as under `MirroredStrategy`:
   (without it, every replica would draw the same mask).
 The loss, its gradient and the compiled metrics are the global batch's, as in Keras's step, for every
 reduction, with sample weights and masks: each replica's loss is its share of the global batch's loss
-(Keras's reduction with the global batch's divisor: the sum of the sample weights, of the valid entries
-of a mask, or the number of entries, summed over the replicas), times R, so that the replicas' mean is
-the global loss and each replica's gradient is a sample of the global gradient.
+(Keras's reduction with the global batch's divisor: the sum of the sample weights or of a mask's valid
+entries summed over the replicas, or the number of entries, which the equal shards share), times R, so that
+the replicas' mean is the global loss and each replica's gradient is a sample of the global gradient.
 """
 
 import contextlib
@@ -29,7 +29,6 @@ import inspect
 import math
 
 import keras
-import numpy as np
 from keras import ops
 from keras.src.backend.common import masking as keras_masking
 from keras.src.losses import loss as keras_loss
@@ -84,10 +83,10 @@ def _global_reductions(axis, replicas):
         if reduction == "sum":
             return loss * float(replicas)
         if reduction == "mean_with_sample_weight" and sample_weight is not None:
-            divisor = ops.sum(sample_weight)
-        else:
-            divisor = float(np.prod(values.shape))
-        return loss * global_share(divisor, loss.dtype)
+            return loss * global_share(ops.sum(sample_weight), loss.dtype)
+        # Divided by the entries: the replicas' shards are equal, so a replica's count is the global one over R
+        # (no collective needed).
+        return loss
 
     def global_apply_mask(sample_weight, mask, dtype, reduction):
         weights = apply_mask(sample_weight, mask, dtype, reduction)

@@ -350,7 +350,7 @@ def test_the_statistics_read_with_numpy_equal_the_tensor_ones(dtype, variance_av
     variance, sqr_norm = gain.corrected_moments(*tensors[:3])
     expected = [variance, sqr_norm, gain.gain_ratio(variance, sqr_norm, tensors[3]),
                 gain.noise_scale(variance, sqr_norm)]
-    for name, value, tensor in zip(("sigma2", "mu2", "gain", "noise scale"), read, expected):
+    for name, value, tensor in zip(("sigma2", "mu2", "gain", "noise scale"), read, expected, strict=True):
         assert np.asarray(value).dtype == dtype, name
         if abs(value) < tiny and abs(tensor.numpy()) < tiny:
             continue  # subnormal or zero: flushed to zero by one, kept by the other

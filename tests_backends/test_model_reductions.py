@@ -46,7 +46,7 @@ def one_step(model, optimizer, x, y, sample_weight, reduction):
     before = [np.asarray(w) for w in model.get_weights()]
     history = model.fit(x, y, sample_weight=sample_weight, batch_size=ROWS, shuffle=False, epochs=1)
     rate = optimizer.snapshot()["effective_learning_rate"] if hasattr(optimizer, "snapshot") else 1.0
-    gradient = np.concatenate([((b - np.asarray(a)) / rate).ravel() for a, b in zip(model.get_weights(), before)])
+    gradient = np.concatenate([((b - np.asarray(a)) / rate).ravel() for a, b in zip(model.get_weights(), before, strict=True)])
     return {key: values[0] for key, values in history.history.items()}, gradient
 
 
