@@ -340,7 +340,8 @@ def batches_per_update(run, replicas, label=None):
         if examples != round(examples) or round(examples) % replicas:
             raise ConfigError(
                 f"{label}the global batch optimizer.scale x baseline batch = {scale} x {baseline} = "
-                f"{examples:g} must be a whole number that splits evenly over {replicas} replicas"
+                f"{examples:g} must be a whole number that splits evenly over {replicas} "
+                f"replica{'s' if replicas != 1 else ''}"
             )
         return round(examples), 1
     samples = examples / batch
@@ -348,8 +349,8 @@ def batches_per_update(run, replicas, label=None):
         raise ConfigError(
             f"{label}optimizer.scale={scale} with baseline batch {baseline} means {examples:g} examples "
             f"per update, i.e. N = {samples:g} gradient samples of dataset.batch_size={batch}; N must be a "
-            f"whole multiple of the {replicas} replicas (N = replicas x accumulation steps, "
-            f"S = N x {batch} / {baseline})"
+            f"whole multiple of the {replicas} replica{'s' if replicas != 1 else ''} (N = replicas x accumulation "
+            f"steps, S = N x {batch} / {baseline})"
         )
     return replicas * batch, round(samples) // replicas
 

@@ -81,7 +81,8 @@ def configure_devices(runs):
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         if len(gpus) < wanted:
-            raise ConfigError(f"strategy.devices={wanted} but this machine has {len(gpus)} GPUs")
+            raise ConfigError(
+                f"strategy.devices={wanted} but this machine has {len(gpus)} GPU{'s' if len(gpus) != 1 else ''}")
         return
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
@@ -123,7 +124,8 @@ def _configure_jax_devices(runs):
         advice = ("" if kind != "CPU" else
                   f"; JAX was initialized before the runner could ask for {wanted} host devices: set "
                   f"XLA_FLAGS=--xla_force_host_platform_device_count={wanted}")
-        raise ConfigError(f"strategy.devices={wanted} but JAX has {len(devices)} {kind} devices{advice}")
+        plural = "s" if len(devices) != 1 else ""
+        raise ConfigError(f"strategy.devices={wanted} but JAX has {len(devices)} {kind} device{plural}{advice}")
 
 
 def make_strategy(config):
@@ -145,7 +147,8 @@ def make_strategy(config):
         kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         devices = [device.name for device in tf.config.list_logical_devices(kind)][: config["devices"]]
         if len(devices) < config["devices"]:
-            raise ConfigError(f"strategy.devices={config['devices']} but only {len(devices)} {kind} devices exist")
+            raise ConfigError(f"strategy.devices={config['devices']} but only {len(devices)} {kind} "
+                              f"{'device exists' if len(devices) == 1 else 'devices exist'}")
         # Strategies of different sizes in one process must not share collective group
         # keys (TensorFlow's own strategy_combinations offsets them the same way).
         tf.distribute.MirroredStrategy._collective_key_base = 1000 * config["devices"]
@@ -172,7 +175,8 @@ def make_distribution(config):
         return None
     devices = keras.distribution.list_devices()
     if len(devices) < config["devices"]:
-        raise ConfigError(f"strategy.devices={config['devices']} but JAX has only {len(devices)} devices")
+        plural = "s" if len(devices) != 1 else ""
+        raise ConfigError(f"strategy.devices={config['devices']} but JAX has only {len(devices)} device{plural}")
     return keras.distribution.DataParallel(devices=devices[: config["devices"]])
 
 
