@@ -114,7 +114,7 @@ SCHEMA = {
         momentum=Key(0.9, "SGD momentum (adascale, sgd, lsr, lsr_warmup)", float, minimum=0.0),
         nesterov=Key(False, "Nesterov momentum", bool),
         weight_decay=Key(None, "decoupled weight decay (Keras semantics)", float, minimum=0.0, nullable=True),
-        smoothing=Key(None, "adascale only: theta of the moving averages; default max(1 - S/1000, 0)",
+        smoothing=Key(None, "adascale and adascale_adam: theta of the moving averages; default max(1 - S/1000, 0)",
                       float, minimum=0.0, nullable=True),
         beta_1=Key(0.9, "Adam's first-moment decay at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
         beta_2=Key(0.999, "Adam's second-moment decay at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
