@@ -59,6 +59,23 @@ def replicas_in_distribution():
     return 1 if found is None else int(found[2])
 
 
+def _batch_shards_here(distribution, axis):
+    """`(the batch axis's devices that this process feeds, the processes)`: across several JAX processes (a
+    multi-host job), each process passes its own part of every global batch (Keras builds the global array with
+    `jax.make_array_from_process_local_data`), which its devices along the batch axis split; in one process,
+    all of them."""
+    import jax
+
+    if jax.process_count() == 1:
+        return replicas_in_distribution(), 1
+    mesh = distribution.device_mesh.backend_mesh
+    position = list(mesh.axis_names).index(axis)
+    along = mesh.devices.swapaxes(0, position).reshape(mesh.devices.shape[position], -1)  # a row per batch shard
+    here = jax.process_index()
+    shards = sum(any(device.process_index == here for device in row) for row in along)
+    return int(shards), jax.process_count()
+
+
 @contextlib.contextmanager
 def _global_reductions(axis, replicas):
     """Inside the step's `shard_map`: Keras's loss reductions give each replica its share of the global
@@ -121,11 +138,16 @@ def _rows(data):
     return int(leaves[0].shape[0])
 
 
-def check_divisible(replicas, rows, batch_size, what):
-    """Raises ValueError where `rows` in batches of `batch_size` give a batch that `replicas` devices cannot split."""
+def check_divisible(replicas, rows, batch_size, what, processes=1, total=None):
+    """Raises ValueError where `rows` in batches of `batch_size` give a batch that `replicas` devices cannot split.
+
+    Across `processes` > 1 JAX processes, `rows` and `batch_size` are this process's and `replicas` the devices of
+    the batch axis that split them here, of `total` in all (see `_check_divisible_per_process`)."""
     last = rows % batch_size
     if batch_size % replicas == 0 and last % replicas == 0:
         return
+    if processes > 1:
+        _check_divisible_per_process(replicas, rows, batch_size, what, processes, total)
     if batch_size % replicas:
         problem = f"the batch size {batch_size:,} does not divide by them"
         fix = f"use a batch size that does ({batch_size - batch_size % replicas or replicas:,}, say)"
@@ -141,6 +163,50 @@ def check_divisible(replicas, rows, batch_size, what):
     )
 
 
+def _check_divisible_per_process(shards, rows, batch_size, what, processes, total):
+    """`check_divisible`'s refusal across several JAX processes: this process's batches over its own devices."""
+    last = rows % batch_size
+    if batch_size % shards:
+        trouble = f"the per-process batch size {batch_size:,} does not divide by them"
+        remedy = f"give every process a per-process batch size that does ({batch_size - batch_size % shards or shards:,}, say)"
+    else:
+        trouble = (f"{what}'s {rows:,} rows in this process in batches of {batch_size:,} leave a last batch of "
+                   f"{last:,}, which does not divide by them")
+        remedy = (f"drop or pad the last {last % shards:,} rows of every process's part, or use a per-process "
+                  "batch size that divides it")
+    raise ValueError(
+        f"AdaScaleModel under keras.distribution across {processes} processes splits the batch that each process "
+        f"feeds (its per-process batch, its part of the global batch) over that process's {shards} "
+        f"device{'s' if shards != 1 else ''} of the batch axis ({total} in all), and {trouble}: JAX would fail "
+        f"at that batch. To train, {remedy}."
+    )
+
+
+def _check_processes_agree(bound, rows, batch_size):
+    """Across several JAX processes, before training: every process calls `fit` for the same steps (its rows, batch
+    size, steps per epoch and epochs; gathered from all, one small collective). A process with fewer steps would
+    leave the others waiting in a collective of a step it never runs."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    names = ("rows", "batch_size", "steps_per_epoch", "epochs", "initial_epoch")
+    here = [-1 if rows is None else rows, batch_size if rows is not None else -1,
+            bound.get("steps_per_epoch") or -1, bound.get("epochs", 1), bound.get("initial_epoch", 0)]
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(here, np.int32))).reshape(-1, len(names))
+    if (gathered == gathered[0]).all():
+        return
+    calls = "; ".join(
+        f"process {index}: " + ", ".join(f"{name} {value}" for name, value in zip(names, row, strict=True)
+                                         if value >= 0)
+        for index, row in enumerate(gathered.tolist()))
+    raise ValueError(
+        f"AdaScaleModel.fit across {jax.process_count()} JAX processes needs every process to train the same steps "
+        f"(each feeds its own part of every global batch), and their calls differ: {calls}. Give every process as "
+        "many rows, the same per-process batch size and the same epochs."
+    )
+
+
 class AdaScaleTrainStep:
     """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
 
@@ -150,27 +216,34 @@ class AdaScaleTrainStep:
 
     def _check_batches(self, method, args, kwargs):
         """Before training: every batch of array data splits over the distribution's devices (see
-        `check_divisible`); tf.data and generators are not read ahead."""
+        `check_divisible`); tf.data and generators are not read ahead. Across several JAX processes, each
+        process's batches over its own devices of the batch axis, once the processes are seen to train alike."""
         replicas = replicas_in_distribution()
         if replicas == 1:
             return
+        distribution, axis, _ = _batch_axis()
+        shards, processes = _batch_shards_here(distribution, axis)
+
+        def check(rows, batch_size, what):
+            check_divisible(shards, rows, batch_size, what, processes, replicas)
+
         bound = inspect.signature(method).bind(self, *args, **kwargs).arguments
         batch_size = bound.get("batch_size") or 32
         rows = _rows(bound.get("x"))
+        if processes > 1:
+            _check_processes_agree(bound, rows, batch_size)
         if rows is None or bound.get("steps_per_epoch") is not None:
             if bound.get("batch_size") is not None and rows is not None:
-                check_divisible(replicas, batch_size, batch_size, "the training data")
+                check(batch_size, batch_size, "the training data")
             return
         split = bound.get("validation_split") or 0.0
         training = int(math.floor(rows * (1.0 - split))) if split else rows
-        check_divisible(replicas, training, batch_size, "the training data")
+        check(training, batch_size, "the training data")
         if split:
-            check_divisible(replicas, rows - training, bound.get("validation_batch_size") or batch_size,
-                            "the validation split")
+            check(rows - training, bound.get("validation_batch_size") or batch_size, "the validation split")
         validation = bound.get("validation_data")
         if isinstance(validation, (tuple, list)) and _rows(validation[0]) is not None:
-            check_divisible(replicas, _rows(validation[0]), bound.get("validation_batch_size") or batch_size,
-                            "the validation data")
+            check(_rows(validation[0]), bound.get("validation_batch_size") or batch_size, "the validation data")
 
     def train_step(self, *args):
         replicas = replicas_in_distribution()
