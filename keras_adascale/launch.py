@@ -165,7 +165,8 @@ def launch(command, num_processes, *, timeout=3600, kill_after=5, grace=30, host
         env: optional base environment (default: this process's).
         cwd: optional working directory of the processes.
         tail_lines: the lines of each process's output kept in its result.
-        echo: whether to copy every line of output to this process's stdout as it comes, as "[pI] line".
+        echo: whether to copy every line of output to this process's stdout as it comes, as "[pI] line": True
+            (every process's), False, or the ids of the processes whose output to copy.
         check: raise `LaunchError` (with every process's exit and output) unless every process exits 0.
 
     Returns:
@@ -182,7 +183,7 @@ def launch(command, num_processes, *, timeout=3600, kill_after=5, grace=30, host
     def read(index, stream, tail):
         for line in iter(stream.readline, ""):
             tail.append(line.rstrip("\n"))
-            if echo:
+            if echo is True or (not isinstance(echo, bool) and index in echo):
                 with echo_lock:
                     sys.stdout.write(f"[p{index}] {line}")
                     sys.stdout.flush()

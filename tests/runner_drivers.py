@@ -70,10 +70,10 @@ def straight_and_killed(command, incomplete, root, epochs=3, timeout=240, env=No
     return straight, killed, json.loads(metadata.read_text())["epoch"]
 
 
-def assert_same_finished_models(first, second):
-    """The `model.keras` files of two finished runs hold the same weights and optimizer state."""
+def assert_same_finished_models(first, second, rtol=1e-6, atol=1e-7):
+    """The `model.keras` files of two finished runs hold the same weights and optimizer state (to `rtol`, `atol`)."""
     one, other = keras.models.load_model(first), keras.models.load_model(second)
     for a, b in zip(one.get_weights(), other.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
     for a, b in zip(one.optimizer.variables, other.optimizer.variables, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=a.path)

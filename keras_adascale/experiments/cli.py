@@ -1,4 +1,4 @@
-"""Command line: `keras-adascale train CONFIG`, `compare RUN_DIR...` and `advise RUN_DIR`."""
+"""Command line: `keras-adascale train CONFIG`, `compare RUN_DIR...`, `advise RUN_DIR` and `launch -n P COMMAND...`."""
 
 import argparse
 import json
@@ -16,6 +16,7 @@ Train and compare AdaScale SGD runs (Johnson et al., ICML 2020).
   keras-adascale train saved_configs/demo.yaml --set total_steps=500 --only adascale
   keras-adascale compare runs/demo/adascale runs/demo/lsr
   keras-adascale advise runs/demo/adascale
+  KERAS_BACKEND=jax keras-adascale launch --processes 2 train saved_configs/demo_jax.yaml
 """
 
 # What `train` says where Keras runs on another backend.
@@ -123,6 +124,34 @@ def _train(args):
     compare(rundirs.finished_runs(experiment_dir, first=names), experiment_dir / "comparison.png")
 
 
+def _launch(args):
+    import keras
+
+    from keras_adascale import launch as launch_lib
+
+    if keras.backend.backend() != "jax":
+        raise config_lib.ConfigError(
+            f"launch starts a job of several JAX processes (keras.distribution), but Keras runs on its "
+            f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=jax (on TensorFlow, strategy.name=multi_worker "
+            "runs several workers)")
+    if args.processes < 1:
+        raise config_lib.ConfigError(f"launch --processes must be at least 1, not {args.processes}")
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise config_lib.ConfigError("launch: give the command every process runs, e.g. "
+                                     "keras-adascale launch --processes 2 train saved_configs/demo_jax.yaml")
+    print(f"launch: {args.processes} processes of `keras-adascale {' '.join(command)}` on 127.0.0.1 "
+          f"(process 0's output below; every process's last lines if one fails)", flush=True)
+    results = launch_lib.launch([sys.executable, "-m", "keras_adascale", *command], args.processes,
+                                timeout=args.timeout, cpu_devices=args.cpu_devices, echo={0}, check=False)
+    if all(result.ok for result in results):
+        return 0
+    print(f"keras-adascale: error: {launch_lib.failure_message(results)}", file=sys.stderr)
+    return next(result.returncode for result in results if not result.ok) % 256 or 1
+
+
 def _compare(args):
     run_dirs = [pathlib.Path(path) for path in args.run_dirs]
     output = pathlib.Path(args.output) if args.output else run_dirs[0].parent / "comparison.png"
@@ -217,6 +246,28 @@ def parser():
                         "scaling: the run's own time per update")
     advise.add_argument("--output", help="PNG to write (default: RUN_DIR/advice.png)")
     advise.set_defaults(handler=_advise)
+    launch = commands.add_parser(
+        "launch",
+        help="run a command (train ...) as a job of several JAX processes on this machine",
+        description="Runs `keras-adascale COMMAND...` as P processes of one JAX job on 127.0.0.1: the topology of "
+        "a multi-host job (a TPU pod slice, a GPU cluster) on one machine, with Keras's distribution variables "
+        "(KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES, _PROCESS_ID), each process under `timeout -k`. A "
+        "data_parallel run's strategy.devices counts the devices of every process (on a CPU, each process gets "
+        "strategy.devices / P host devices); each process reads its part of every global batch; process 0 writes "
+        "the run folders (the others <run>.process<i>). If one process fails, the others fail within seconds "
+        "and launch exits non-zero with every process's last lines. On several hosts, start `keras-adascale "
+        "train` on each with those three variables set instead. KERAS_BACKEND=jax.",
+        epilog="example: KERAS_BACKEND=jax keras-adascale launch --processes 2 train saved_configs/demo_jax.yaml",
+    )
+    launch.add_argument("--processes", "-n", type=int, required=True, metavar="P", help="processes of the job (>= 1)")
+    launch.add_argument("--timeout", type=float, default=86400.0, metavar="SECONDS",
+                        help="seconds each process may run before it is ended (default: 86400, a day)")
+    launch.add_argument("--cpu-devices", type=int, default=None, metavar="D",
+                        help="run every process on D host CPU devices (JAX_PLATFORMS=cpu), whatever accelerators "
+                        "there are (default: the devices the command asks for)")
+    launch.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the keras-adascale command every process runs, e.g. train CONFIG --set ...")
+    launch.set_defaults(handler=_launch)
     return top
 
 
@@ -224,8 +275,8 @@ def main(argv=None):
     """Entry point of the `keras-adascale` console script."""
     args = parser().parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args)
     except (config_lib.ConfigError, FileNotFoundError) as error:
         print(f"keras-adascale: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0

@@ -105,27 +105,44 @@ def _forced_host_devices():
 def _configure_jax_devices(runs):
     import jax
 
+    from keras_adascale import launch
+
     try:  # tf.data reads the data; TensorFlow must not take the accelerators' memory from JAX
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TensorFlow's devices are initialized already
         pass
+    try:
+        job = launch.job_from_environment()  # several processes (Keras's distribution variables), or None
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    processes = job.num_processes if job else 1
     wanted = max((run["strategy"]["devices"] for run in runs if run["strategy"]["name"] == "data_parallel"),
                  default=0)
-    if wanted == 0:
-        return
-    if _forced_host_devices() < wanted and jax.config.jax_num_cpu_devices < wanted:
+    if wanted % processes:
+        raise ConfigError(
+            f"strategy.devices={wanted} cannot be split evenly over the job's {processes} processes (each process "
+            f"gives the same number of its devices): use a multiple of {processes}")
+    local = wanted // processes
+    if local and _forced_host_devices() < local and jax.config.jax_num_cpu_devices < local:
         try:
-            jax.config.update("jax_num_cpu_devices", wanted)  # the CPU backend's; accelerators are unchanged
+            jax.config.update("jax_num_cpu_devices", local)  # the CPU backend's; accelerators are unchanged
         except RuntimeError:  # JAX's backends are initialized already; the count below says if that matters
             pass
-    devices = jax.devices()
-    if len(devices) < wanted:
+    if job:
+        launch.join()  # before anything else asks JAX for devices: every process's devices are listed after it
+    if wanted == 0:
+        return
+    devices = jax.local_devices()
+    if len(devices) < local:
         kind = devices[0].platform.upper()
         advice = ("" if kind != "CPU" else
-                  f"; JAX was initialized before the runner could ask for {wanted} host devices: set "
-                  f"XLA_FLAGS=--xla_force_host_platform_device_count={wanted}")
+                  f"; JAX was initialized before the runner could ask for {local} host devices: set "
+                  f"XLA_FLAGS=--xla_force_host_platform_device_count={local}")
         plural = "s" if len(devices) != 1 else ""
-        raise ConfigError(f"strategy.devices={wanted} but JAX has {len(devices)} {kind} device{plural}{advice}")
+        where = f" in each of its {processes} processes" if processes > 1 else ""
+        raise ConfigError(f"strategy.devices={wanted} needs {local} device{'s' if local != 1 else ''}{where}, "
+                          f"but JAX has {len(devices)} {kind} device{plural}{' here' if processes > 1 else ''}"
+                          f"{advice}")
 
 
 def make_strategy(config):
@@ -173,11 +190,21 @@ def make_distribution(config):
     """
     if config["name"] == "default":
         return None
+    import jax
+
     devices = keras.distribution.list_devices()
     if len(devices) < config["devices"]:
         plural = "s" if len(devices) != 1 else ""
         raise ConfigError(f"strategy.devices={config['devices']} but JAX has only {len(devices)} device{plural}")
-    return keras.distribution.DataParallel(devices=devices[: config["devices"]])
+    if jax.process_count() == 1:
+        return keras.distribution.DataParallel(devices=devices[: config["devices"]])
+    # Several processes (a multi-host job): the same number of devices from each, every process's first ones.
+    # Keras shards the run's tf.data pipeline over the processes (auto_shard_dataset): each reads its part of
+    # every global batch.
+    local = config["devices"] // jax.process_count()
+    chosen = [device for index in range(jax.process_count())
+              for device in [d for d in jax.devices() if d.process_index == index][:local]]
+    return keras.distribution.DataParallel(devices=[f"{d.platform}:{d.id}" for d in chosen])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 
 import keras
@@ -179,8 +180,13 @@ def _describe_update(run, replicas, steps):
 
 
 def _worker_suffix(strategy):
-    """'' on the chief; '.worker<i>' on the other workers of a multi-worker strategy, which train
-    the same model but must not write into the chief's run folder."""
+    """'' on the chief; '.worker<i>' on the other workers of a multi-worker strategy, and '.process<i>' on the
+    processes but the first of a JAX job of several (`keras_adascale.launch`), which train the same model but
+    must not write into the chief's run folder."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return f".process{jax.process_index()}" if jax.process_index() else ""
     resolver = getattr(strategy, "cluster_resolver", None)
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
         return ""
@@ -202,6 +208,9 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir, is_chief):
         super().__init__(backup_dir)
         self.is_chief = is_chief
+        # In a JAX job of several processes a save is collective (Keras makes variables as it saves, which JAX
+        # checks across the processes): every process saves, the others into a scratch file they delete.
+        self.saves_everywhere = keras.backend.backend() == "jax" and _process_count() > 1
 
     def on_train_begin(self, logs=None):
         metadata = pathlib.Path(self._training_metadata_path)
@@ -221,6 +230,10 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         # two resumes the new weights at the old epoch (and that epoch's data). Here the metadata
         # is the commit: each save writes its weights under a new name, then atomically replaces
         # the metadata that names them, then deletes the older weights.
+        if not self.is_chief:
+            with tempfile.TemporaryDirectory() as scratch:
+                self.model.save_weights(str(pathlib.Path(scratch) / "scratch.weights.h5"), overwrite=True)
+            return
         backup = pathlib.Path(self.backup_dir)
         backup.mkdir(parents=True, exist_ok=True)
         weights = f"epoch{self._current_epoch}_batch{self._last_batch_seen}.weights.h5"
@@ -234,16 +247,22 @@ class _ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                 older.unlink()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.is_chief:
+        if self.is_chief or self.saves_everywhere:
             super().on_epoch_end(epoch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.is_chief:
+        if self.is_chief or self.saves_everywhere:
             super().on_train_batch_end(batch, logs)
 
     def on_train_end(self, logs=None):
         if self.is_chief:  # the chief deletes its backup once the run is complete
             super().on_train_end(logs)
+
+
+def _process_count():
+    import jax
+
+    return jax.process_count()
 
 
 def _epochs_done(backup_dir):
@@ -393,7 +412,16 @@ def _test_batch_size(run, steps, placement):
     if problem:
         raise ConfigError(problem)
     size = max(steps.batch_size, 256)
-    return size if placement.distribution is None else -(-size // placement.replicas) * placement.replicas
+    if placement.distribution is None:
+        return size
+    replicas = placement.replicas
+    if _process_count() > 1:
+        # Keras cuts every batch into the processes' parts of a fixed size (the full batch's share), so a smaller
+        # last batch would give the processes unequal parts, which JAX joins into a wrong global batch without a
+        # word: here every batch is full, the largest multiple of the replicas up to `size` that divides the split.
+        examples = data.split_size(run["dataset"], run["dataset"]["test_split"])
+        return next(batch for batch in range(size - size % replicas, 0, -replicas) if examples % batch == 0)
+    return -(-size // replicas) * replicas
 
 
 def _open_work_dir(folders, run):
@@ -509,9 +537,9 @@ def train(run, output_root, overwrite=False):
     batch as in an uninterrupted run.
 
     Under a multi-worker strategy the chief writes the run folder and every
-    other worker writes `<run>.<task_type><task_id>` beside it. On JAX the
-    run trains under the `keras.distribution` its strategy names (see
-    `strategies.place`).
+    other worker writes `<run>.<task_type><task_id>` beside it (in a JAX job
+    of several processes, `<run>.process<i>`). On JAX the run trains under
+    the `keras.distribution` its strategy names (see `strategies.place`).
 
     Args:
         run: a resolved run (see `config.resolve`).
