@@ -79,12 +79,14 @@ def _invocation(action):
 
 def _in_usage(action):
     """How an argument is written in the usage line: `[--only RUN[,RUN...]]`, `RUN_DIR [RUN_DIR ...]`."""
-    if action.nargs not in (None, 0, "+", argparse.PARSER):
+    if action.nargs not in (None, 0, "+", argparse.PARSER, argparse.REMAINDER):
         raise ValueError(f"docs/hooks.py writes no usage for nargs={action.nargs!r} ({action.dest}): add it")
     if not action.option_strings:
         name = action.metavar or action.dest
         if isinstance(action, argparse._SubParsersAction):
             return "{" + ",".join(action.choices) + "} ..."
+        if action.nargs == argparse.REMAINDER:
+            return f"{name} ..."
         return f"{name} [{name} ...]" if action.nargs == "+" else name
     option = action.option_strings[0]
     text = option if action.nargs == 0 else f"{option} {action.metavar or action.dest.upper()}"
