@@ -17,7 +17,8 @@ accumulation counts k (S = S_per_step x k) by that model, from the optimizer's c
 - "goodput": the k with the most tau per second, r(S(k)) / t(k), with t(k) = alpha + beta k fitted to
   the seconds per update measured at each k run so far (Pollux's throughput model, without its
   network terms); with one k measured, alpha is half its time (Pollux's prior), and the decision's
-  reason says so.
+  reason says so. In a JAX job of several processes, the processes' mean times (`agreed_seconds`), so
+  that every process decides alike.
 
 A change is made only when the chosen k is predicted better than the current one by more than
 `threshold` (AdaptDL's 5%), so that noise in the statistics does not make k flicker; under
@@ -75,6 +76,32 @@ def budget_scale(noise_scale, update_cost):
 
 
 ONE_COUNT_PRIOR = "half of the one measured step time assumed fixed (Pollux's prior)"
+
+
+def agreed_seconds(seconds_by_steps):
+    """{k: seconds per update} that every process of a job agrees on: in a JAX job of several processes (a
+    multi-host `keras.distribution`), the mean over the processes of each one's own measurement (one small
+    collective), elsewhere `seconds_by_steps` itself.
+
+    Each process times its own updates, so their clocks differ; decisions made from them could differ too,
+    and a process that changes its accumulation while another does not leaves the job's collectives out of
+    step. Every process calls it at the same update (a decision point is a tau, the same everywhere) with
+    the same counts k (the updates timed are the same)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return seconds_by_steps
+    import jax
+
+    if jax.process_count() == 1:
+        return seconds_by_steps
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    steps = sorted(seconds_by_steps)
+    mine = np.asarray([seconds_by_steps[k] for k in steps], np.float32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(steps))
+    return {k: float(seconds) for k, seconds in zip(steps, every.mean(axis=0), strict=True)}
 
 
 def fit_step_time(seconds_by_steps):
@@ -328,6 +355,7 @@ class ScalePolicy:
             measured = self.seconds_per_update()
             if not measured:
                 return None
+            measured = agreed_seconds(measured)
             step_time = fit_step_time(measured)
             assumption = ONE_COUNT_PRIOR if len(measured) == 1 else None
         decision = decide(

@@ -167,6 +167,26 @@ def autoscale_run():
             "samples_per_update": optimizer.samples_per_update}
 
 
+def goodput_run():
+    """AutoScale's goodput objective over two epochs: each process times its own updates; the decisions must be
+    the same in every process (else the job's collectives fall out of step). And the agreement itself: each
+    process's own (made-up) times in, every process's mean out."""
+    from keras_adascale import autoscale
+
+    agreed = autoscale.agreed_seconds({1: 0.1 * (JOB.process_id + 1), 2: 0.5 + JOB.process_id})
+    trained = model()
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=1)
+    trained.compile(optimizer=optimizer, loss="mse")
+    callback = keras_adascale.AutoScale("goodput", interval=0, warmup=0, max_steps=4, verbose=0)
+    rows = len(PROBLEM.x)
+    trained.fit(local(PROBLEM.x, 0, rows), local(PROBLEM.y, 0, rows), batch_size=COUNT, shuffle=False, epochs=2,
+                verbose=0, callbacks=[callback])
+    changes = [{key: value for key, value in change.items() if key in ("update", "from_steps", "steps")}
+               for change in callback.changes]
+    return {"agreed": {str(k): v for k, v in agreed.items()}, "changes": changes,
+            "timed": {str(k): v for k, v in callback.policy.seconds_per_update().items()}}
+
+
 def save_and_resume(path):
     """k = 2 (N = 2R): 5 micro-batches (the third update half done), saved (process 0 writes the file), loaded
     by every process, then 3 more: 4 updates in all."""
@@ -217,6 +237,7 @@ def main():
             report["full_batch_error"] = full_batch_fed()
             report["batch_checks"] = batch_checks()
             report["autoscale"] = autoscale_run()
+            report["goodput"] = goodput_run()
             report["resumed"] = save_and_resume(OUT / "model.keras")
     (OUT / f"p{JOB.process_id}.json").write_text(json.dumps(report))
 

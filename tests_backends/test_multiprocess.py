@@ -85,10 +85,16 @@ def test_every_process_matches_the_reference_update_by_update(job, problem, name
 
 
 def test_every_process_ends_with_the_same_weights_gain_and_tau(job):
-    # Bit for bit: every process holds the replicated state of one SPMD program.
-    first = {key: value for key, value in job[0].items() if key != "process_id"}
+    # Bit for bit: every process holds the replicated state of one SPMD program (but its own clock: goodput's
+    # times, compared in the goodput test).
+    def shared(report):
+        kept = {key: value for key, value in report.items() if key not in ("process_id", "goodput")}
+        if "goodput" in report:
+            kept["goodput"] = {key: value for key, value in report["goodput"].items() if key != "timed"}
+        return kept
+
     for report in job[1:]:
-        assert {key: value for key, value in report.items() if key != "process_id"} == first
+        assert shared(report) == shared(job[0])
 
 
 def test_a_process_feeding_the_full_batch_fails_the_step_s_shape_check(two_by_two):
@@ -129,6 +135,15 @@ def test_autoscale_decides_the_same_at_the_same_update_in_every_process(two_by_t
     reference = AdaScaleReference(problem.initial, 0.01, scale=REPLICAS * 2, momentum=0.9)
     expected = replay_reference(problem, run["updates"], reference, samples_per_batch=REPLICAS)
     assert_same_history([(np.asarray(w), g, t) for w, g, t in run["history"]], expected)
+
+
+def test_autoscale_s_goodput_decides_from_the_processes_mean_times_the_same_in_every_process(two_by_two):
+    runs = [report["goodput"] for report in two_by_two]
+    # Each process put in its own times (k = 1: 0.1 and 0.2 s, k = 2: 0.5 and 1.5 s); each got the mean back.
+    for run in runs:
+        assert run["agreed"] == pytest.approx({"1": 0.15, "2": 1.0})
+    assert runs[1]["timed"] != runs[0]["timed"]  # each process's own clock
+    assert runs[1]["changes"] == runs[0]["changes"]
 
 
 def test_a_model_saved_mid_update_and_loaded_in_every_process_resumes_to_the_uninterrupted_run(two_by_two, problem):
