@@ -30,3 +30,14 @@ def test_without_tensorflow_the_default_backend_names_the_extras(tmp_path):
                            "installed (No module named 'tensorflow')"), last
     for extra in ("tensorflow", "jax", "torch"):
         assert f"'keras-adascale[{extra}]'" in last
+
+
+def test_the_torch_here_is_the_cpu_wheel_without_cuda_libraries():
+    """`make test` pins torch 2.13.0, which resolves to the CPU wheel: no CUDA build, no nvidia-* wheels (a plain
+    PyPI torch brings several GB of them). The README's line for PyTorch's CPU index could not be run here (no
+    network beyond the package mirror); this checks what the Makefile installs."""
+    import torch
+
+    assert torch.version.cuda is None, torch.__version__
+    names = sorted(dist.metadata["Name"] for dist in importlib.metadata.distributions())
+    assert not [name for name in names if name.lower().startswith(("nvidia-", "triton"))], names
