@@ -154,6 +154,24 @@ class AdaScaleBase(AdaScaleMechanics):
         )
         self._add_backend_state_variables()
 
+    def _use_groups(self, groups):
+        """`AdaScaleModel(groups=n)` (JAX): every replica's batch gives n gradient samples, so N = R x n x k.
+        Called by the model's `compile`, before the first update: the optimizer counts R x n as its replicas
+        (S = N by default follows). An optimizer that has updated already is refused."""
+        current = self.__dict__.get("_groups", 1)
+        if current == groups:
+            return
+        if self.built:
+            raise ValueError(
+                f"{type(self).__name__} has been built for {current} group{'s' if current != 1 else ''} per replica "
+                f"and cannot take {groups} now: compile the model with a new optimizer."
+            )
+        self.__dict__["_groups"] = groups
+        self._configuration = self._configuration._replace(replicas=self._configuration.replicas // current * groups)
+        counters, scales = setting_lib.initial_values(self._configuration)
+        self._setting_counters.assign(counters)
+        self._setting_scales.assign(scales)
+
     def _resolved_setting(self):
         """`(ScaleSetting, same)` as tensors, from one read of the two variables (see `setting.resolve`)."""
         return setting_lib.resolve(ops.convert_to_tensor(self._setting_counters.value),

@@ -34,6 +34,8 @@ from keras.src.backend.common import masking as keras_masking
 from keras.src.losses import loss as keras_loss
 from keras.src.models import functional as keras_functional
 
+from keras_adascale import validation
+
 _SEED_STATE = "seed_generator_state"
 
 
@@ -182,6 +184,27 @@ def _check_divisible_per_process(shards, rows, batch_size, what, processes, tota
     )
 
 
+def _check_groups_divide(groups, shards, rows, batch_size, what):
+    """`AdaScaleModel(groups=n)`: every batch (the last one too) of this process splits over its `shards` devices
+    into n groups of equal rows each."""
+    parts = groups * shards
+    last = rows % batch_size
+    if batch_size % parts == 0 and last % parts == 0:
+        return
+    where = f"each of the {shards} devices' part of every batch" if shards > 1 else "every batch"
+    if batch_size % parts:
+        problem = f"the batch size {batch_size:,} does not divide by {parts}"
+        fix = f"use a batch size that does ({batch_size - batch_size % parts or parts:,}, say)"
+    else:
+        problem = (f"{what}'s {rows:,} rows in batches of {batch_size:,} leave a last batch of {last:,}, which does "
+                   f"not divide by {parts}")
+        fix = f"drop or pad the last {last % parts:,} rows, or use a batch size that divides the rows"
+    raise ValueError(
+        f"AdaScaleModel(groups={groups}) splits {where} into {groups} gradient samples of equal rows, and "
+        f"{problem}. To train, {fix}."
+    )
+
+
 def _check_processes_agree(bound, rows, batch_size):
     """Across several JAX processes, before training: every process calls `fit` for the same steps (its rows, batch
     size, steps per epoch and epochs; gathered from all, one small collective). A process with fewer steps would
@@ -207,8 +230,47 @@ def _check_processes_agree(bound, rows, batch_size):
     )
 
 
+_GROUPS = "adascale_groups"  # the name of the vmapped axis of a replica's groups
+
+
 class AdaScaleTrainStep:
     """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
+
+    def __init__(self, *args, groups=1, **kwargs):
+        groups = validation.accumulation_steps(groups, "groups")
+        if groups > 1 and keras.backend.backend() != "jax":
+            raise ValueError(
+                f"Argument `groups` splits each device's batch into gradient samples in one backward pass, on "
+                f"Keras's JAX backend only for now; Keras runs on {keras.backend.backend()}. For the same "
+                f"statistics there, pass `gradient_accumulation_steps={groups}` to the optimizer (and a batch "
+                f"{groups} times smaller). Received: groups={groups}"
+            )
+        super().__init__(*args, **kwargs)
+        self._groups = groups
+
+    @property
+    def groups(self):
+        """n, the gradient samples that each device's part of a batch is split into (contiguous groups of equal
+        rows, in one backward pass): an update of an AdaScale optimizer has N = replicas x n x k samples."""
+        return self.__dict__.get("_groups", 1)
+
+    def compile(self, optimizer="rmsprop", *args, **kwargs):
+        super().compile(optimizer, *args, **kwargs)
+        if self.groups == 1:
+            return
+        if not hasattr(self.optimizer, "_incoming_statistic"):
+            raise ValueError(
+                f"{type(self).__name__}(groups={self.groups}) gives an AdaScale optimizer (AdaScaleSGD, AdaScaleAdam) "
+                f"{self.groups} gradient samples of each device's batch; got {type(self.optimizer).__name__}. Use "
+                "groups=1 for other optimizers."
+            )
+        self.optimizer._use_groups(self.groups)
+
+    def compile_from_config(self, config):
+        # Keras's own skips a `compile` that a class overrides (with a warning): as Keras's, through the one above.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)  # its variables, for the saved ones to load into
 
     def fit(self, *args, **kwargs):
         self._check_batches(keras.Model.fit, args, kwargs)
@@ -218,14 +280,19 @@ class AdaScaleTrainStep:
         """Before training: every batch of array data splits over the distribution's devices (see
         `check_divisible`); tf.data and generators are not read ahead. Across several JAX processes, each
         process's batches over its own devices of the batch axis, once the processes are seen to train alike."""
-        replicas = replicas_in_distribution()
-        if replicas == 1:
+        replicas, groups = replicas_in_distribution(), self.groups
+        if replicas == 1 and groups == 1:
             return
-        distribution, axis, _ = _batch_axis()
-        shards, processes = _batch_shards_here(distribution, axis)
+        shards, processes = 1, 1
+        if replicas > 1:
+            distribution, axis, _ = _batch_axis()
+            shards, processes = _batch_shards_here(distribution, axis)
 
         def check(rows, batch_size, what):
-            check_divisible(shards, rows, batch_size, what, processes, replicas)
+            if replicas > 1:
+                check_divisible(shards, rows, batch_size, what, processes, replicas)
+            if groups > 1:
+                _check_groups_divide(groups, shards, rows, batch_size, what)
 
         bound = inspect.signature(method).bind(self, *args, **kwargs).arguments
         batch_size = bound.get("batch_size") or 32
@@ -247,7 +314,7 @@ class AdaScaleTrainStep:
 
     def train_step(self, *args):
         replicas = replicas_in_distribution()
-        if keras.backend.backend() != "jax" or replicas == 1:
+        if keras.backend.backend() != "jax" or (replicas == 1 and self.groups == 1):
             self._check_distribution_kept()
             return super().train_step(*args)
         return self._per_replica_train_step(*args)
@@ -256,7 +323,7 @@ class AdaScaleTrainStep:
         """An optimizer made for several replicas, now without them: say the distribution is gone."""
         optimizer = getattr(self, "optimizer", None)
         configuration = getattr(optimizer, "_configuration", None)
-        if keras.backend.backend() != "jax" or configuration is None or configuration.replicas == 1:
+        if keras.backend.backend() != "jax" or configuration is None or configuration.replicas == self.groups:
             return
         raise ValueError(
             f"{type(optimizer).__name__} was made under a distribution with {configuration.replicas} devices on "
@@ -278,20 +345,28 @@ class AdaScaleTrainStep:
                 f"{type(self).__name__} computes per-replica gradient statistics for an AdaScale optimizer "
                 f"(AdaScaleSGD, AdaScaleAdam); got {type(optimizer).__name__}. Use keras.Model for other optimizers."
             )
-        if optimizer._configuration.replicas != replicas:
+        made_for = optimizer._configuration.replicas // self.groups
+        if made_for != replicas:
             raise ValueError(
-                f"{type(optimizer).__name__} was made for {optimizer._configuration.replicas} "
-                f"device{'s' if optimizer._configuration.replicas != 1 else ''} on the batch axis, but the "
+                f"{type(optimizer).__name__} was made for {made_for} "
+                f"device{'s' if made_for != 1 else ''} on the batch axis, but the "
                 f"distribution's batch axis has {replicas} devices: make the optimizer after "
                 "`keras.distribution.set_distribution(...)`."
             )
 
     def _per_replica_train_step(self, state, data):
+        """The train step with each replica's (and each group's) gradient: inside `jax.shard_map` over the batch
+        axis of the distribution (where there is one with R > 1 devices on it), and inside `jax.vmap` over a
+        replica's n groups (`groups` > 1); every reduction runs over both, as over R x n replicas."""
         import jax
         from jax.sharding import PartitionSpec
 
-        distribution, axis, replicas = _batch_axis()
+        found = _batch_axis()
+        distribution, axis, replicas = found if found is not None and found[2] > 1 else (None, None, 1)
         self._check_optimizer(replicas)
+        groups = self.groups
+        samples = replicas * groups
+        axes = tuple(name for name in (axis, _GROUPS if groups > 1 else None) if name is not None)
         optimizer = self.optimizer
         trainable, non_trainable, optimizer_values, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -299,43 +374,72 @@ class AdaScaleTrainStep:
         seeds = [v.path.endswith(_SEED_STATE) for v in self.non_trainable_variables]
         model_variables = self.trainable_variables
 
-        def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
-            index = jax.lax.axis_index(axis)
+        def sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index):
+            """One gradient sample's step (a replica's, or a group's of a replica): its reductions over `axes`."""
             stored = non_trainable
             non_trainable = [_replica_seed(v, index) if seed else v for v, seed in zip(stored, seeds)]
-            with _global_reductions(axis, replicas):
+            with _global_reductions(axes, samples):
                 (_, aux), grads = grad_fn(trainable, non_trainable, metrics, x, y, sample_weight, training=True,
                                           optimizer_variables=optimizer_values)
             unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
             # The masks of the outputs, which the metrics read (a jax.Array's mask does not leave shard_map).
             masks = keras.tree.map_structure(keras_masking.get_keras_mask, y_pred)
-            # The statistic: this replica's sum of squares, as the optimizer measures it (AdaScaleAdam may
-            # precondition), with its optimizer state, then summed over the replicas in one exponent.
+            # The statistic: this sample's sum of squares, as the optimizer measures it (AdaScaleAdam may
+            # precondition), with its optimizer state, then summed over the samples in one exponent.
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
                 statistic = optimizer._replica_statistic(grads, model_variables)
-            statistic = optimizer._sum_over_axis(statistic, axis)
-            grads = jax.lax.pmean(grads, axis)
+            statistic = optimizer._sum_over_axis(statistic, axes)
+            grads = jax.lax.pmean(grads, axes)
             # A seed generator keeps its seed and takes the counter it advanced to (the same on every replica).
             new_non_trainable = [
                 ops.stack([old[0] + (new[0] - hashed[0]), new[1]]) if seed
-                else (jax.lax.pmean(new, axis) if _is_float(new) else new)
+                else (jax.lax.pmean(new, axes) if _is_float(new) else new)
                 for old, hashed, new, seed in zip(stored, non_trainable, new_non_trainable, seeds)
             ]
-            # Metrics updated in the loss (a multi-output model's per-output losses): the replicas' increments.
-            new_metrics = [old + jax.lax.psum(new - old, axis) if _is_float(new) else new
+            # Metrics updated in the loss (a multi-output model's per-output losses): the samples' increments.
+            new_metrics = [old + jax.lax.psum(new - old, axes) if _is_float(new) else new
                            for old, new in zip(metrics, new_metrics)]
-            return (jax.lax.pmean(unscaled_loss, axis), y_pred, masks, new_non_trainable, new_metrics, grads,
+            return (jax.lax.pmean(unscaled_loss, axes), y_pred, masks, new_non_trainable, new_metrics, grads,
                     statistic)
 
-        replicated, batch = PartitionSpec(), PartitionSpec(axis)
-        step = jax.shard_map(
-            local,
-            mesh=distribution.device_mesh.backend_mesh,
-            in_specs=(replicated, replicated, replicated, replicated, batch, batch, batch),
-            out_specs=(replicated, batch, batch, replicated, replicated, replicated, replicated),
-            axis_names={axis},
-            check_vma=False,
-        )
+        def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
+            replica = jax.lax.axis_index(axis) if axis is not None else 0
+            if groups == 1:
+                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, replica)
+
+            def one_group(x, y, sample_weight):
+                index = replica * groups + jax.lax.axis_index(_GROUPS)
+                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index)
+
+            def each(function, tree):  # `function` of every array of `tree` (None stays None: no mask, no weights)
+                return keras.tree.map_structure(lambda a: None if a is None else function(a), tree)
+
+            def split(tree):  # [rows, ...] -> [groups, rows / groups, ...]: contiguous groups
+                return each(lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:]), tree)
+
+            def joined(tree):  # the groups' rows back in order
+                return each(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+            def first(tree):  # a value every group holds alike (reduced over the groups)
+                return each(lambda a: a[0], tree)
+
+            loss, y_pred, masks, new_non_trainable, new_metrics, grads, statistic = jax.vmap(
+                one_group, axis_name=_GROUPS)(split(x), split(y), split(sample_weight))
+            return (first(loss), joined(y_pred), joined(masks), first(new_non_trainable), first(new_metrics),
+                    first(grads), first(statistic))
+
+        if axis is None:
+            step = local
+        else:
+            replicated, batch = PartitionSpec(), PartitionSpec(axis)
+            step = jax.shard_map(
+                local,
+                mesh=distribution.device_mesh.backend_mesh,
+                in_specs=(replicated, replicated, replicated, replicated, batch, batch, batch),
+                out_specs=(replicated, batch, batch, replicated, replicated, replicated, replicated),
+                axis_names={axis},
+                check_vma=False,
+            )
         unscaled_loss, y_pred, masks, non_trainable, metrics, grads, statistic = step(
             trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight)
         keras.tree.map_structure(keras_masking.set_keras_mask, y_pred, masks)
@@ -389,7 +493,27 @@ def _functional_arguments(args, kwargs):
 class AdaScaleFunctional(AdaScaleModel, keras_functional.Functional):
     """`AdaScaleModel(inputs, outputs)`: a functional AdaScaleModel (saved and loaded as `AdaScaleModel`)."""
 
+    def get_config(self):
+        config = super().get_config()
+        if self.groups != 1:
+            config["groups"] = self.groups  # Keras passes the keys it does not know to the constructor
+        return config
+
 
 @keras.saving.register_keras_serializable(package="keras_adascale")
 class AdaScaleSequential(AdaScaleTrainStep, keras.Sequential):
     """`keras.Sequential` with `AdaScaleModel`'s train step."""
+
+    def get_config(self):
+        config = super().get_config()
+        if self.groups != 1:
+            config["groups"] = self.groups
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        groups = config.pop("groups", 1)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._groups = validation.accumulation_steps(groups, "groups")  # Keras's builds it from `name` alone
+        return model
