@@ -287,6 +287,16 @@ class AdaScaleMechanics:
             grads = [g / self.loss_scale_factor for g in grads]
         return self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
 
+    def _statistic_of_sum(self, total):
+        """`_replica_statistic` of a sum of squares computed elsewhere (`AdaScaleModel(groups=n)`'s one-pass group
+        norms, float32): the block number `(mantissa, exponent)` of `total` over `loss_scale_factor` squared."""
+        import jax.numpy as jnp
+
+        if self.loss_scale_factor is not None:
+            total = total / float(self.loss_scale_factor) ** 2
+        mantissa, exponent = jnp.frexp(ops.cast(total, "float32"))
+        return mantissa, ops.cast(exponent, "int32")
+
     @staticmethod
     def _sum_over_axis(statistic, axis):
         """The block numbers of the replicas along the mesh axis `axis`, summed (inside `shard_map`)."""

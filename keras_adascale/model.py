@@ -231,13 +231,16 @@ def _check_processes_agree(bound, rows, batch_size):
 
 
 _GROUPS = "adascale_groups"  # the name of the vmapped axis of a replica's groups
+GROUP_NORMS = ("one_pass", "vmap")
 
 
 class AdaScaleTrainStep:
     """The per-replica JAX train step, mixed in before a Keras model class (`AdaScaleModel`)."""
 
-    def __init__(self, *args, groups=1, **kwargs):
+    def __init__(self, *args, groups=1, group_norms="one_pass", **kwargs):
         groups = validation.accumulation_steps(groups, "groups")
+        if group_norms not in GROUP_NORMS:
+            raise ValueError(f"Argument `group_norms` must be one of {GROUP_NORMS}. Received: group_norms={group_norms!r}")
         if groups > 1 and keras.backend.backend() != "jax":
             raise ValueError(
                 f"Argument `groups` splits each device's batch into gradient samples in one backward pass, on "
@@ -247,12 +250,20 @@ class AdaScaleTrainStep:
             )
         super().__init__(*args, **kwargs)
         self._groups = groups
+        self._group_norms = group_norms
 
     @property
     def groups(self):
         """n, the gradient samples that each device's part of a batch is split into (contiguous groups of equal
         rows, in one backward pass): an update of an AdaScale optimizer has N = replicas x n x k samples."""
         return self.__dict__.get("_groups", 1)
+
+    @property
+    def group_norms(self):
+        """How the groups' gradient norms are measured (`groups` > 1): "one_pass" (the default: in the one
+        backward pass of the whole batch, for Dense and Conv weights; see `keras_adascale.group_norms`), or
+        "vmap" (each group's gradient in a `jax.vmap`: exact for every layer, n gradients in memory)."""
+        return self.__dict__.get("_group_norms", "one_pass")
 
     def compile(self, optimizer="rmsprop", *args, **kwargs):
         super().compile(optimizer, *args, **kwargs)
@@ -274,7 +285,15 @@ class AdaScaleTrainStep:
 
     def fit(self, *args, **kwargs):
         self._check_batches(keras.Model.fit, args, kwargs)
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self._check_group_norms()  # before Keras's fit takes the variables' values (it again in the step)
         return super().fit(*args, **kwargs)
+
+    def _check_group_norms(self):
+        if keras.backend.backend() == "jax" and self.groups > 1 and self.group_norms == "one_pass":
+            from keras_adascale import group_norms
+
+            group_norms.check(self, self.optimizer)
 
     def _check_batches(self, method, args, kwargs):
         """Before training: every batch of array data splits over the distribution's devices (see
@@ -365,51 +384,80 @@ class AdaScaleTrainStep:
         distribution, axis, replicas = found if found is not None and found[2] > 1 else (None, None, 1)
         self._check_optimizer(replicas)
         groups = self.groups
-        samples = replicas * groups
-        axes = tuple(name for name in (axis, _GROUPS if groups > 1 else None) if name is not None)
+        one_pass = groups > 1 and self.group_norms == "one_pass"
+        if one_pass:
+            from keras_adascale import group_norms
+
+            self._check_group_norms()
         optimizer = self.optimizer
         trainable, non_trainable, optimizer_values, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
         seeds = [v.path.endswith(_SEED_STATE) for v in self.non_trainable_variables]
         model_variables = self.trainable_variables
 
-        def sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index):
-            """One gradient sample's step (a replica's, or a group's of a replica): its reductions over `axes`."""
+        def gradients(trainable, non_trainable, metrics, x, y, sample_weight, optimizer_values):
+            """`((loss, aux), grads, statistic)`: the statistic this sample's (or with one-pass group norms, this
+            replica's groups') sum of squares, as the optimizer measures it, before any sum over `axes`."""
+            arguments = (non_trainable, metrics, x, y, sample_weight)
+            options = {"training": True, "optimizer_variables": optimizer_values}
+            if not one_pass:
+                value, grads = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)(
+                    trainable, *arguments, **options)
+                with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
+                    return value, grads, optimizer._replica_statistic(grads, model_variables)
+
+            def with_probes(trainable, probes, *arguments, **options):
+                with group_norms.measuring(self, probes, groups):
+                    return self.compute_loss_and_updates(trainable, *arguments, **options)
+
+            value, (grads, measured) = jax.value_and_grad(with_probes, argnums=(0, 1), has_aux=True)(
+                trainable, group_norms.probes(self, groups), *arguments, **options)
+            # A group's gradient is n times its rows' part of the replica's mean loss's gradient.
+            total = float(groups * groups) * sum(ops.sum(kernel) + ops.sum(bias) for kernel, bias in measured)
+            return value, grads, optimizer._statistic_of_sum(total)
+
+        def sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index, axes, count):
+            """One gradient sample's step (a replica's, or a group's of a replica), its reductions over the mesh
+            and vmap axes `axes` (`count` samples in all); with one-pass group norms, a replica's."""
+
+            def mean(value):
+                return jax.lax.pmean(value, axes) if axes else value
+
             stored = non_trainable
             non_trainable = [_replica_seed(v, index) if seed else v for v, seed in zip(stored, seeds)]
-            with _global_reductions(axes, samples):
-                (_, aux), grads = grad_fn(trainable, non_trainable, metrics, x, y, sample_weight, training=True,
-                                          optimizer_variables=optimizer_values)
+            with _global_reductions(axes, count) if axes else contextlib.nullcontext():
+                (_, aux), grads, statistic = gradients(trainable, non_trainable, metrics, x, y, sample_weight,
+                                                       optimizer_values)
             unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
             # The masks of the outputs, which the metrics read (a jax.Array's mask does not leave shard_map).
             masks = keras.tree.map_structure(keras_masking.get_keras_mask, y_pred)
-            # The statistic: this sample's sum of squares, as the optimizer measures it (AdaScaleAdam may
-            # precondition), with its optimizer state, then summed over the samples in one exponent.
-            with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
-                statistic = optimizer._replica_statistic(grads, model_variables)
-            statistic = optimizer._sum_over_axis(statistic, axes)
-            grads = jax.lax.pmean(grads, axes)
+            # The statistic (AdaScaleAdam may precondition, with its optimizer state), summed over the samples
+            # in one exponent.
+            if axes:
+                statistic = optimizer._sum_over_axis(statistic, axes)
+            grads = mean(grads)
             # A seed generator keeps its seed and takes the counter it advanced to (the same on every replica).
             new_non_trainable = [
                 ops.stack([old[0] + (new[0] - hashed[0]), new[1]]) if seed
-                else (jax.lax.pmean(new, axes) if _is_float(new) else new)
+                else (mean(new) if _is_float(new) else new)
                 for old, hashed, new, seed in zip(stored, non_trainable, new_non_trainable, seeds)
             ]
             # Metrics updated in the loss (a multi-output model's per-output losses): the samples' increments.
-            new_metrics = [old + jax.lax.psum(new - old, axes) if _is_float(new) else new
+            new_metrics = [old + (jax.lax.psum(new - old, axes) if axes else new - old) if _is_float(new) else new
                            for old, new in zip(metrics, new_metrics)]
-            return (jax.lax.pmean(unscaled_loss, axes), y_pred, masks, new_non_trainable, new_metrics, grads,
-                    statistic)
+            return mean(unscaled_loss), y_pred, masks, new_non_trainable, new_metrics, grads, statistic
 
         def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
             replica = jax.lax.axis_index(axis) if axis is not None else 0
-            if groups == 1:
-                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, replica)
+            mesh_axes = (axis,) if axis is not None else ()
+            if groups == 1 or one_pass:
+                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, replica,
+                              mesh_axes, replicas)
 
             def one_group(x, y, sample_weight):
                 index = replica * groups + jax.lax.axis_index(_GROUPS)
-                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index)
+                return sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index,
+                              (*mesh_axes, _GROUPS), replicas * groups)
 
             def each(function, tree):  # `function` of every array of `tree` (None stays None: no mask, no weights)
                 return keras.tree.map_structure(lambda a: None if a is None else function(a), tree)
@@ -497,6 +545,7 @@ class AdaScaleFunctional(AdaScaleModel, keras_functional.Functional):
         config = super().get_config()
         if self.groups != 1:
             config["groups"] = self.groups  # Keras passes the keys it does not know to the constructor
+            config["group_norms"] = self.group_norms
         return config
 
 
@@ -508,12 +557,14 @@ class AdaScaleSequential(AdaScaleTrainStep, keras.Sequential):
         config = super().get_config()
         if self.groups != 1:
             config["groups"] = self.groups
+            config["group_norms"] = self.group_norms
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        groups = config.pop("groups", 1)
+        groups, group_norms = config.pop("groups", 1), config.pop("group_norms", "one_pass")
         model = super().from_config(config, custom_objects=custom_objects)
-        model._groups = validation.accumulation_steps(groups, "groups")  # Keras's builds it from `name` alone
+        # Keras's builds it from `name` alone.
+        model._groups, model._group_norms = validation.accumulation_steps(groups, "groups"), group_norms
         return model

@@ -31,13 +31,13 @@ def data_parallel():
     keras.distribution.set_distribution(None)
 
 
-def model_of(problem, groups, cls=keras_adascale.AdaScaleModel):
+def model_of(problem, groups, cls=keras_adascale.AdaScaleModel, **options):
     inputs = keras.Input((problem.dim,))
     dense = keras.layers.Dense(1)
     if cls is keras_adascale.AdaScaleSequential:
-        model = cls([inputs, dense], groups=groups)
+        model = cls([inputs, dense], groups=groups, **options)
     else:
-        model = cls(inputs, dense(inputs), groups=groups)
+        model = cls(inputs, dense(inputs), groups=groups, **options)
     model.set_weights([problem.initial[:-1].reshape(-1, 1), problem.initial[-1:]])
     return model
 
@@ -52,11 +52,15 @@ def fit(model, problem, optimizer, rows_per_micro_batch, steps, updates, first=0
     return recorder.history
 
 
+METHODS = pytest.mark.parametrize("method", ["one_pass", "vmap"])
+
+
 @jax_only
+@METHODS
 @pytest.mark.parametrize("groups, steps", [(4, 1), (2, 2)])
-def test_groups_on_one_device_match_the_reference_with_n_times_k_samples(problem, groups, steps):
+def test_groups_on_one_device_match_the_reference_with_n_times_k_samples(problem, groups, steps, method):
     optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=steps if steps > 1 else None)
-    model = model_of(problem, groups)
+    model = model_of(problem, groups, group_norms=method)
     history = fit(model, problem, optimizer, groups * BATCH, steps, UPDATES)
     assert optimizer.samples_per_update == groups * steps and optimizer.scale == groups * steps
     _, expected = reference_history(problem, groups * steps, UPDATES, learning_rate=0.05, momentum=0.9)
@@ -65,9 +69,10 @@ def test_groups_on_one_device_match_the_reference_with_n_times_k_samples(problem
 
 
 @jax_only
-def test_groups_equal_gradient_accumulation_on_the_same_rows(problem):
+@METHODS
+def test_groups_equal_gradient_accumulation_on_the_same_rows(problem, method):
     """groups=4 with batches of 4 x BATCH, and Keras's own step with gradient_accumulation_steps=4 of BATCH rows."""
-    grouped = fit(model_of(problem, 4), problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9), 4 * BATCH, 1, UPDATES)
+    grouped = fit(model_of(problem, 4, group_norms=method), problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9), 4 * BATCH, 1, UPDATES)
     accumulated = fit(problem.model(), problem,
                       keras_adascale.AdaScaleSGD(0.05, momentum=0.9, gradient_accumulation_steps=4), BATCH, 4, UPDATES)
     assert len(grouped) == len(accumulated) == UPDATES
@@ -77,10 +82,11 @@ def test_groups_equal_gradient_accumulation_on_the_same_rows(problem):
 
 
 @jax_only
-def test_groups_under_data_parallel_match_the_reference_with_replicas_times_n(problem, data_parallel):
+@METHODS
+def test_groups_under_data_parallel_match_the_reference_with_replicas_times_n(problem, data_parallel, method):
     replicas = data_parallel
     optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
-    history = fit(model_of(problem, 2, keras_adascale.AdaScaleSequential), problem, optimizer, replicas * 2 * BATCH, 1,
+    history = fit(model_of(problem, 2, keras_adascale.AdaScaleSequential, group_norms=method), problem, optimizer, replicas * 2 * BATCH, 1,
                   UPDATES)
     assert optimizer.samples_per_update == replicas * 2
     _, expected = reference_history(problem, replicas * 2, UPDATES, learning_rate=0.05, momentum=0.9)
@@ -88,9 +94,10 @@ def test_groups_under_data_parallel_match_the_reference_with_replicas_times_n(pr
 
 
 @jax_only
-def test_adam_with_groups_matches_the_reference(problem):
+@METHODS
+def test_adam_with_groups_matches_the_reference(problem, method):
     options = {"learning_rate": 0.05, "beta_1": 0.9, "beta_2": 0.99}
-    history = fit(model_of(problem, 4), problem, keras_adascale.AdaScaleAdam(**options), 4 * BATCH, 1, UPDATES)
+    history = fit(model_of(problem, 4, group_norms=method), problem, keras_adascale.AdaScaleAdam(**options), 4 * BATCH, 1, UPDATES)
     reference = AdaScaleAdamReference(problem.initial, scale=4, **options)
     _, expected = reference_history(problem, 4, UPDATES, reference=reference)
     assert_same_history(history, expected)
@@ -146,3 +153,94 @@ def test_groups_must_be_a_positive_int_and_are_jax_only(problem):
         with pytest.raises(ValueError, match=r"Argument `groups` splits each device's batch .* on Keras's JAX backend "
                                              r"only for now; Keras runs on torch. .*gradient_accumulation_steps=3"):
             model_of(problem, 3)
+
+
+def cnn(groups, method, data_format="channels_last"):
+    """Conv2D, Conv1D (on a reshaped map) and Dense layers, with biases: every layer the one-pass norms cover."""
+    keras.utils.set_random_seed(1)
+    shape = (8, 8, 2) if data_format == "channels_last" else (2, 8, 8)
+    inputs = keras.Input(shape)
+    hidden = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", data_format=data_format)(inputs)
+    hidden = keras.layers.Reshape((16, 4))(hidden)
+    hidden = keras.layers.Conv1D(3, 2, dilation_rate=2, activation="tanh")(hidden)
+    hidden = keras.layers.Flatten()(hidden)
+    outputs = keras.layers.Dense(5)(keras.layers.Dense(6, activation="relu")(hidden))
+    return keras_adascale.AdaScaleModel(inputs, outputs, groups=groups, group_norms=method)
+
+
+def cnn_history(groups, method, data_format="channels_last", updates=4, rows=8):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(updates * groups * rows, 8, 8, 2)).astype("float32")
+    if data_format == "channels_first":
+        x = np.moveaxis(x, -1, 1)
+    y = rng.integers(0, 5, size=(len(x),))
+    model = cnn(groups, method, data_format)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.1, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    recorder = AllWeights()
+    model.fit(x, y, batch_size=groups * rows, shuffle=False, callbacks=[recorder], verbose=0)
+    return recorder.history
+
+
+class AllWeights(keras.callbacks.Callback):
+    """(every weight, flat; gain; tau) after each update."""
+
+    def on_train_begin(self, logs=None):
+        self.history = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        self.history.append((np.concatenate([w.ravel() for w in self.model.get_weights()]), float(optimizer.gain),
+                             float(optimizer.scale_invariant_iterations)))
+
+
+@jax_only
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_one_pass_norms_of_conv_and_dense_layers_equal_each_group_s_own_gradient(data_format):
+    """The one-pass rules (Dense's Gram matrices or per-group kernels, Conv's transposed convolutions, biases)
+    against each group's gradient taken by jax.vmap: the same gain, tau and weights, update by update."""
+    one_pass, vmapped = cnn_history(4, "one_pass", data_format), cnn_history(4, "vmap", data_format)
+    assert len(one_pass) == len(vmapped) == 4
+    for (w1, g1, t1), (w2, g2, t2) in zip(one_pass, vmapped, strict=True):
+        np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
+        assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)
+    assert one_pass[0][1] > 1.0
+
+
+@jax_only
+@pytest.mark.parametrize("layer, named", [
+    (lambda: keras.layers.LayerNormalization(), "layer_normalization/gamma (LayerNormalization"),
+    (lambda: keras.layers.BatchNormalization(), "batch_normalization/gamma (BatchNormalization"),
+    (lambda: keras.layers.Dense(3, kernel_regularizer="l2"), "its kernel_regularizer's gradient does not pass"),
+], ids=["layer_norm", "batch_norm", "regularizer"])
+def test_one_pass_norms_refuse_what_they_cannot_measure_naming_it(problem, layer, named):
+    inputs = keras.Input((problem.dim,))
+    outputs = keras.layers.Dense(1)(layer()(inputs))
+    model = keras_adascale.AdaScaleModel(inputs, outputs, groups=4)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=r"groups=4\) measures the groups' gradient norms in the one backward pass") \
+            as raised:
+        model.fit(problem.x[:64], problem.y[:64], batch_size=32, verbose=0)
+    assert named in str(raised.value) and "group_norms='vmap'" in str(raised.value)
+    for old, new in zip(before, model.get_weights(), strict=True):  # refused before any update
+        np.testing.assert_array_equal(old, new)
+    vmapped = keras_adascale.AdaScaleModel(inputs, outputs, groups=4, group_norms="vmap")
+    vmapped.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    vmapped.fit(problem.x[:64], problem.y[:64], batch_size=32, verbose=0)  # exact for every layer
+
+
+@jax_only
+def test_one_pass_norms_refuse_a_layer_called_twice(problem):
+    inputs = keras.Input((problem.dim,))
+    shared = keras.layers.Dense(problem.dim)
+    model = keras_adascale.AdaScaleModel(inputs, keras.layers.Dense(1)(shared(shared(inputs))), groups=2)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    with pytest.raises(ValueError, match=r"Dense 'dense(_\d+)?' is called twice in one step"):
+        model.fit(problem.x[:64], problem.y[:64], batch_size=32, verbose=0)
+
+
+def test_group_norms_must_be_a_known_method(problem):
+    with pytest.raises(ValueError, match=r"Argument `group_norms` must be one of \('one_pass', 'vmap'\). "
+                                         r"Received: group_norms='ghost'"):
+        model_of(problem, 2, group_norms="ghost")
