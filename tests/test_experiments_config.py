@@ -239,3 +239,20 @@ def test_a_refused_value_is_not_judged_again_through_the_default_left_in_its_pla
     message = str(error.value)
     assert "'optimizer.scale' must be >= 1; got 0" in message
     assert "whole multiple" not in message and "optimizer.scale=1" not in message
+
+
+def test_groups_need_an_adascale_optimizer_and_keras_s_jax_backend():
+    with pytest.raises(config.ConfigError, match=r"optimizer.groups=2 gives an AdaScale optimizer \(adascale, "
+                                                 r"adascale_adam\) several gradient samples of each device's batch; "
+                                                 r"got optimizer.name=sgd"):
+        config.resolve({"optimizer": {"name": "sgd", "groups": 2}}, "x")
+    runs = config.resolve({"optimizer": {"scale": 4, "groups": 2}, "runs": [{"name": "grouped"}]}, "x")
+    # N = 4 samples: 2 groups x 2 accumulation steps of one replica; each fit step holds 2 x 32 rows.
+    assert config.batches_per_update(runs[0], 1) == (64, 2)
+    with pytest.raises(config.ConfigError, match=r"N must be a whole multiple of the 1 replica x optimizer.groups=3"):
+        config.resolve({"optimizer": {"scale": 4, "groups": 3}}, "x")
+    from keras_adascale.experiments import strategies
+
+    with pytest.raises(config.ConfigError, match=r"optimizer.groups > 1 \(run 'grouped'\) splits each device's batch "
+                                                 r"into gradient samples on Keras's JAX backend only"):
+        strategies.check_backend(runs, backend="tensorflow")

@@ -5,6 +5,7 @@ import json
 import math
 
 import keras
+import numpy as np
 import pytest
 import yaml
 
@@ -148,3 +149,33 @@ def test_what_cannot_run_on_jax_exits_2_naming_it_before_anything_trains(tfds_da
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_groups_on_one_device_end_where_accumulation_on_the_same_rows_ends(tfds_data_dir, tmp_path):
+    """optimizer.groups=4 on one device (AdaScaleModel(groups=4): one batch of 4 x 16 rows per update, N = 4 from
+    its groups) and accumulation (4 micro-batches of 16 rows): the same rows, the same updates, tau and weights."""
+    recipe = {
+        "total_steps": 60, "evaluations": 2,
+        "dataset": {"train_split": "train[:5%]", "test_split": "test[:5%]", "batch_size": 16},
+        "model": {"name": "mlp", "hidden_units": [32]},
+        "schedule": {"name": "constant", "learning_rate": 0.1},
+        "optimizer": {"scale": 4},
+        "strategy": {"name": "default"},
+        "runs": [{"name": "grouped", "optimizer": {"groups": 4}}, {"name": "accumulated"}],
+    }
+    (tmp_path / "groups.yaml").write_text(yaml.safe_dump(recipe))
+    result = run(train_command(tmp_path / "groups.yaml", tmp_path / "runs", f"dataset.data_dir={tfds_data_dir}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("S = 4 baseline batches of 16 per update: N = 4 gradient samples of 16 examples (1 replicas x 4 groups "
+            "x 1 accumulation steps)") in result.stdout
+    grouped, accumulated = (final(tmp_path / "runs" / "groups", name) for name in ("grouped", "accumulated"))
+    assert (grouped["groups"], grouped["accumulation"], grouped["samples"]) == (4, 1, 4)
+    assert (accumulated["groups"], accumulated["accumulation"], accumulated["samples"]) == (1, 4, 4)
+    assert grouped["updates"] == accumulated["updates"]
+    assert grouped["tau"] == pytest.approx(accumulated["tau"], rel=1e-5)
+    assert grouped["mean_gain"] == pytest.approx(accumulated["mean_gain"], rel=1e-5)
+    models = [keras.models.load_model(tmp_path / "runs" / "groups" / name / "model.keras")
+              for name in ("grouped", "accumulated")]
+    for one, other in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(one, other, rtol=1e-4, atol=1e-6)
+    assert models[0].groups == 4 and models[1].groups == 1

@@ -121,6 +121,9 @@ SCHEMA = {
         epsilon=Key(1e-7, "Adam's epsilon at S = 1 (adascale_adam, adam*)", float, minimum=0.0),
         statistics=Key("raw", "adascale_adam only: raw | preconditioned, what the gain measures", str,
                        choices=STATISTICS),
+        groups=Key(1, "adascale and adascale_adam on JAX: gradient samples from each device's batch of groups x "
+                   "dataset.batch_size rows, in one backward pass (keras_adascale.AdaScaleModel's groups); "
+                   "N = replicas x groups x accumulation steps", int, minimum=1),
         warmup_fraction=Key(0.05, "lsr_warmup only: warm-up length, as a fraction of the run's updates",
                             float, minimum=0.0),
     ),
@@ -264,6 +267,10 @@ def _run_errors(run, bad=frozenset()):
                           ("beta_1", validation.BETA), ("beta_2", validation.BETA)):
         if optimizer[key] is not None and optimizer[key] not in interval:
             errors.append(f"optimizer.{key} must be in {interval}; got {optimizer[key]}")
+    if optimizer["groups"] > 1 and optimizer["name"] not in ADASCALE_OPTIMIZERS:
+        errors.append(f"optimizer.groups={optimizer['groups']} gives an AdaScale optimizer "
+                      f"({', '.join(ADASCALE_OPTIMIZERS)}) several gradient samples of each device's batch; got "
+                      f"optimizer.name={optimizer['name']}")
     if optimizer["warmup_fraction"] not in _FRACTION:
         errors.append(f"optimizer.warmup_fraction must be in {_FRACTION}; got {optimizer['warmup_fraction']}")
     decay_at = schedule["decay_at"]
@@ -278,6 +285,17 @@ def _run_errors(run, bad=frozenset()):
 def baseline_batch_size(run):
     """B0: the batch of the single-batch recipe (`optimizer.baseline_batch_size`, else the sample batch)."""
     return run["optimizer"]["baseline_batch_size"] or run["dataset"]["batch_size"]
+
+
+def samples_per_step(run, replicas):
+    """Gradient samples per `model.fit` step: the replicas, times `optimizer.groups` for an AdaScale optimizer."""
+    return replicas * (run["optimizer"]["groups"] if run["optimizer"]["name"] in ADASCALE_OPTIMIZERS else 1)
+
+
+def _per_step_words(run, replicas):
+    groups = run["optimizer"]["groups"] if run["optimizer"]["name"] in ADASCALE_OPTIMIZERS else 1
+    words = f"{replicas} replica{'s' if replicas != 1 else ''}"
+    return words if groups == 1 else f"{words} x optimizer.groups={groups}"
 
 
 def is_auto(run):
@@ -296,6 +314,7 @@ def auto_steps(run, replicas, label=None):
         ConfigError: if not even the least count fits under `autoscale.max_scale`.
     """
     label = f"run '{run['run']}': " if label is None else label
+    words, replicas = _per_step_words(run, replicas), samples_per_step(run, replicas)
     scale_per_step = replicas * run["dataset"]["batch_size"] / baseline_batch_size(run)
     least = 1 if replicas >= 2 else 2
     allowed = []
@@ -306,7 +325,7 @@ def auto_steps(run, replicas, label=None):
     if not allowed:
         raise ConfigError(
             f"{label}autoscale.max_scale={run['autoscale']['max_scale']} is below the least S = "
-            f"{scale_per_step * least:g} ({replicas} replicas x {least} accumulation steps x "
+            f"{scale_per_step * least:g} ({words} x {least} accumulation steps x "
             f"dataset.batch_size / baseline batch)"
         )
     return scale_per_step, allowed
@@ -333,7 +352,8 @@ def batches_per_update(run, replicas, label=None):
     label = f"run '{run['run']}': " if label is None else label
     if is_auto(run):
         _, allowed = auto_steps(run, replicas, label)
-        return replicas * run["dataset"]["batch_size"], allowed[0]
+        return samples_per_step(run, replicas) * run["dataset"]["batch_size"], allowed[0]
+    words, per_step = _per_step_words(run, replicas), samples_per_step(run, replicas)
     scale, batch, baseline = run["optimizer"]["scale"], run["dataset"]["batch_size"], baseline_batch_size(run)
     examples = scale * baseline
     if run["optimizer"]["name"] not in ADASCALE_OPTIMIZERS:
@@ -345,14 +365,14 @@ def batches_per_update(run, replicas, label=None):
             )
         return round(examples), 1
     samples = examples / batch
-    if samples != round(samples) or round(samples) % replicas:
+    if samples != round(samples) or round(samples) % per_step:
         raise ConfigError(
             f"{label}optimizer.scale={scale} with baseline batch {baseline} means {examples:g} examples "
             f"per update, i.e. N = {samples:g} gradient samples of dataset.batch_size={batch}; N must be a "
-            f"whole multiple of the {replicas} replica{'s' if replicas != 1 else ''} (N = replicas x accumulation "
-            f"steps, S = N x {batch} / {baseline})"
+            f"whole multiple of the {words} (N = replicas x {'groups x ' if per_step != replicas else ''}"
+            f"accumulation steps, S = N x {batch} / {baseline})"
         )
-    return replicas * batch, round(samples) // replicas
+    return per_step * batch, round(samples) // per_step
 
 
 def resolve(raw, name):

@@ -124,15 +124,16 @@ REGISTRY = {
 LANGUAGE_MODELS = ("char_lm",)
 
 
-def per_replica(model):
+def per_replica(model, groups=1):
     """The same layers, inputs and outputs as a `keras_adascale.AdaScaleModel` (a functional model).
 
     Under a `keras.distribution` on JAX its train step gives an AdaScale optimizer each replica's
-    gradient statistics; elsewhere it trains as `model` does.
+    gradient statistics (and with `groups` > 1, each group's of each replica's batch); elsewhere it trains
+    as `model` does.
     """
     from keras_adascale import AdaScaleModel
 
-    return AdaScaleModel(model.inputs, model.outputs, name=model.name)
+    return AdaScaleModel(model.inputs, model.outputs, name=model.name, groups=groups)
 
 
 def build(config, input_shape, num_classes):

@@ -39,6 +39,12 @@ def check_backend(runs, backend=None):
             f"the experiment runner trains on Keras's TensorFlow or JAX backend, but Keras runs on its "
             f"{backend!r} backend: set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax"
         )
+    grouped = [run["run"] for run in runs if run["optimizer"]["groups"] > 1]
+    if grouped and backend != "jax":
+        raise ConfigError(
+            f"optimizer.groups > 1 ({'run' if len(grouped) == 1 else 'runs'} {', '.join(repr(r) for r in grouped)}) "
+            f"splits each device's batch into gradient samples on Keras's JAX backend only (KERAS_BACKEND=jax), but "
+            f"Keras runs on {backend}: on {backend}, use optimizer.groups=1 (N from the replicas and accumulation)")
     wrong = {}
     for run in runs:
         name = run["strategy"]["name"]

@@ -81,6 +81,7 @@ def plan(run, replicas):
     config, total_steps = run["optimizer"], run["total_steps"]
     name, scale = config["name"], config["scale"]
     batch_size, accumulation = config_lib.batches_per_update(run, replicas)
+    per_step = config_lib.samples_per_step(run, replicas)
     single_batch = build_schedule(run)
     adam = name.startswith("adam") or name == "adascale_adam"
     if adam:
@@ -97,7 +98,7 @@ def plan(run, replicas):
         # any other N (elastic resume).
         optimizer = (AdaScaleAdam if adam else AdaScaleSGD)(
             ScaleInvariantSchedule(single_batch, total_steps=total_steps),
-            scale=None if scale == replicas * accumulation else scale,
+            scale=None if scale == per_step * accumulation else scale,
             smoothing=config["smoothing"],
             # An auto run accumulates from the start, so that its count can change.
             gradient_accumulation_steps=accumulation if accumulation > 1 or auto else None,
@@ -169,13 +170,17 @@ def _describe_update(run, replicas, steps):
         per_step = steps.autoscale["scale_per_step"]
         allowed = steps.autoscale["callback"]["allowed_steps"]
         return (f"S = auto ({run['autoscale']['objective']}): S = {per_step:g} x k for k in "
-                f"{', '.join(map(str, allowed))} accumulation steps of {replicas} replicas x {batch} examples "
+                f"{', '.join(map(str, allowed))} accumulation steps of {replicas} replicas"
+                f"{' x ' + str(run['optimizer']['groups']) + ' groups' if run['optimizer']['groups'] > 1 else ''}"
+                f" x {batch} examples "
                 f"(baseline batch {baseline}), re-decided every {steps.autoscale['callback']['interval']:g} of tau "
                 f"after a warm-up of {steps.autoscale['callback']['warmup']:g}")
     if run["optimizer"]["name"] in config_lib.ADASCALE_OPTIMIZERS:
-        samples = replicas * steps.accumulation
+        groups = run["optimizer"]["groups"]
+        samples = replicas * groups * steps.accumulation
+        grouped = f" x {groups} groups" if groups > 1 else ""
         return (f"S = {scale:g} baseline batches of {baseline} per update: N = {samples} gradient samples "
-                f"of {batch} examples ({replicas} replicas x {steps.accumulation} accumulation steps)")
+                f"of {batch} examples ({replicas} replicas{grouped} x {steps.accumulation} accumulation steps)")
     return f"S = {scale:g}: one global batch of {steps.batch_size} examples per update ({replicas} replicas)"
 
 
@@ -366,7 +371,7 @@ def _compiled_model(run, placement):
         steps = plan(run, placement.replicas)
         model = models.build(run["model"], input_shape, num_classes)
         if keras.backend.backend() == "jax" and isinstance(steps.optimizer, AdaScaleBase):
-            model = models.per_replica(model)
+            model = models.per_replica(model, groups=run["optimizer"]["groups"])
         model.compile(
             optimizer=steps.optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -460,7 +465,7 @@ def _fit(run, model, steps, folders, test_data, replicas):
         folders.work, run["total_steps"], steps.tau_per_update, steps.schedule,
         steps.batch_size, test_data, run["evaluations"], label=run["run"],
         bits_per_character=data.is_language_model(run["dataset"]),
-        replicas=replicas,
+        replicas=config_lib.samples_per_step(run, replicas),  # gradient samples per micro-batch
     )
     auto = [AutoScale(**steps.autoscale["callback"])] if steps.autoscale else []
     start = time.perf_counter()
@@ -496,10 +501,11 @@ def _summary(run, replicas, steps, model, work_dir, fit_seconds):
         "optimizer": run["optimizer"]["name"],
         "scale": sum(row["scale"] for row in rows) / len(rows) if steps.autoscale else run["optimizer"]["scale"],
         **auto,
-        "samples": replicas * accumulation if adascale else 1,
+        "samples": config_lib.samples_per_step(run, replicas) * accumulation if adascale else 1,
         "batch_size": run["dataset"]["batch_size"],
         "baseline_batch_size": baseline,
         "replicas": replicas,
+        "groups": run["optimizer"]["groups"] if adascale else 1,
         "accumulation": accumulation,
         "updates": updates_done(model.optimizer),
         "tau": rows[-1]["tau"],
