@@ -73,10 +73,12 @@ def test_every_run_of_a_saved_config_builds(path):
         if run["optimizer"]["name"] in config.ADASCALE_OPTIMIZERS:
             expected = AdaScaleAdam if run["optimizer"]["name"] == "adascale_adam" else AdaScaleSGD
             assert type(steps.optimizer) is expected
-            # S x B0 examples per update, from N = replicas x accumulation samples of B.
-            assert replicas * steps.accumulation * batch == scale * baseline
+            # S x B0 examples per update, from N = replicas x groups x accumulation samples of B.
+            samples = replicas * run["optimizer"]["groups"] * steps.accumulation
+            assert samples * batch == scale * baseline
+            assert steps.batch_size == replicas * run["optimizer"]["groups"] * batch
             # S is left to default (N) where they agree, so the saved model resumes at any N.
-            assert (steps.optimizer.get_config()["scale"] or replicas * steps.accumulation) == scale
+            assert (steps.optimizer.get_config()["scale"] or samples) == scale
             assert steps.min_updates * scale >= run["total_steps"]
         else:
             adam = run["optimizer"]["name"].startswith("adam")
