@@ -21,7 +21,7 @@ BACKENDS_PY := $(BACKENDS_VENV)/bin/python
 JAX_VENV := .venv-jax
 JAX_PY := $(JAX_VENV)/bin/python
 
-.PHONY: demo demo-jax test docs docs-serve compat compat-oldest clean
+.PHONY: demo demo-jax test docs docs-serve compat compat-oldest device-check clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,11 @@ compat:
 # dependencies on TensorFlow; the `jax` and `torch` extras).
 compat-oldest:
 	$(PYTHON) tools/compat.py --pairs oldest,jax-oldest,torch-oldest
+
+# The GPU tables (tools/device_check/): Keras's wheels, this project's and MNIST's data file into .device-check/,
+# the size a call carries checked; it prints the command to give the device tool's `run` when a GPU is lent.
+device-check:
+	$(PYTHON) tools/device_check/prepare.py
 
 clean:
 	rm -rf $(VENV) $(BACKENDS_VENV) $(JAX_VENV) runs site .compat
