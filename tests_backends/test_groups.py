@@ -21,13 +21,16 @@ UPDATES = 5
 
 @pytest.fixture
 def problem():
+    """test_model.py's problem: 64 batches of BATCH rows."""
     return LeastSquares(num_examples=64 * BATCH, seed=3)
 
 
 @pytest.fixture
 def data_parallel():
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
-    yield 4
+    """All 4 host devices on the batch axis (conftest.py's XLA_FLAGS); yields their count."""
+    devices = keras.distribution.list_devices("cpu")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    yield len(devices)
     keras.distribution.set_distribution(None)
 
 
