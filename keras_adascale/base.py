@@ -36,9 +36,10 @@ _SEVERAL_SAMPLES = {
     "tensorflow": "make it (and compile the model) in the scope of a tf.distribute strategy with several replicas "
                   "(on a CPU, logical devices: tf.config.set_logical_device_configuration), or pass "
                   "`gradient_accumulation_steps=k`",
-    "jax": "train a keras_adascale.AdaScaleModel under keras.distribution.DataParallel over several devices, "
-           "made after `set_distribution` (on a CPU, host devices: jax.config.update('jax_num_cpu_devices', n) "
-           "before JAX starts), or pass `gradient_accumulation_steps=k`",
+    "jax": "build the model as keras_adascale.AdaScaleModel with `groups=n` (n samples from each batch), or train "
+           "it under keras.distribution.DataParallel over several devices with the optimizer made after "
+           "`set_distribution` (on a CPU, host devices: jax.config.update('jax_num_cpu_devices', n) before JAX "
+           "starts), or pass `gradient_accumulation_steps=k`",
     "torch": "pass `gradient_accumulation_steps=k` (Keras has no multi-device PyTorch fit)",
 }
 

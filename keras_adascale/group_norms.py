@@ -199,14 +199,30 @@ def measuring(model, probes, groups):
     probes (`probes`: one pair per layer of `covered_layers(model)`, in order)."""
     layers = covered_layers(model)
     calls = {}
+    stateless_call = model.stateless_call
+
+    def without_added_losses(*args, **kwargs):
+        result = stateless_call(*args, **kwargs)
+        if kwargs.get("return_losses") and result[-1]:
+            raise ValueError(
+                f"{type(model).__name__}(groups={groups}) measures the groups' gradient norms through the layers' "
+                f"outputs, and the model adds {len(result[-1])} loss{'es' if len(result[-1]) != 1 else ''} in its "
+                "forward pass (`add_loss`, a regularizer): their gradient does not pass through the outputs. Build "
+                "the model with group_norms='vmap' (see keras_adascale.group_norms)."
+            )
+        return result
+
     try:
         for layer, pair in zip(layers, probes, strict=True):
             object.__setattr__(layer, "call", _grouped_call(layer, pair, groups, calls))
+        object.__setattr__(model, "stateless_call", without_added_losses)
         yield
     finally:
         for layer in layers:
             if "call" in layer.__dict__:
                 object.__delattr__(layer, "call")
+        if "stateless_call" in model.__dict__:
+            object.__delattr__(model, "stateless_call")
 
 
 def probes(model, groups):

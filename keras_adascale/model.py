@@ -448,6 +448,14 @@ class AdaScaleTrainStep:
             return mean(unscaled_loss), y_pred, masks, new_non_trainable, new_metrics, grads, statistic
 
         def local(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight):
+            rows = keras.tree.flatten(x)[0].shape[0]
+            if groups > 1 and rows % groups:  # a batch `fit` could not check ahead (a generator's, tf.data's)
+                raise ValueError(
+                    f"AdaScaleModel(groups={groups}) splits each device's part of every batch into {groups} gradient "
+                    f"samples of equal rows, and a batch gives a device {rows} rows, which do not divide by "
+                    f"{groups}: feed batches of a multiple of {groups} x the devices on the batch axis "
+                    "(drop_remainder=True for a tf.data dataset)."
+                )
             replica = jax.lax.axis_index(axis) if axis is not None else 0
             mesh_axes = (axis,) if axis is not None else ()
             if groups == 1 or one_pass:

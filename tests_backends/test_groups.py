@@ -247,3 +247,37 @@ def test_group_norms_must_be_a_known_method(problem):
     with pytest.raises(ValueError, match=r"Argument `group_norms` must be one of \('one_pass', 'vmap'\). "
                                          r"Received: group_norms='ghost'"):
         model_of(problem, 2, group_norms="ghost")
+
+
+@jax_only
+def test_one_pass_norms_refuse_losses_added_in_the_forward_pass(problem):
+    class Penalized(keras_adascale.AdaScaleModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, inputs):
+            outputs = self.dense(inputs)
+            self.add_loss(10.0 * keras.ops.sum(keras.ops.square(self.dense.kernel)))
+            return outputs
+
+    model = Penalized(groups=2)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    with pytest.raises(ValueError, match=r"Penalized\(groups=2\) measures the groups' gradient norms through the "
+                                         r"layers' outputs, and the model adds 1 loss in its forward pass"):
+        model.fit(problem.x[:64], problem.y[:64], batch_size=32, verbose=0)
+    vmapped = Penalized(groups=2, group_norms="vmap")
+    vmapped.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    vmapped.fit(problem.x[:64], problem.y[:64], batch_size=32, verbose=0)
+
+
+@jax_only
+def test_a_generator_s_batch_the_groups_cannot_split_is_refused_at_that_batch(problem):
+    def batches():
+        yield problem.x[:30], problem.y[:30]
+
+    model = model_of(problem, 4)
+    model.compile(optimizer=keras_adascale.AdaScaleSGD(0.05), loss="mse")
+    with pytest.raises(ValueError, match=r"AdaScaleModel\(groups=4\) splits each device's part of every batch into 4 "
+                                         r"gradient samples of equal rows, and a batch gives a device 30 rows"):
+        model.fit(batches(), steps_per_epoch=1, verbose=0)

@@ -322,11 +322,13 @@ def test_a_star_import_takes_what_runs_here_and_the_tensorflow_only_name_says_wh
 def test_without_accumulation_it_is_the_reference_at_s_one(problem):
     """No `gradient_accumulation_steps`: one sample per update, S = 1, gain 1, tau counts the updates."""
     _, expected = reference_history(problem, 1, 8, learning_rate=0.05, momentum=0.9)
-    hint = "jax_num_cpu_devices" if BACKEND == "jax" else "pass `gradient_accumulation_steps=k`"
+    hint = ("AdaScaleModel with `groups=n` (n samples from each batch)" if BACKEND == "jax"
+            else "pass `gradient_accumulation_steps=k`")
     with pytest.warns(UserWarning, match="scale S = 1") as warned:
         _, actual = fit(problem, keras_adascale.AdaScaleSGD(0.05, momentum=0.9), 1, 8)
     (message,) = [str(w.message) for w in warned if "scale S = 1" in str(w.message)]  # once, not per update
     assert "cannot measure the gradient noise" in message and hint in message
+    assert BACKEND != "jax" or "jax_num_cpu_devices" in message
     assert_same_history(actual, expected)
     assert [tau for _, _, tau in actual] == [float(update) for update in range(1, 9)]
 

@@ -168,6 +168,7 @@ def test_groups_on_one_device_end_where_accumulation_on_the_same_rows_ends(tfds_
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("S = 4 baseline batches of 16 per update: N = 4 gradient samples of 16 examples (1 replicas x 4 groups "
             "x 1 accumulation steps)") in result.stdout
+    assert "1 x 1 (4 groups)" in result.stdout  # the comparison table's replicas x accumulation cell
     grouped, accumulated = (final(tmp_path / "runs" / "groups", name) for name in ("grouped", "accumulated"))
     assert (grouped["groups"], grouped["accumulation"], grouped["samples"]) == (4, 1, 4)
     assert (accumulated["groups"], accumulated["accumulation"], accumulated["samples"]) == (1, 4, 4)

@@ -37,6 +37,12 @@ def _scale_cell(final):
     return final["scale"]
 
 
+def _samples_cell(final):
+    # replicas x accumulation steps, and the groups of each replica's batch where there are several.
+    groups = final.get("groups", 1)
+    return f"{final['replicas']} x {final['accumulation']}" + (f" ({groups} groups)" if groups > 1 else "")
+
+
 def comparison_table(finals):
     """The side-by-side table of finished runs, as text.
 
@@ -52,7 +58,7 @@ def comparison_table(finals):
         columns.insert(-1, ("test bpc", "{:.4f}"))
     rows = [
         [
-            final["run"], final["optimizer"], _scale_cell(final), f"{final['replicas']} x {final['accumulation']}",
+            final["run"], final["optimizer"], _scale_cell(final), _samples_cell(final),
             final["updates"], final["tau"], final["mean_gain"], final["final_train_loss"],
             final["test_accuracy"], *([final.get("test_bits_per_character", float("nan"))] if bits else []),
             final["wall_time"],
