@@ -41,3 +41,60 @@ def test_jax_data_parallel_quick_prints_the_ratios_and_the_memory(tmp_path):
     for label in ("keras", "adascale", "vmap"):
         memory = row[f"{label}_memory"]
         assert memory["temp_mib"] > 0 and memory["argument_mib"] > 0 and memory["all_reduces"] >= 1
+
+
+def test_multiprocess_step_quick_prints_both_topologies_and_writes_the_json(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("several JAX processes (keras.distribution on JAX)")
+    script = SCRIPT.parent / "multiprocess_step.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert json.loads((tmp_path / "out" / "multiprocess_step.json").read_text()) == summary
+    assert [(row["topology"], row["model"]) for row in summary["results"]] == [("2x2", "mlp_small"),
+                                                                              ("1x4", "mlp_small")]
+    parameters = 784 * 128 + 128 + 128 * 10 + 10
+    for row in summary["results"]:
+        assert row["parameters"] == parameters and len(row["per_process"]) == len(row["peak_rss_mib"])
+        assert len(row["per_process"]) == row["processes"] and row["processes"] * row["devices_per_process"] == 4
+        assert row["keras_ms"] > 0 and row["adascale_ms"] > 0
+        assert row["ratio"]["q1"] <= row["ratio"]["median"] <= row["ratio"]["q3"]
+        for label in ("keras", "adascale"):
+            memory = row["memory"][label]
+            assert memory["model_bytes"] == 4 * parameters  # float32, every variable whole on each device
+            assert memory["optimizer_bytes"] >= 4 * parameters  # the momentum at least
+            assert memory["temp_mib"] > 0 and memory["all_reduces"] >= 1
+        assert 0 < row["memory"]["adascale"]["optimizer_bytes"] - row["memory"]["keras"]["optimizer_bytes"] < 200
+        assert all(rss > 100 for rss in row["peak_rss_mib"])
+        printed = next(line for line in lines if line.split()[:2] == [row["topology"], "mlp_small"]).split()
+        assert printed[3:6] == [f"{row['keras_ms']:.2f}", f"{row['adascale_ms']:.2f}", f"{row['ratio']['median']:.3f}"]
+
+
+def test_groups_cost_quick_prints_the_five_steps_and_writes_the_json(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("AdaScaleModel(groups=n): Keras's JAX backend only for now")
+    script = SCRIPT.parent / "groups_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert json.loads((tmp_path / "out" / "groups_cost.json").read_text()) == summary
+    assert summary["batch"] == 32 and summary["groups"] == [4]
+    rows = summary["results"]
+    assert [(row["model"], row["groups"], row["variant"]) for row in rows] == [
+        ("cnn_tiny", 4, variant) for variant in ("keras", "adascale_sgd", "one_pass", "vmap", "accumulation")]
+    parameters = 3 * 3 * 4 + 4 + 6 * 6 * 4 * 10 + 10
+    for row in rows:
+        assert row["parameters"] == parameters and row["ms_per_update"] > 0
+        assert row["temp_mib"] > 0 and row["argument_mib"] > 0
+        printed = next(line for line in lines if line.split()[:3] == ["cnn_tiny", "4", row["variant"]]).split()
+        assert printed[3] == f"{row['ms_per_update']:.2f}"
+        if row["variant"] == "keras":
+            assert row["ratio"] is None
+        else:
+            assert 0 < row["ratio"]["q1"] <= row["ratio"]["median"] <= row["ratio"]["q3"]

@@ -1,5 +1,6 @@
-"""The JAX and PyTorch guide's examples, and getting started's, run as written on this backend (tests/test_docs.py
-runs them on TensorFlow); a block marked `jax only (...)` runs on JAX alone (4 host devices, from conftest.py)."""
+"""The JAX and PyTorch guide's examples, the one-batch guide's, and getting started's, run as written on this backend
+(tests/test_docs.py runs them on TensorFlow); a block marked `jax only (...)` runs on JAX alone (4 host devices, from
+conftest.py)."""
 
 import contextlib
 import io
@@ -13,8 +14,9 @@ import pytest
 from conftest import BACKEND
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "guides" / "backends.md"
+PAGES = [PAGE, PAGE.with_name("one-batch.md")]
 _BLOCK = re.compile(r"(?:<!-- test: (?P<marker>[^>]*?) -->\n[ \t]*)?```python\n(?P<code>.*?)```", re.S)
-BLOCKS = [match["code"] for match in _BLOCK.finditer(PAGE.read_text())
+BLOCKS = [match["code"] for page in PAGES for match in _BLOCK.finditer(page.read_text())
           if not (match["marker"] or "").startswith("skip")
           and (BACKEND == "jax" or not (match["marker"] or "").startswith("jax only"))]
 
