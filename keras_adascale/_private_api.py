@@ -107,6 +107,13 @@ NAMES = (
                 "the outputs' masks, carried out of the per-replica step for the metrics", backends=("jax",)),
     PrivateName("keras.src.backend.common.masking", "set_keras_mask", "model.py", "as `get_keras_mask`",
                 backends=("jax",)),
+    PrivateName("a keras.Sequential()", "_flatten_layers", "group_norms.py",
+                "every layer of a model, nested ones included, as Keras walks them (`layers` lists the top level "
+                "only): the layers whose weights the one-pass group norms cover, and those they cannot",
+                backends=("jax",)),
+    PrivateName("a built keras.layers.Dense(1)", "_trainable_variables", "group_norms.py",
+                "a layer's own trainable weights, not its sublayers' (`trainable_weights` holds both): each weight "
+                "the one-pass group norms cannot measure is named with the layer that holds it", backends=("jax",)),
     PrivateName(_JAX_TRAINER, "_update_metrics_variables", "model.py",
                 "the loss tracker and the compiled metrics after the step, as Keras's JAX train_step updates them",
                 backends=("jax",)),
@@ -116,6 +123,11 @@ NAMES = (
 def _built(optimizer):
     optimizer.build([keras.Variable(np.zeros((2,), np.float32))])
     return optimizer
+
+
+def _built_layer(layer):
+    layer.build((None, 2))
+    return layer
 
 
 def _tf(path=""):
@@ -159,6 +171,7 @@ _OWNERS = {
     "a keras.callbacks.BackupAndRestore": lambda: keras.callbacks.BackupAndRestore("unused_backup_dir"),
     _JAX_TRAINER: _jax_trainer,
     "a keras.Sequential()": lambda: keras.Sequential(),
+    "a built keras.layers.Dense(1)": lambda: _built_layer(keras.layers.Dense(1)),
     "keras.src.models.functional": lambda: importlib.import_module("keras.src.models.functional"),
     "keras.src.losses.loss": lambda: importlib.import_module("keras.src.losses.loss"),
     "keras.src.backend.common.masking": lambda: importlib.import_module("keras.src.backend.common.masking"),
