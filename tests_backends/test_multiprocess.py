@@ -272,9 +272,14 @@ def test_ctrl_c_in_the_launcher_kills_every_process(tmp_path):
         _pids(tmp_path, 2)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's Ctrl-C handler, which a process started in the background (nohup, CI) does not get: SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        launch.launch([sys.executable, "-c", STUBBORN, str(tmp_path), "wait"], 2, timeout=60)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.launch([sys.executable, "-c", STUBBORN, str(tmp_path), "wait"], 2, timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     pids = _pids(tmp_path, 2)
     assert all(_gone(pid) for pid in pids), subprocess.run(["ps", "-o", "pid,stat,cmd", "-p",
                                                            ",".join(map(str, pids))], capture_output=True).stdout
