@@ -43,17 +43,23 @@ def test_jax_data_parallel_quick_prints_the_ratios_and_the_memory(tmp_path):
         assert memory["temp_mib"] > 0 and memory["argument_mib"] > 0 and memory["all_reduces"] >= 1
 
 
-def test_multiprocess_step_quick_prints_both_topologies_and_writes_the_json(tmp_path):
-    if BACKEND != "jax":
-        pytest.skip("several JAX processes (keras.distribution on JAX)")
-    script = SCRIPT.parent / "multiprocess_step.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+def quick_jax_run(name, tmp_path):
+    """`benchmarks/<name>.py --quick` on JAX: `(printed lines, the summary it prints last)`; the JSON it writes is
+    that summary."""
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / f"{name}.py"), "--quick", "--output-dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert json.loads((tmp_path / "out" / "multiprocess_step.json").read_text()) == summary
+    assert json.loads((tmp_path / "out" / f"{name}.json").read_text()) == summary
+    return lines, summary
+
+
+def test_multiprocess_step_quick_prints_both_topologies_and_writes_the_json(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("several JAX processes (keras.distribution on JAX)")
+    lines, summary = quick_jax_run("multiprocess_step", tmp_path)
     assert [(row["topology"], row["model"]) for row in summary["results"]] == [("2x2", "mlp_small"),
                                                                               ("1x4", "mlp_small")]
     parameters = 784 * 128 + 128 + 128 * 10 + 10
@@ -76,14 +82,7 @@ def test_multiprocess_step_quick_prints_both_topologies_and_writes_the_json(tmp_
 def test_groups_cost_quick_prints_the_five_steps_and_writes_the_json(tmp_path):
     if BACKEND != "jax":
         pytest.skip("AdaScaleModel(groups=n): Keras's JAX backend only for now")
-    script = SCRIPT.parent / "groups_cost.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "KERAS_BACKEND": "jax"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
-    assert json.loads((tmp_path / "out" / "groups_cost.json").read_text()) == summary
+    lines, summary = quick_jax_run("groups_cost", tmp_path)
     assert summary["batch"] == 32 and summary["groups"] == [4]
     rows = summary["results"]
     assert [(row["model"], row["groups"], row["variant"]) for row in rows] == [
