@@ -38,7 +38,7 @@ def demo_table():
     for line in table[2:]:
         cells = re.split(r"\s{2,}", line.strip())
         assert len(cells) == len(header), line
-        rows[cells[0]] = dict(zip(header, cells))
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
 
 
