@@ -212,10 +212,12 @@ def test_one_pass_norms_of_conv_and_dense_layers_equal_each_group_s_own_gradient
 
 @jax_only
 @pytest.mark.parametrize("layer, named", [
-    (lambda: keras.layers.LayerNormalization(), "layer_normalization/gamma (LayerNormalization"),
-    (lambda: keras.layers.BatchNormalization(), "batch_normalization/gamma (BatchNormalization"),
+    (lambda: keras.layers.LayerNormalization(gamma_regularizer="l2"),
+     "layer_normalization/gamma (LayerNormalization"),
+    (lambda: keras.layers.BatchNormalization(renorm=True), "batch_normalization/gamma (BatchNormalization"),
     (lambda: keras.layers.Dense(3, kernel_regularizer="l2"), "its kernel_regularizer's gradient does not pass"),
-], ids=["layer_norm", "batch_norm", "regularizer"])
+    (lambda: keras.layers.GroupNormalization(1), "group_normalization/gamma (GroupNormalization"),
+], ids=["layer_norm", "batch_norm", "regularizer", "group_norm"])
 def test_one_pass_norms_refuse_what_they_cannot_measure_naming_it(problem, layer, named):
     inputs = keras.Input((problem.dim,))
     outputs = keras.layers.Dense(1)(layer()(inputs))
@@ -281,3 +283,175 @@ def test_a_generator_s_batch_the_groups_cannot_split_is_refused_at_that_batch(pr
     with pytest.raises(ValueError, match=r"AdaScaleModel\(groups=4\) splits each device's part of every batch into 4 "
                                          r"gradient samples of equal rows, and a batch gives a device 30 rows"):
         model.fit(batches(), steps_per_epoch=1, verbose=0)
+
+
+# The rules for EinsumDense, Embedding, LayerNormalization and BatchNormalization.
+
+def _sequence_model(body, groups=4, method="one_pass", ids=False):
+    """Inputs of 6 steps (token ids under 11, or 4 features), `body` on them, then a Dense of 3 outputs."""
+    inputs = keras.Input((6,), dtype="int32") if ids else keras.Input((6, 4))
+    hidden = body(inputs)
+    if len(hidden.shape) > 3:
+        hidden = keras.layers.Reshape((6, -1))(hidden)
+    if len(hidden.shape) > 2:
+        hidden = keras.layers.GlobalAveragePooling1D()(hidden)  # takes Embedding(mask_zero=True)'s mask
+    return keras_adascale.AdaScaleModel(inputs, keras.layers.Dense(3)(hidden), groups=groups, group_norms=method)
+
+
+LAYERS = {
+    "embedding_scatter": (lambda i: keras.layers.Embedding(11, 5)(i), True),  # groups x 11 <= the rows
+    "embedding_sorted_masked": (lambda i: keras.layers.Embedding(60, 5, mask_zero=True)(i), True),  # 4 x 60 > rows
+    "einsum_matmul": (lambda i: keras.layers.EinsumDense("abc,cde->abde", (6, 2, 3), bias_axes="de",
+                                                         activation="tanh")(i), False),
+    "einsum_general": (lambda i: keras.layers.EinsumDense("abc,bcd->abd", (6, 3), bias_axes="d",
+                                                          activation="relu")(i), False),
+    "layer_norm": (lambda i: keras.layers.LayerNormalization()(keras.layers.Dense(5)(i)), False),
+    "layer_norm_two_axes": (lambda i: keras.layers.LayerNormalization(axis=(1, 2), center=False)(
+        keras.layers.Dense(5)(i)), False),
+    "batch_norm": (lambda i: keras.layers.BatchNormalization()(keras.layers.Dense(5)(i)), False),
+    "batch_norm_axis_1": (lambda i: keras.layers.BatchNormalization(axis=1, center=False)(
+        keras.layers.Dense(5)(i)), False),
+    "batch_norm_no_weights": (lambda i: keras.layers.BatchNormalization(center=False, scale=False)(
+        keras.layers.Dense(5)(i)), False),
+}
+
+
+def _rows(ids, count, seed=5):
+    rng = np.random.default_rng(seed)
+    if ids:
+        return rng.integers(0, 11, size=(count, 6)).astype("int32")
+    return rng.normal(size=(count, 6, 4)).astype("float32")
+
+
+@jax_only
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_one_pass_norms_of_each_new_layer_equal_each_group_s_own_gradient_by_brute_force(name):
+    """Per weight and per group: n^2 x a probe's cotangent (the rules' |part of the batch's mean gradient from the
+    group's rows|^2) against |gradient of the group's own mean loss|^2 from `jax.grad` of the model called on
+    that group's rows alone (a Python loop over the groups: no vmap, no rule); and the one-pass mean gradient
+    against the mean of those groups' gradients. For BatchNormalization the group's gradient is defined by that
+    call: the group normalized by its own rows' statistics."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_adascale import group_norms
+
+    body, ids = LAYERS[name]
+    groups, rows = 4, 8
+    model = _sequence_model(body, groups, ids=ids)
+    x = _rows(ids, groups * rows)
+    if name == "embedding_sorted_masked":
+        x[::3, 2:] = 0  # padded rows (the mask), and ids repeated within and across the groups
+    y = np.random.default_rng(6).normal(size=(len(x), 3)).astype("float32")
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(values, x, y):
+        predictions, _ = model.stateless_call(values, non_trainable, x, training=True)
+        return jnp.mean(jnp.square(predictions - y))
+
+    def one_pass(values, probes, x, y):
+        with group_norms.measuring(model, probes, groups):
+            return loss(values, x, y)
+
+    layers = group_norms.covered_layers(model)
+    assert {type(layer) for layer in layers} >= {type(layer) for layer in model.layers if type(layer) in
+                                                 group_norms._MORE}
+    grads, measured = jax.jit(jax.grad(one_pass, argnums=(0, 1)))(trainable, group_norms.probes(model, groups), x, y)
+    brute = [jax.jit(jax.grad(loss))(trainable, x[g * rows:(g + 1) * rows], y[g * rows:(g + 1) * rows])
+             for g in range(groups)]
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    checked = 0
+    for layer, pair in zip(layers, measured, strict=True):
+        if isinstance(layer, keras.layers.Embedding):
+            weights = (layer.embeddings, None)
+        elif isinstance(layer, (keras.layers.LayerNormalization, keras.layers.BatchNormalization)):
+            weights = (layer.gamma, layer.beta)
+        else:
+            weights = (layer.kernel, layer.bias)
+        for weight, cotangent in zip(weights, pair, strict=True):
+            cotangent = np.asarray(cotangent)
+            if weight is None:
+                np.testing.assert_array_equal(cotangent, 0.0)
+                continue
+            expected = [float(np.sum(np.square(np.asarray(b[index[id(weight)]], np.float64)))) for b in brute]
+            np.testing.assert_allclose(groups * groups * cotangent, expected, rtol=2e-5, atol=1e-9,
+                                       err_msg=weight.path)
+            assert min(expected) > 0.0
+            checked += 1
+    assert checked == len(model.trainable_variables)
+    for got, *each in zip(grads, *brute, strict=True):
+        np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=2e-5, atol=1e-7)
+
+
+def _mixed_body(inputs):
+    """Every layer the one-pass rules cover but Conv, in one model."""
+    hidden = keras.layers.Embedding(11, 8)(inputs)
+    hidden = keras.layers.EinsumDense("abc,cd->abd", (6, 8), bias_axes="d", activation="relu")(hidden)
+    hidden = keras.layers.LayerNormalization()(hidden)
+    hidden = keras.layers.EinsumDense("abc,bcd->abd", (6, 4), bias_axes="d")(hidden)
+    return keras.layers.BatchNormalization()(hidden)
+
+
+def _mixed_history(model, x, y, batch_size, optimizer):
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    recorder = AllWeights()
+    model.fit(x, y, batch_size=batch_size, shuffle=False, callbacks=[recorder], verbose=0)
+    return recorder.history, model
+
+
+@jax_only
+def test_one_pass_norms_of_embedding_einsum_and_normalizations_equal_vmap_and_accumulation():
+    """A model of Embedding, EinsumDense (a matmul and a general einsum), LayerNormalization and
+    BatchNormalization: one_pass equals vmap (every weight, BatchNormalization's moving statistics too, gain and
+    tau) update by update; and both equal gradient accumulation over the same rows (trainable weights, gain and
+    tau: accumulation moves the moving statistics at every micro-batch)."""
+    groups, rows, updates = 4, 8, 4
+    x = _rows(True, updates * groups * rows)
+    y = x[:, 0] % 3  # learnable: the gain is below its cap S (random labels give S, which would test no norm)
+    histories = {}
+    for method in ("one_pass", "vmap"):
+        keras.utils.set_random_seed(2)
+        histories[method], model = _mixed_history(_sequence_model(_mixed_body, groups, method, ids=True), x, y,
+                                                  groups * rows, keras_adascale.AdaScaleSGD(0.1, momentum=0.9))
+    assert len(histories["one_pass"]) == len(histories["vmap"]) == updates
+    for (w1, g1, t1), (w2, g2, t2) in zip(histories["one_pass"], histories["vmap"], strict=True):
+        np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
+        assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)
+    assert 1.0 < histories["one_pass"][0][1] < groups - 0.1
+    keras.utils.set_random_seed(2)
+    plain = _sequence_model(_mixed_body, 1, ids=True)
+    trainable = np.concatenate([np.ravel(w) for w in plain.get_weights()]).size
+    accumulated, _ = _mixed_history(keras.Model(plain.inputs, plain.outputs), x, y, rows,
+                                    keras_adascale.AdaScaleSGD(0.1, momentum=0.9, gradient_accumulation_steps=groups))
+    accumulated = accumulated[groups - 1::groups]  # after each update
+    is_trainable = np.concatenate([np.full(np.size(v), v.trainable) for v in model.weights])
+    assert trainable == is_trainable.size and 0 < is_trainable.sum() < is_trainable.size
+    for (w1, g1, t1), (w2, g2, t2) in zip(histories["one_pass"], accumulated, strict=True):
+        np.testing.assert_allclose(w1[is_trainable], w2[is_trainable], rtol=1e-4, atol=1e-6)
+        assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)
+
+
+@jax_only
+def test_one_pass_norms_under_mixed_bfloat16_match_vmap_and_float32():
+    """Under keras.mixed_precision "mixed_bfloat16" (float32 weights, bfloat16 layers' computations): the rules
+    sum the groups' norms in float32; the gain of one_pass is vmap's (which squares bfloat16 per-group gradients)
+    and float32's within 1%. ("mixed_float16" wraps the optimizer in Keras's LossScaleOptimizer at compile,
+    which groups refuse for now.)"""
+    groups, rows, updates = 4, 8, 2
+    x = _rows(True, updates * groups * rows)
+    y = x[:, 0] % 3
+    gains = {}
+    for policy, method in (("float32", "one_pass"), ("mixed_bfloat16", "one_pass"), ("mixed_bfloat16", "vmap")):
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            keras.utils.set_random_seed(2)
+            history, model = _mixed_history(_sequence_model(_mixed_body, groups, method, ids=True), x, y,
+                                            groups * rows, keras_adascale.AdaScaleSGD(0.1, momentum=0.9))
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        assert model.layers[2].compute_dtype == ("bfloat16" if policy != "float32" else "float32")
+        gains[policy, method] = [gain for _, gain, _ in history]
+    assert 1.0 < gains["float32", "one_pass"][0] < groups - 0.1
+    np.testing.assert_allclose(gains["mixed_bfloat16", "one_pass"], gains["mixed_bfloat16", "vmap"], rtol=1e-2)
+    np.testing.assert_allclose(gains["mixed_bfloat16", "one_pass"], gains["float32", "one_pass"], rtol=1e-2)
