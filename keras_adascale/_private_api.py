@@ -117,6 +117,16 @@ NAMES = (
     PrivateName(_JAX_TRAINER, "_update_metrics_variables", "model.py",
                 "the loss tracker and the compiled metrics after the step, as Keras's JAX train_step updates them",
                 backends=("jax",)),
+    # PyTorch's own: the multi-tensor kernels of its optimizers (and Keras's PyTorch optimizers), and a tensor's
+    # count of its in-place writes, which tells the host a variable changed without reading it.
+    *(PrivateName("torch", name, "torch_mechanics.py", "the fused update, as Keras's PyTorch optimizers make theirs",
+                  backends=("torch",))
+      for name in ("_foreach_norm", "_foreach_copy_", "_foreach_add_", "_foreach_sub_", "_foreach_mul_",
+                   "_foreach_mul", "_foreach_addcmul_", "_foreach_lerp_", "_foreach_maximum_", "_foreach_sqrt",
+                   "_foreach_div", "_foreach_div_")),
+    PrivateName("a torch.zeros(1)", "_version", "torch_mechanics.py",
+                "a variable written other than by the update (a restore, `set_scale`) is seen without a read",
+                backends=("torch",)),
 )
 
 
@@ -175,6 +185,8 @@ _OWNERS = {
     "keras.src.models.functional": lambda: importlib.import_module("keras.src.models.functional"),
     "keras.src.losses.loss": lambda: importlib.import_module("keras.src.losses.loss"),
     "keras.src.backend.common.masking": lambda: importlib.import_module("keras.src.backend.common.masking"),
+    "torch": lambda: importlib.import_module("torch"),
+    "a torch.zeros(1)": lambda: importlib.import_module("torch").zeros(1),
 }
 
 

@@ -23,6 +23,8 @@ from keras_adascale.numerics import NUMBERS, TENSORS
 
 if keras.backend.backend() == "tensorflow":
     from keras_adascale.distribute import AdaScaleMechanics
+elif keras.backend.backend() == "torch":
+    from keras_adascale.torch_mechanics import AdaScaleMechanics
 else:
     from keras_adascale.functional import AdaScaleMechanics
 
@@ -543,6 +545,11 @@ class AdaScaleBase(AdaScaleMechanics):
 
     def _portable_value(self, variable):
         """A variable's value as a saved store holds it (NumPy)."""
+        value = self._portable_number(variable)
+        # An accumulator whose sums were applied already (PyTorch's fused update keeps them): 0, as elsewhere.
+        return np.zeros_like(value) if self._spent_sums(variable) else value
+
+    def _portable_number(self, variable):
         if variable is self._state_floats:
             return self._portable_floats(variable.numpy())
         if variable is getattr(self, "_sample_sqr_norm_accumulator", None):

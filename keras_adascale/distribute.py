@@ -274,6 +274,11 @@ class AdaScaleMechanics:
     # A saved file's layout (see `base.AdaScaleBase.save_own_variables`).
 
     @staticmethod
+    def _spent_sums(variable):
+        """Whether `variable` is an accumulator holding sums already applied (kept by PyTorch's fused update)."""
+        return False
+
+    @staticmethod
     def _backend_only_variables():
         return []
 

@@ -199,6 +199,11 @@ class AdaScaleMechanics:
 
     # A saved file's layout (see `base.AdaScaleBase.save_own_variables`): numbers, not mantissas.
 
+    @staticmethod
+    def _spent_sums(variable):
+        """Whether `variable` is an accumulator holding sums already applied (kept by PyTorch's fused update)."""
+        return False
+
     def _backend_only_variables(self):
         return [self._statistics_exponent]
 

@@ -60,7 +60,7 @@ FLOAT32_FIELDS = ("gain", "tau_fraction", "effective_learning_rate")
 COUNTER_FIELDS = ("tau_whole", "skipped_updates")
 
 
-def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
+def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale, ops=TENSORS):
     """Unbiased estimates of the gradient variance and squared norm, in baseline batches, not clipped.
 
     With N gradient samples g_1..g_N and their mean g (the applied gradient),
@@ -86,6 +86,7 @@ def gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale):
         mean_sqr_norm: float scalar of the same dtype, `||g||^2`.
         samples: float scalar of the same dtype, N >= 1.
         scale: float scalar of the same dtype, S >= 1.
+        ops: `numerics.TENSORS` (the default), or a namespace of the same operations (PyTorch's own ops).
 
     Returns:
         `(gradient_variance, gradient_sqr_norm)`, scalars of any sign.
@@ -191,6 +192,7 @@ def update_gain(
     variance_average,
     sqr_norm_average,
     average_weight,
+    ops=TENSORS,
 ):
     """One AdaScale statistics step: moments, moving averages, gain.
 
@@ -208,15 +210,16 @@ def update_gain(
         variance_average: running average of the raw sigma2 estimates (uncorrected).
         sqr_norm_average: running average of the raw mu2 estimates (uncorrected).
         average_weight: running average of 1 (`1 - theta^t`), the bias correction.
+        ops: `numerics.TENSORS` (the default), or a namespace of the same operations.
 
     Returns:
         `(variance_average, sqr_norm_average, average_weight, gain)` after this step.
     """
-    variance, sqr_norm = gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale)
+    variance, sqr_norm = gradient_moments(sample_sqr_norm_sum, mean_sqr_norm, samples, scale, ops)
     variance_average = moving_average(variance_average, variance, smoothing)
     sqr_norm_average = moving_average(sqr_norm_average, sqr_norm, smoothing)
     average_weight = moving_average(average_weight, 1.0, smoothing)
-    gain = gain_ratio(*corrected_moments(variance_average, sqr_norm_average, average_weight), scale)
+    gain = gain_ratio(*corrected_moments(variance_average, sqr_norm_average, average_weight, ops), scale, ops)
     return variance_average, sqr_norm_average, average_weight, gain
 
 
@@ -225,7 +228,7 @@ def _identity(gain):
 
 
 def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scale, smoothing,
-         learning_rate_scale=_identity, measured=None):
+         learning_rate_scale=_identity, measured=None, ops=TENSORS):
     """Algorithm 1's scalar path for one update: statistics, gain, learning rate, tau.
 
     Where a sum of squares is not finite (a NaN or an Inf in the gradients),
@@ -247,6 +250,9 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
             middle into another configuration), whose samples are neither equal nor counted in
             N. Such an update is applied with the gain the averages give at its S, and the
             averages and their weight are kept as they were. None: always measured.
+        ops: `numerics.TENSORS` (the default: `keras.ops`, traced or eager), or a namespace of the same
+            operations over one backend's own tensors (PyTorch's eager update, where a `keras.ops` call on a
+            scalar costs several times the kernel).
 
     Returns:
         `(new_state, finite)`: `finite` is the boolean "apply this update".
@@ -265,12 +271,13 @@ def step(state, sample_sqr_norm_sum, mean_sqr_norm, learning_rate, samples, scal
         state.variance_average,
         state.sqr_norm_average,
         state.average_weight,
+        ops,
     )
     if measured is not None:
         kept = (state.variance_average, state.sqr_norm_average, state.average_weight)
         variance_average, sqr_norm_average, average_weight = (
             ops.where(measured, new, old) for new, old in zip((variance_average, sqr_norm_average, average_weight), kept))
-        gain = ops.where(measured, gain, gain_ratio(*corrected_moments(*kept), scale))
+        gain = ops.where(measured, gain, gain_ratio(*corrected_moments(*kept, ops), scale, ops))
     gain = ops.cast(gain, "float32")
     fraction = state.tau_fraction + gain
     carry = ops.floor(fraction)

@@ -109,6 +109,13 @@ class _Tensors:
     def divide_no_nan(x, y):
         return ops.divide_no_nan(x, y)
 
+    # The rest of what `gain.step` asks of a namespace of tensors.
+    zeros_like = staticmethod(ops.zeros_like)
+    ones_like = staticmethod(ops.ones_like)
+    isfinite = staticmethod(ops.isfinite)
+    cast = staticmethod(ops.cast)
+    floor = staticmethod(ops.floor)
+
 
 NUMBERS = _Numbers()
 TENSORS = _Tensors()

@@ -33,3 +33,11 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(0)
+
+# `KERAS_ADASCALE_TEST_FLOAT64_NORMS=1`: PyTorch's fused update takes the sums of squares it takes on an
+# accelerator (float64 norms, no read) on this CPU too (tests_backends/test_torch_fused.py runs the reference
+# tests so).
+if BACKEND == "torch" and os.environ.get("KERAS_ADASCALE_TEST_FLOAT64_NORMS") == "1":
+    from keras_adascale import torch_mechanics  # noqa: E402
+
+    torch_mechanics.AdaScaleMechanics._float64_norms = True
