@@ -31,6 +31,9 @@ def parse_args(argv=None):
     parser.add_argument("--windows", type=int, default=None, help="windows of each optimizer (default 12; quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="updates per window (default 10; quick 2)")
     parser.add_argument("--batch", type=int, default=32, help="examples per micro-batch")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                        help="sgd: AdaScaleSGD against keras.optimizers.SGD, both momentum 0.9 (default); "
+                             "adam: AdaScaleAdam against keras.optimizers.Adam")
     args = parser.parse_args(argv)
     args.models = (args.models or ("mlp_small" if args.quick else "mlp_small,mlp_5m")).split(",")
     args.windows = args.windows or (2 if args.quick else 12)
@@ -60,9 +63,13 @@ def main(argv=None):
     results = {}
     for name in args.models:
         models = {}
-        for label, optimizer in (("keras", keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=k)),
-                                 ("adascale", keras_adascale.AdaScaleSGD(0.01, momentum=0.9,
-                                                                         gradient_accumulation_steps=k))):
+        if args.optimizer == "sgd":
+            pair = (("keras", keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=k)),
+                    ("adascale", keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=k)))
+        else:
+            pair = (("keras", keras.optimizers.Adam(0.001, gradient_accumulation_steps=k)),
+                    ("adascale", keras_adascale.AdaScaleAdam(0.001, gradient_accumulation_steps=k)))
+        for label, optimizer in pair:
             keras.utils.set_random_seed(0)
             model = build(name, keras)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -88,15 +95,18 @@ def main(argv=None):
             "adascale_ms_per_update": 1000 * statistics.median(times["adascale"]),
             "ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2],
         }
-    print(f"AdaScaleSGD / keras.optimizers.SGD, both momentum 0.9 and gradient_accumulation_steps={k}, "
-          f"on {keras.backend.backend()} ({args.windows} windows of {args.steps} updates each):")
-    print(f"{'model':>10} {'parameters':>11} {'SGD ms':>8} {'AdaScale ms':>12} {'ratio':>6} {'quartiles':>14}")
+    compared = ("AdaScaleSGD / keras.optimizers.SGD, both momentum 0.9" if args.optimizer == "sgd"
+                else "AdaScaleAdam / keras.optimizers.Adam, both")
+    print(f"{compared} and gradient_accumulation_steps={k}, on {keras.backend.backend()} ({args.windows} windows "
+          f"of {args.steps} updates each):")
+    plain = "SGD ms" if args.optimizer == "sgd" else "Adam ms"
+    print(f"{'model':>10} {'parameters':>11} {plain:>8} {'AdaScale ms':>12} {'ratio':>6} {'quartiles':>14}")
     for name, row in results.items():
         print(f"{name:>10} {row['parameters']:>11,} {row['keras_ms_per_update']:>8.2f} "
               f"{row['adascale_ms_per_update']:>12.2f} {row['ratio_median']:>6.3f} "
               f"{row['ratio_q1']:>6.3f} - {row['ratio_q3']:.3f}")
     print(json.dumps({"command": "benchmarks/backends_overhead.py", "backend": keras.backend.backend(),
-                      "keras": keras.__version__, "accumulation_steps": k, "batch": args.batch,
+                      "keras": keras.__version__, "optimizer": args.optimizer, "accumulation_steps": k, "batch": args.batch,
                       "windows": args.windows, "updates_per_window": args.steps, "date": time.strftime("%Y-%m-%d"),
                       "results": results}))
 
