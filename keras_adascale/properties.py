@@ -1,9 +1,11 @@
-"""The read-only views of an AdaScale optimizer: S, N, theta, and the last update's statistics.
+"""The public properties and methods of an AdaScale optimizer beyond Keras's: S and k, N, theta, the statistics.
 
-`AdaScaleViews` is mixed into `base.AdaScaleBase`: `scale`, `samples_per_update`, `smoothing`, `gain`,
-`scale_invariant_iterations`, the gradient statistics, `predicted_gain`, `snapshot`. Backend-neutral:
-`keras.ops`, and NumPy for the eager `snapshot`; a backend's statistics' exponent through its mechanics
-(`_statistics_in_units`, `_statistics_exponent_number`).
+`AdaScaleProperties` is mixed into `base.AdaScaleBase`: `iterations`, `accumulation_steps` and
+`set_accumulation_steps`, `set_scale`, `scale`, `samples_per_update`, `smoothing`, `gain`,
+`scale_invariant_iterations`, the gradient statistics, `predicted_gain`, `snapshot` (the API reference lists
+them, in this order). Backend-neutral: `keras.ops`, and NumPy for the eager reads; the setting through
+`setting` and `base.AdaScaleBase`'s `_setting_numbers` / `_write_setting`, a backend's statistics' exponent
+through its mechanics (`_statistics_in_units`, `_statistics_exponent_number`).
 """
 
 import numpy as np
@@ -11,13 +13,98 @@ from keras import ops
 
 from keras_adascale import validation
 from keras_adascale import gain as gain_lib
+from keras_adascale import setting as setting_lib
 from keras_adascale.numerics import NUMBERS
 
 _FLOAT_FIELDS, _FLOAT32_FIELDS, _COUNTER_FIELDS = gain_lib.FLOAT_FIELDS, gain_lib.FLOAT32_FIELDS, gain_lib.COUNTER_FIELDS
 
 
-class AdaScaleViews:
-    """The properties and eager reads of `AdaScaleBase`'s state and setting (see `base`)."""
+class AdaScaleProperties:
+    """The public properties and methods of `AdaScaleBase` (see `base`), read from its state and setting."""
+
+    @property
+    def iterations(self):
+        """The updates so far (a micro-batch of gradient accumulation is not one), as Keras counts them."""
+        updates = setting_lib.COUNTERS.index("updates")
+        if not self._configuration.steps:
+            # Keras's variable, which counts the updates here, unless a checkpoint of an accumulating run was
+            # restored into this optimizer (a `tf.train.Checkpoint` restores the micro-step count into it).
+            # Traced, Keras's variable: Keras's own EMA reads it before it counts the micro-step.
+            if not self._executing_eagerly() or (
+                    int(self._setting_counters.numpy()[updates]) == int(self._iterations.numpy())):
+                return self._iterations
+            return ops.convert_to_tensor(self._setting_counters.value)[updates]
+        return ops.convert_to_tensor(self._setting_counters.value)[updates]
+
+    @property
+    def accumulation_steps(self):
+        """k, the micro-batches each update accumulates from the next update on (1 without gradient accumulation).
+
+        A change made in the middle of an update (`set_accumulation_steps`) shows here at once; the
+        update in progress keeps its own count.
+        """
+        if not self._executing_eagerly():
+            return self._scale_setting().next_steps
+        return self._setting_numbers().next_steps
+
+    def set_accumulation_steps(self, steps):
+        """Makes each update from now on accumulate `steps` micro-batches, without a retrace.
+
+        S keeps its ratio to N: it becomes `S * steps / k` for the current k
+        (S = N by default). tau, the statistics' averages and the update rule's
+        state (momentum, Adam's moments) carry over: the averages are kept in
+        baseline-batch units, so they stay valid at the new S. Called between
+        two micro-batches of one update, the change waits for that update to
+        finish (the update in progress keeps its k and S; `accumulation_steps`
+        and `scale` tell the new ones at once). Call it between steps, outside
+        `tf.function` (a callback or a custom loop's Python); the compiled step
+        reads the count from a variable. The new k and S are optimizer state:
+        saved and restored with it.
+
+        Args:
+            steps: int >= 1, the micro-batches per update. With one replica,
+                1 is allowed only at S = 1 (the gain needs two samples).
+
+        Raises:
+            ValueError: for a bad `steps`, or when the optimizer was made
+                without `gradient_accumulation_steps`.
+        """
+        steps = validation.accumulation_steps(steps, "steps")
+        if not self._configuration.steps:
+            raise ValueError(
+                f"{type(self).__name__} was created without gradient accumulation, so its accumulation "
+                "steps cannot change: create it with `gradient_accumulation_steps=k` (any k >= 1, "
+                "the count to start from)."
+            )
+        if not self._executing_eagerly():
+            raise RuntimeError("`set_accumulation_steps` must be called eagerly, between steps (not in a traced function).")
+        changed = setting_lib.change_steps(self._setting_numbers(), steps, int(self._iterations.numpy()))
+        setting_lib.check(self._configuration.replicas, changed.next_steps, changed.next_scale, "steps")
+        self._write_setting(changed)
+
+    def set_scale(self, scale):
+        """Sets S, the examples per update over the baseline batch, from the next update on.
+
+        For custom loops that change their own per-replica batch (FairScale's
+        `set_scale`): N stays, S changes. tau and the averages carry over.
+        Called between two micro-batches of one update, the change waits for
+        that update to finish, and is checked against the count the next
+        update will use (a change of the accumulation steps still pending). A
+        later `set_accumulation_steps` scales it by `k_new / k`. Call it
+        eagerly, between steps.
+
+        Args:
+            scale: number >= 1, S.
+
+        Raises:
+            ValueError: for a bad `scale`, or S > 1 where the next update sees one gradient sample.
+        """
+        scale = validation.scale(scale)
+        if not self._executing_eagerly():
+            raise RuntimeError("`set_scale` must be called eagerly, between steps (not in a traced function).")
+        current = self._setting_numbers()
+        setting_lib.check(self._configuration.replicas, current.next_steps, scale, "scale")
+        self._write_setting(setting_lib.change_scale(current, scale, int(self._iterations.numpy())))
 
     @property
     def scale(self):
