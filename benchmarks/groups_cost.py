@@ -9,7 +9,7 @@ It sets KERAS_BACKEND=jax and one host CPU device (XLA_FLAGS) itself, before JAX
 - `adascale_sgd`: `keras.Model` and `AdaScaleSGD` on the batch: one sample (gain 1), no groups: what the
   optimizer itself costs over Keras's SGD, for the rows below to be read against;
 - `one_pass`: `AdaScaleModel(groups=n)` and `AdaScaleSGD`: the groups' squared norms inside the one backward
-  pass (`keras_adascale.group_norms`);
+  pass (`keras_adascale.backend.jax.group_norms`);
 - `vmap`: the same with `group_norms="vmap"`: each group's gradient in a `jax.vmap`;
 - `accumulation`: `keras.Model` and `AdaScaleSGD(gradient_accumulation_steps=n)`, fed batches of batch / n
   rows: n micro-batches per update, the accumulation way to the same N = n samples.

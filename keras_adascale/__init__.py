@@ -18,14 +18,14 @@ _MODULES = {
     "AutoScale": "keras_adascale.callbacks",
     "ScalePolicy": "keras_adascale.autoscale",
     "ScaleInvariantSchedule": "keras_adascale.schedules",
-    "enable_multi_worker_fit": "keras_adascale.keras_fixes",
+    "enable_multi_worker_fit": "keras_adascale.backend.tensorflow.keras_fixes",
 }
 
 if TYPE_CHECKING:  # what __getattr__ provides, for static tools: type checkers, IDEs, the API reference
     from keras_adascale.adam import AdaScaleAdam
     from keras_adascale.autoscale import ScalePolicy
     from keras_adascale.callbacks import AdaScaleCallback, AutoScale
-    from keras_adascale.keras_fixes import enable_multi_worker_fit
+    from keras_adascale.backend.tensorflow.keras_fixes import enable_multi_worker_fit
     from keras_adascale.model import AdaScaleModel, AdaScaleSequential
     from keras_adascale.optimizer import AdaScaleSGD
     from keras_adascale.schedules import ScaleInvariantSchedule

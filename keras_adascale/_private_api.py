@@ -31,53 +31,57 @@ _OPTIMIZER = "a built keras.optimizers.SGD"
 _JAX_TRAINER = "keras.src.backend.jax.trainer.JAXTrainer"
 _ALL = ("tensorflow", "jax", "torch")
 # Found as a base of keras.Model: its name changed (TensorFlowTrainer through 3.15, Trainer in the 3.16 nightlies).
-_TRAINER = "Keras's TensorFlow trainer class (keras_fixes.trainer_class())"
+_TRAINER = "Keras's TensorFlow trainer class (backend.tensorflow.keras_fixes.trainer_class())"
 _HOOK = "the update hook AdaScale takes over; Keras's optimizers override the same"
 
 NAMES = (
-    PrivateName(_OPTIMIZER, "_iterations", "base.py, distribute.py, functional.py",
+    PrivateName(_OPTIMIZER, "_iterations",
+                "base.py, saving.py, backend/tensorflow/mechanics.py, backend/common/mechanics.py",
                 "the micro-step counter: the public `iterations` counts updates under accumulation", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_learning_rate", "base.py, callbacks.py, functional.py",
+    PrivateName(_OPTIMIZER, "_learning_rate", "base.py, callbacks.py, backend/common/mechanics.py",
                 "the schedule object itself: the public `learning_rate` is its value", backends=_ALL),
     PrivateName(_OPTIMIZER, "_get_current_learning_rate", "base.py", "overridden: a schedule keyed on tau", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_accumulated_gradients", "distribute.py, functional.py", "Keras's gradient accumulators", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_accumulated_gradients", "backend/tensorflow/mechanics.py, backend/common/mechanics.py",
+                "Keras's gradient accumulators", backends=_ALL),
     PrivateName(_OPTIMIZER, "_trainable_variables", "base.py", "the variables EMA averages", backends=_ALL),
     PrivateName(_OPTIMIZER, "_model_variables_moving_average", "base.py",
                 "the averages of `use_ema`, updated as Keras's `_backend_apply_gradients` updates them", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_get_variable_index", "distribute.py, functional.py, adam.py",
+    PrivateName(_OPTIMIZER, "_get_variable_index", "backend/tensorflow/mechanics.py, backend/common/mechanics.py, adam.py",
                 "a variable's slot in the optimizer's lists, as in every Keras optimizer's update_step", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_track_variable", "distribute.py",
+    PrivateName(_OPTIMIZER, "_track_variable", "backend/tensorflow/variables.py",
                 "tracks the per-replica accumulator, which `add_variable` cannot make (no synchronization)"),
-    PrivateName(_OPTIMIZER, "_backend_apply_gradients", "distribute.py, functional.py", _HOOK, backends=_ALL),
-    PrivateName(_OPTIMIZER, "_backend_update_step", "distribute.py", _HOOK),
-    PrivateName(_OPTIMIZER, "_clip_gradients", "distribute.py, functional.py", _HOOK + " (clipping after the all-reduce)", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_apply_weight_decay", "distribute.py, functional.py", _HOOK + " (decay at the gain-scaled rate)", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_backend_apply_gradients", "backend/tensorflow/mechanics.py, backend/common/mechanics.py", _HOOK, backends=_ALL),
+    PrivateName(_OPTIMIZER, "_backend_update_step", "backend/tensorflow/mechanics.py", _HOOK),
+    PrivateName(_OPTIMIZER, "_clip_gradients", "backend/tensorflow/mechanics.py, backend/common/mechanics.py",
+                _HOOK + " (clipping after the all-reduce)", backends=_ALL),
+    PrivateName(_OPTIMIZER, "_apply_weight_decay", "backend/tensorflow/mechanics.py, backend/common/mechanics.py",
+                _HOOK + " (decay at the gain-scaled rate)", backends=_ALL),
     PrivateName(_OPTIMIZER, "_use_weight_decay", "optimizer.py, adam.py", "`exclude_from_weight_decay`", backends=_ALL),
-    PrivateName(_OPTIMIZER, "_distributed_tf_update_step", "distribute.py, adam.py",
+    PrivateName(_OPTIMIZER, "_distributed_tf_update_step", "backend/tensorflow/mechanics.py, adam.py",
                 "runs update_step on every variable in cross-replica context"),
     PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_momentums", "adam.py", "Adam's m", backends=_ALL),
     PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocities", "adam.py", "Adam's v", backends=_ALL),
     PrivateName("a built keras.optimizers.Adam(amsgrad=True)", "_velocity_hats", "adam.py", "AMSGrad's v_hat", backends=_ALL),
-    PrivateName("tf.__internal__.distribute", "strategy_supports_no_merge_call", "distribute.py",
+    PrivateName("tf.__internal__.distribute", "strategy_supports_no_merge_call", "backend/tensorflow/mechanics.py",
                 "whether the update may run in replica context, as Keras's TF optimizer decides"),
-    PrivateName("tf.__internal__.distribute.interim", "maybe_merge_call", "distribute.py",
+    PrivateName("tf.__internal__.distribute.interim", "maybe_merge_call", "backend/tensorflow/mechanics.py",
                 "the one merge_call of an update, as Keras's TF optimizer makes it"),
-    PrivateName("keras.Variable(0.0)", "_value", "distribute.py (_OnReadVariable)",
+    PrivateName("keras.Variable(0.0)", "_value", "backend/tensorflow/variables.py (_OnReadVariable)",
                 "Keras < 3.10 has no `synchronization` argument: the tf.Variable is made here",
                 keras_below=(3, 10)),
-    PrivateName("keras.Variable(0.0)", "_dtype", "distribute.py (_OnReadVariable)", "as `_value`",
+    PrivateName("keras.Variable(0.0)", "_dtype", "backend/tensorflow/variables.py (_OnReadVariable)", "as `_value`",
                 keras_below=(3, 10)),
-    PrivateName("keras.Variable(0.0)", "_shape", "distribute.py (_OnReadVariable)", "as `_value`",
+    PrivateName("keras.Variable(0.0)", "_shape", "backend/tensorflow/variables.py (_OnReadVariable)", "as `_value`",
                 keras_below=(3, 10)),
-    PrivateName("keras.Variable(0.0)", "_initialize", "distribute.py (_OnReadVariable)", "as `_value`",
+    PrivateName("keras.Variable(0.0)", "_initialize", "backend/tensorflow/variables.py (_OnReadVariable)", "as `_value`",
                 keras_below=(3, 10)),
-    PrivateName("keras.Variable(0.0)", "_initialize_with_initializer", "distribute.py (_OnReadVariable)",
-                "as `_value`", keras_below=(3, 10)),
-    PrivateName("keras.src.backend.tensorflow.trainer", "reduce_per_replica", "keras_fixes.py",
+    PrivateName("keras.Variable(0.0)", "_initialize_with_initializer",
+                "backend/tensorflow/variables.py (_OnReadVariable)", "as `_value`", keras_below=(3, 10)),
+    PrivateName("keras.src.backend.tensorflow.trainer", "reduce_per_replica", "backend/tensorflow/keras_fixes.py",
                 "replaced with `_maybe_symbolic_build`: both fail under MultiWorkerMirroredStrategy "
                 "(keras-team/keras#20585)"),
-    PrivateName(_TRAINER, "_maybe_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
-    PrivateName(_TRAINER, "_symbolic_build", "keras_fixes.py", "as `reduce_per_replica`"),
+    PrivateName(_TRAINER, "_maybe_symbolic_build", "backend/tensorflow/keras_fixes.py", "as `reduce_per_replica`"),
+    PrivateName(_TRAINER, "_symbolic_build", "backend/tensorflow/keras_fixes.py", "as `reduce_per_replica`"),
     PrivateName("tf.distribute.MirroredStrategy", "_collective_key_base", "experiments/strategies.py, tests",
                 "strategies of different sizes in one process need distinct collective keys"),
     PrivateName("a keras.callbacks.BackupAndRestore", "_save_model", "experiments/training.py",
@@ -97,34 +101,34 @@ NAMES = (
     PrivateName("keras.src.models.functional", "Functional", "model.py",
                 "the class of `keras.Model(inputs, outputs)`: AdaScaleModel's functional form subclasses it, "
                 "as Keras would inject it into AdaScaleModel itself", backends=_ALL),
-    PrivateName("keras.src.losses.loss", "reduce_values", "model.py",
+    PrivateName("keras.src.losses.loss", "reduce_values", "backend/jax/train_step.py",
                 "wrapped while AdaScaleModel's per-replica step is traced: each replica's loss divided by the "
                 "global batch's divisor, as Keras's step on the global batch divides it", backends=("jax",)),
-    PrivateName("keras.src.losses.loss", "apply_mask", "model.py",
+    PrivateName("keras.src.losses.loss", "apply_mask", "backend/jax/train_step.py",
                 "wrapped as `reduce_values`: a mask's valid entries counted over the global batch",
                 backends=("jax",)),
-    PrivateName("keras.src.backend.common.masking", "get_keras_mask", "model.py",
+    PrivateName("keras.src.backend.common.masking", "get_keras_mask", "backend/jax/train_step.py",
                 "the outputs' masks, carried out of the per-replica step for the metrics", backends=("jax",)),
-    PrivateName("keras.src.backend.common.masking", "set_keras_mask", "model.py", "as `get_keras_mask`",
+    PrivateName("keras.src.backend.common.masking", "set_keras_mask", "backend/jax/train_step.py", "as `get_keras_mask`",
                 backends=("jax",)),
-    PrivateName("a keras.Sequential()", "_flatten_layers", "group_norms.py",
+    PrivateName("a keras.Sequential()", "_flatten_layers", "backend/jax/group_norms.py",
                 "every layer of a model, nested ones included, as Keras walks them (`layers` lists the top level "
                 "only): the layers whose weights the one-pass group norms cover, and those they cannot",
                 backends=("jax",)),
-    PrivateName("a built keras.layers.Dense(1)", "_trainable_variables", "group_norms.py",
+    PrivateName("a built keras.layers.Dense(1)", "_trainable_variables", "backend/jax/group_norms.py",
                 "a layer's own trainable weights, not its sublayers' (`trainable_weights` holds both): each weight "
                 "the one-pass group norms cannot measure is named with the layer that holds it", backends=("jax",)),
-    PrivateName(_JAX_TRAINER, "_update_metrics_variables", "model.py",
+    PrivateName(_JAX_TRAINER, "_update_metrics_variables", "backend/jax/train_step.py",
                 "the loss tracker and the compiled metrics after the step, as Keras's JAX train_step updates them",
                 backends=("jax",)),
     # PyTorch's own: the multi-tensor kernels of its optimizers (and Keras's PyTorch optimizers), and a tensor's
     # count of its in-place writes, which tells the host a variable changed without reading it.
-    *(PrivateName("torch", name, "torch_mechanics.py", "the fused update, as Keras's PyTorch optimizers make theirs",
+    *(PrivateName("torch", name, "backend/torch/fused.py, backend/torch/mechanics.py", "the fused update, as Keras's PyTorch optimizers make theirs",
                   backends=("torch",))
       for name in ("_foreach_norm", "_foreach_copy_", "_foreach_add_", "_foreach_sub_", "_foreach_mul_",
                    "_foreach_mul", "_foreach_addcmul_", "_foreach_lerp_", "_foreach_maximum_", "_foreach_sqrt",
                    "_foreach_div", "_foreach_div_")),
-    PrivateName("a torch.zeros(1)", "_version", "torch_mechanics.py",
+    PrivateName("a torch.zeros(1)", "_version", "backend/torch/mechanics.py",
                 "a variable written other than by the update (a restore, `set_scale`) is seen without a read",
                 backends=("torch",)),
 )
@@ -161,7 +165,7 @@ def _trainer_module():
 
 
 def _trainer_class():
-    from keras_adascale import keras_fixes
+    from keras_adascale.backend.tensorflow import keras_fixes
 
     trainer = keras_fixes.trainer_class()
     if trainer is None:

@@ -3,23 +3,23 @@
 Backend-neutral (`keras.ops`, traced or eager, on TensorFlow, JAX or PyTorch) and free of any
 distribution machinery: every function maps tensors to tensors, and `step` is the whole per-update
 scalar path of Algorithm 1 over a named `AdaScaleState`. The sums of squares over the gradients, which
-depend on how a backend holds its gradients and its float64, are the mechanics' (`distribute` on
-TensorFlow, `functional` on JAX and PyTorch).
+depend on how a backend holds its gradients and its float64, are the mechanics' (`backend/tensorflow/`
+on TensorFlow, `backend/common/` on JAX and PyTorch).
 """
 
 from typing import NamedTuple
 
 import keras
-from keras import ops
 
 from keras_adascale.numerics import TENSORS
+
 
 class AdaScaleState(NamedTuple):
     """Everything AdaScale carries from one update to the next.
 
     The statistics dtype is float64 on TensorFlow (float32 under `TPUStrategy`) and float32 on JAX
     and PyTorch, where the two averages are mantissas of one int32 power-of-two exponent that the
-    mechanics keep beside the state (`functional`). The counters are int64 on TensorFlow, int32 on
+    mechanics keep beside the state (`backend/common/`). The counters are int64 on TensorFlow, int32 on
     JAX and PyTorch.
 
     Attributes:
@@ -46,9 +46,9 @@ class AdaScaleState(NamedTuple):
 
 
 # Below this, a sum of float32 squares may have lost precision (squares under ~1e-38 are subnormal or
-# zero): the mechanics' sums of squares redo it there, TensorFlow's in float64 (`distribute`), JAX's and
+# zero): the mechanics' sums of squares redo it there, TensorFlow's in float64 (`backend/tensorflow/`), JAX's and
 # PyTorch's in float32 over the gradients scaled by a power of two, as a float32 mantissa and an int32
-# exponent (`functional`, which also does so above its LARGEST_FAST_SUM).
+# exponent (`backend/common/block_float.py`, which also does so above its LARGEST_FAST_SUM).
 SMALLEST_FAST_SUM = 1e-20
 
 # How an `AdaScaleState` is stored: the statistics-dtype fields (the float32 ones held exactly in it) in
@@ -199,7 +199,7 @@ def update_gain(
     All arguments are scalars of one float dtype, the statistics dtype, which
     the results keep: float64 on TensorFlow (float32 under `TPUStrategy`),
     float32 on JAX and PyTorch, where the sums and averages are mantissas of
-    one power-of-two exponent (`functional`): the gain, a ratio, is the same.
+    one power-of-two exponent (`backend/common/`): the gain, a ratio, is the same.
 
     Args:
         sample_sqr_norm_sum: `sum_i ||g_i||^2` over the N samples.

@@ -12,7 +12,7 @@ import numpy as np
 from keras import ops
 
 # A float64 sum of squares travels inside TensorFlow's float32 gradients' all-reduce as two float32 words
-# scaled by these powers of two (`distribute.encode_statistic`): the first keeps its precision down to
+# scaled by these powers of two (`backend/tensorflow/statistics.py`): the first keeps its precision down to
 # ~1e-68, the second up to ~1e77. A saved file holds the sum itself, decoded on any backend with NumPy.
 SMALL_WORD_SCALE = 2.0**100
 LARGE_WORD_SCALE = 2.0**-128

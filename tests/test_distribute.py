@@ -11,7 +11,7 @@ import tensorflow as tf
 import keras_adascale
 from conftest import (BATCH, Recorder, assert_same_history, fit_accumulated, fit_mirrored, mirrored,
                       reference_history)
-from keras_adascale import distribute
+from keras_adascale.backend.tensorflow import statistics as distribute
 from reference import AdaScaleReference
 
 

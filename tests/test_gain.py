@@ -12,7 +12,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from keras_adascale import gain
-from keras_adascale.distribute import sqr_norm_sum
+from keras_adascale.backend.tensorflow.statistics import sqr_norm_sum
 from keras_adascale.numerics import NUMBERS
 from reference import AdaScaleReference, gain_statistics
 

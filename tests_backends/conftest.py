@@ -38,6 +38,6 @@ def _seeded():
 # accelerator (float64 norms, no read) on this CPU too (tests_backends/test_torch_fused.py runs the reference
 # tests so).
 if BACKEND == "torch" and os.environ.get("KERAS_ADASCALE_TEST_FLOAT64_NORMS") == "1":
-    from keras_adascale import torch_mechanics  # noqa: E402
+    from keras_adascale.backend.torch import mechanics  # noqa: E402
 
-    torch_mechanics.AdaScaleMechanics._float64_norms = True
+    mechanics.AdaScaleMechanics._float64_norms = True

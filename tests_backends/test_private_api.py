@@ -20,8 +20,8 @@ def test_the_names_checked_here_are_the_optimizers_and_this_backends_own():
 
 
 def test_a_missing_name_is_reported_with_the_backend_and_its_user():
-    entry = _private_api.PrivateName(_private_api._OPTIMIZER, "_no_such_hook", "functional.py", "a test",
+    entry = _private_api.PrivateName(_private_api._OPTIMIZER, "_no_such_hook", "backend/common/mechanics.py", "a test",
                                      backends=_private_api._ALL)
     (message,) = _private_api.missing([entry])
     name = {"jax": "JAX", "torch": "PyTorch"}[BACKEND]
-    assert f"has no `_no_such_hook` in Keras {keras.version()} with {name} " in message and "functional.py" in message
+    assert f"has no `_no_such_hook` in Keras {keras.version()} with {name} " in message and "backend/common/mechanics.py" in message

@@ -1,6 +1,6 @@
 """The statistics at gradient scales from 1e-30 to 1e30.
 
-On JAX and PyTorch they are float32 (see `functional`), where a square of a float32 gradient overflows
+On JAX and PyTorch they are float32 (see `keras_adascale/backend/common/block_float.py`), where a square of a float32 gradient overflows
 above ~1.8e19 and is flushed to zero below ~1e-19: the sums of squares and the moving averages carry a
 power-of-two exponent of their own. The NumPy reference works in float64 on the same samples.
 """

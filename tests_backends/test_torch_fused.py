@@ -1,4 +1,4 @@
-"""PyTorch's fused update (`keras_adascale.torch_mechanics`): no read of the device from the host.
+"""PyTorch's fused update (`keras_adascale.backend.torch`): no read of the device from the host.
 
 On CUDA a read of a tensor's value from the host (`bool(t)`, `float(t)`, `.item()`, `.numpy()`...) waits for
 every kernel queued before it. The reads are counted here by instrumenting `torch.Tensor`'s reading methods
@@ -33,9 +33,9 @@ def problem():
 
 @pytest.fixture
 def float64_norms(monkeypatch):
-    from keras_adascale import torch_mechanics
+    from keras_adascale.backend.torch import mechanics
 
-    monkeypatch.setattr(torch_mechanics.AdaScaleMechanics, "_float64_norms", True)
+    monkeypatch.setattr(mechanics.AdaScaleMechanics, "_float64_norms", True)
 
 
 def trained(problem, optimizer, micro_batches=STEPS):

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from keras_adascale.backend.jax.group_rules import _grouped, _dense, _convolution, _bias, _offset, _scale, _embedding, _einsum_rows, _einsum_as_matmul  # noqa: F401 (tests read them here)
+
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 # The layers whose rules follow `_grouped_call`'s Dense and Conv ones (`_more_call`).
 _MORE = (keras.layers.EinsumDense, keras.layers.Embedding, keras.layers.LayerNormalization,
@@ -96,208 +98,6 @@ def check(model, optimizer):
         )
 
 
-def _grouped(array, groups):
-    """(rows, ..., d) -> (groups, rows / groups x ..., d), in float32."""
-    return array.reshape((groups, -1, array.shape[-1])).astype(jnp.float32)
-
-
-def _kernel_norms(transpose, x, dy, groups):
-    """Each group's kernel gradient (`transpose(x_g, dy_g)`, the kernel's cotangent), squared and summed; and
-    the kernel's whole gradient (their sum)."""
-    per_group = jax.vmap(transpose)(x.reshape((groups, -1) + x.shape[1:]), dy.reshape((groups, -1) + dy.shape[1:]))
-    squares = jnp.sum(jnp.square(per_group.astype(jnp.float32)).reshape(groups, -1), axis=1)
-    return squares, jnp.sum(per_group, axis=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense(x, kernel, probe, groups):
-    del probe
-    return jnp.matmul(x, kernel)
-
-
-def _dense_forward(x, kernel, probe, groups):
-    return _dense(x, kernel, probe, groups), (x, kernel)
-
-
-def _dense_backward(groups, residuals, dy):
-    x, kernel = residuals
-    dx = jnp.matmul(dy, kernel.T)
-    rows = x.size // x.shape[-1] // groups
-    flat_x, flat_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dkernel = jnp.matmul(flat_x.T, flat_dy)
-    if rows * rows <= kernel.size:  # the Gram matrices are the smaller
-        gx, gd = _grouped(x, groups), _grouped(dy, groups)
-        squares = jnp.sum(jnp.einsum("gid,gjd->gij", gx, gx) * jnp.einsum("gio,gjo->gij", gd, gd), axis=(1, 2))
-    else:
-        squares = jnp.sum(jnp.square(jnp.einsum("gid,gio->gdo", _grouped(x, groups), _grouped(dy, groups))),
-                          axis=(1, 2))
-    return dx, dkernel.astype(kernel.dtype), squares
-
-
-_dense.defvjp(_dense_forward, _dense_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _convolution(x, kernel, probe, groups, convolve):
-    del probe
-    return convolve(x, kernel)
-
-
-def _convolution_forward(x, kernel, probe, groups, convolve):
-    return _convolution(x, kernel, probe, groups, convolve), (x, kernel)
-
-
-def _convolution_backward(groups, convolve, residuals, dy):
-    x, kernel = residuals
-    (dx,) = jax.linear_transpose(lambda inputs: convolve(inputs, kernel), x)(dy)
-
-    def transpose(x_group, dy_group):
-        (cotangent,) = jax.linear_transpose(lambda weights: convolve(x_group, weights), kernel)(dy_group)
-        return cotangent
-
-    squares, dkernel = _kernel_norms(transpose, x, dy, groups)
-    return dx, dkernel.astype(kernel.dtype), squares
-
-
-_convolution.defvjp(_convolution_forward, _convolution_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bias(outputs, bias, probe, groups, channels_last):
-    del probe
-    shape = (bias.shape[0],) + (1,) * (outputs.ndim - 2) if not channels_last else bias.shape
-    return outputs + bias.reshape(shape)
-
-
-def _bias_forward(outputs, bias, probe, groups, channels_last):
-    return _bias(outputs, bias, probe, groups, channels_last), bias
-
-
-def _bias_backward(groups, channels_last, bias, dy):
-    moved = dy if channels_last else jnp.moveaxis(dy, 1, -1)
-    per_group = jnp.sum(_grouped(moved, groups), axis=1)  # (groups, units)
-    return dy, jnp.sum(per_group, axis=0).astype(bias.dtype), jnp.sum(jnp.square(per_group), axis=1)
-
-
-_bias.defvjp(_bias_forward, _bias_backward)
-
-
-def _group_sums(values, shape, groups):
-    """Each group's sum of `values` (rows first) over its rows and over the axes that a weight of `shape`
-    broadcasts along (right-aligned, as NumPy broadcasts): (groups, *shape), in float32."""
-    grouped = values.reshape((groups, -1) + values.shape[1:]).astype(jnp.float32)
-    padded = (1,) * (values.ndim - len(shape)) + tuple(shape)
-    axes = (1,) + tuple(1 + axis for axis in range(1, values.ndim) if padded[axis] == 1)
-    return jnp.sum(grouped, axis=axes, keepdims=True).reshape((groups,) + tuple(shape))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _offset(outputs, offset, probe, groups):
-    del probe
-    return outputs + offset
-
-
-def _offset_forward(outputs, offset, probe, groups):
-    return _offset(outputs, offset, probe, groups), offset
-
-
-def _offset_backward(groups, offset, dy):
-    """A broadcast offset (EinsumDense's bias, a normalization's beta): its gradient per group is the group's
-    sum of dy over its rows and the broadcast axes."""
-    per_group = _group_sums(dy, offset.shape, groups)
-    return dy, jnp.sum(per_group, axis=0).astype(offset.dtype), jnp.sum(jnp.square(per_group.reshape(groups, -1)),
-                                                                        axis=1)
-
-
-_offset.defvjp(_offset_forward, _offset_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _scale(normalized, scale, probe, groups):
-    del probe
-    return normalized * scale
-
-
-def _scale_forward(normalized, scale, probe, groups):
-    return _scale(normalized, scale, probe, groups), (normalized, scale)
-
-
-def _scale_backward(groups, residuals, dy):
-    """A normalization's gamma (`scale`, broadcast): its gradient per group is the group's sum of x_hat dy."""
-    normalized, scale = residuals
-    per_group = _group_sums(normalized.astype(jnp.float32) * dy.astype(jnp.float32), scale.shape, groups)
-    return ((dy * scale).astype(normalized.dtype), jnp.sum(per_group, axis=0).astype(scale.dtype),
-            jnp.sum(jnp.square(per_group.reshape(groups, -1)), axis=1))
-
-
-_scale.defvjp(_scale_forward, _scale_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _embedding(ids, table, probe, groups):
-    del probe
-    return jnp.take(table, ids, axis=0)
-
-
-def _embedding_forward(ids, table, probe, groups):
-    return _embedding(ids, table, probe, groups), (ids, table)
-
-
-def _embedding_backward(groups, residuals, dy):
-    """The table's gradient scatters each row's dy into the row of the table its id picks: a group's gradient
-    has, in each row of the table, the sum of the group's dy with that id. Summed per (group, id) into a
-    (groups x vocabulary, width) array where that is no larger than the rows, else after sorting the rows by
-    (group, id): either way exact, with the ids `jnp.take` drops (out of range) dropped."""
-    ids, table = residuals
-    (dtable,) = jax.vjp(lambda weights: jnp.take(weights, ids, axis=0), table)[1](dy)
-    vocabulary, width = table.shape[0], table.shape[-1]
-    flat_ids = ids.reshape(-1)
-    flat_ids = jnp.where(flat_ids < 0, flat_ids + vocabulary, flat_ids)  # jnp.take's negative ids
-    valid = (flat_ids >= 0) & (flat_ids < vocabulary)
-    flat_dy = jnp.where(valid[:, None], dy.reshape(-1, width).astype(jnp.float32), 0.0)
-    rows = flat_ids.shape[0]
-    group = jnp.arange(rows) // (rows // groups)
-    keys = group * vocabulary + jnp.where(valid, flat_ids, 0)
-    if groups * vocabulary <= rows:
-        sums = jax.ops.segment_sum(flat_dy, keys, num_segments=groups * vocabulary)
-        squares = jnp.sum(jnp.square(sums).reshape(groups, -1), axis=1)
-    else:
-        order = jnp.argsort(keys)
-        sorted_keys = keys[order]
-        segments = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                    jnp.cumsum(sorted_keys[1:] != sorted_keys[:-1]).astype(jnp.int32)])
-        sums = jax.ops.segment_sum(flat_dy[order], segments, num_segments=rows)  # per (group, id) present
-        owners = jax.ops.segment_max(sorted_keys // vocabulary, segments, num_segments=rows)
-        squares = jax.ops.segment_sum(jnp.sum(jnp.square(sums), axis=1), jnp.clip(owners, 0, groups - 1),
-                                      num_segments=groups)
-    return np.zeros(ids.shape, jax.dtypes.float0), dtable.astype(table.dtype), squares
-
-
-_embedding.defvjp(_embedding_forward, _embedding_backward)
-
-
-def _einsum_rows(equation):
-    """An EinsumDense equation's parts `(inputs, kernel, output)` ("..." as "*") where its output's rows are its
-    input's (the first axis of both, not the kernel's), else None."""
-    inputs, _, rest = equation.replace("...", "*").partition(",")
-    kernel, _, output = rest.partition("->")
-    if not inputs or not output or inputs[0] != output[0] or inputs[0] in kernel:
-        return None
-    return inputs, kernel, output
-
-
-def _einsum_as_matmul(equation):
-    """c, where the equation is a matmul: the input's last c axes contracted with the kernel's first c, the
-    input's other axes then the kernel's others the output's, in order; None where it is not."""
-    inputs, kernel, output = _einsum_rows(equation)
-    contracted = "".join(axis for axis in inputs if axis in kernel and axis not in output)
-    kept = "".join(axis for axis in inputs if axis not in kernel)
-    new = "".join(axis for axis in kernel if axis not in inputs)
-    if contracted and inputs == kept + contracted and kernel == contracted + new and output == kept + new:
-        return len(contracted)
-    return None
-
-
 def _value(variable):
     return keras.ops.convert_to_tensor(variable)  # the train step's value of it (Keras's stateless scope)
 
@@ -312,7 +112,7 @@ def _grouped_call(layer, probes, groups, calls):
             raise ValueError(
                 f"{type(layer).__name__} '{layer.name}' is called twice in one step: its weights' gradient sums "
                 "both calls, and the groups' norms of each call alone would miss their cross terms. Build the model "
-                "with group_norms='vmap' (see keras_adascale.group_norms)."
+                "with group_norms='vmap' (see keras_adascale.backend.jax.group_norms)."
             )
         if isinstance(layer, _MORE):
             return _more_call(layer, probes, groups, inputs, *args, **kwargs)
@@ -405,7 +205,7 @@ def measuring(model, probes, groups):
                 f"{type(model).__name__}(groups={groups}) measures the groups' gradient norms through the layers' "
                 f"outputs, and the model adds {len(result[-1])} loss{'es' if len(result[-1]) != 1 else ''} in its "
                 "forward pass (`add_loss`, a regularizer): their gradient does not pass through the outputs. Build "
-                "the model with group_norms='vmap' (see keras_adascale.group_norms)."
+                "the model with group_norms='vmap' (see keras_adascale.backend.jax.group_norms)."
             )
         return result
 

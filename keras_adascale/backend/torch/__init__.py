@@ -1,0 +1,1 @@
+"""AdaScale on PyTorch: `mechanics` (eager, in place)."""
