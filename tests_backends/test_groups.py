@@ -334,7 +334,7 @@ def test_one_pass_norms_of_each_new_layer_equal_each_group_s_own_gradient_by_bru
     import jax
     import jax.numpy as jnp
 
-    from keras_adascale import group_norms
+    from keras_adascale.backend.jax import group_norms
 
     body, ids = LAYERS[name]
     groups, rows = 4, 8
