@@ -180,3 +180,11 @@ def test_groups_on_one_device_end_where_accumulation_on_the_same_rows_ends(tfds_
     for one, other in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
         np.testing.assert_allclose(one, other, rtol=1e-4, atol=1e-6)
     assert models[0].groups == 4 and models[1].groups == 1
+    # `advise` replays the groups' run as it replays accumulation's: the same statistics, the same advice.
+    from keras_adascale.experiments import advice
+
+    replayed = [advice.advise(tmp_path / "runs" / "groups" / name, [2, 4, 8, 16]) for name in ("grouped", "accumulated")]
+    assert [p.scale for p in replayed[0].predictions] == [2, 4, 8, 16]
+    assert replayed[0].noise_scale > 0 and replayed[0].noise_scale == pytest.approx(replayed[1].noise_scale, rel=1e-3)
+    for one, other in zip(replayed[0].predictions, replayed[1].predictions, strict=True):
+        assert abs(one.updates - other.updates) <= 1  # (whole updates, rounded up)
