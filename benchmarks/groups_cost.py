@@ -14,8 +14,9 @@ It sets KERAS_BACKEND=jax and one host CPU device (XLA_FLAGS) itself, before JAX
 - `accumulation`: `keras.Model` and `AdaScaleSGD(gradient_accumulation_steps=n)`, fed batches of batch / n
   rows: n micro-batches per update, the accumulation way to the same N = n samples.
 Models: `mlp_5m` (784-2048-2048-10, 5.8M parameters) and `small_cnn` (Conv32-Pool-Conv64-Pool-Dense64-Dense10,
-0.1M), the runner's; `cnn_tiny` (Conv4-Pool-Dense10: both one-pass rules) for --quick, and `mlp_small`
-(784-128-10).
+0.1M), the runner's; `resnet20` (the runner's ResNet-20 on 32 x 32 x 3 images: 3 x 3 convolutions with
+BatchNormalization and residual additions, 0.27M; by --models only, several seconds a step on 2 CPU cores);
+`cnn_tiny` (Conv4-Pool-Dense10: both one-pass rules) for --quick, and `mlp_small` (784-128-10).
 
 Timing: after a warm-up window of each (the traces), rounds of the five in a rotating order (each in every place
 equally often over five rounds), every window `--steps` updates in `model.fit`, timed from one batch end to the
@@ -43,13 +44,16 @@ from importlib import metadata
 import timing
 
 VARIANTS = ("keras", "adascale_sgd", "one_pass", "vmap", "accumulation")
+# Each model's input (one example).
+INPUT_SHAPES = {"mlp_5m": (28, 28, 1), "small_cnn": (28, 28, 1), "resnet20": (32, 32, 3), "mlp_small": (28, 28, 1),
+                "cnn_tiny": (28, 28, 1)}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny CNN, n = 4, few steps (smoke test)")
-    parser.add_argument("--models", default=None, help="comma-separated: mlp_5m, small_cnn, mlp_small, cnn_tiny "
-                        "(default mlp_5m,small_cnn; quick cnn_tiny)")
+    parser.add_argument("--models", default=None, help="comma-separated: mlp_5m, small_cnn, resnet20, mlp_small, "
+                        "cnn_tiny (default mlp_5m,small_cnn; quick cnn_tiny)")
     parser.add_argument("--groups", default=None, help="comma-separated n, the groups of a batch (default 4,8; "
                         "quick 4)")
     parser.add_argument("--batch", type=int, default=None, help="rows per update (default 256; quick 32)")
@@ -58,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="runs", help="the JSON goes to OUTPUT_DIR/groups_cost.json")
     args = parser.parse_args(argv)
     args.models = (args.models or ("cnn_tiny" if args.quick else "mlp_5m,small_cnn")).split(",")
+    unknown = [name for name in args.models if name not in INPUT_SHAPES]
+    if unknown:
+        parser.error(f"--models {unknown}: known models are {', '.join(INPUT_SHAPES)}")
     args.groups = [int(n) for n in (args.groups or ("4" if args.quick else "4,8")).split(",")]
     args.batch = args.batch or (32 if args.quick else 256)
     args.windows = args.windows or (1 if args.quick else 10)
@@ -76,6 +83,8 @@ def build(name, keras):
 
     if name == "small_cnn":
         return models.small_cnn((28, 28, 1), 10)
+    if name == "resnet20":
+        return models.resnet20(INPUT_SHAPES[name], 10)
     if name == "cnn_tiny":
         return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
                                  keras.layers.MaxPooling2D(4), keras.layers.Flatten(), keras.layers.Dense(10)])
@@ -121,18 +130,18 @@ def main(argv=None):
     warnings.filterwarnings("ignore", "AdaScaleSGD has scale S = 1")  # adascale_sgd's one sample, on purpose
 
     load_before = os.getloadavg()
-    rng = np.random.default_rng(0)
-    x = rng.random((args.steps * args.batch, 28, 28, 1), np.float32)
-    y = rng.integers(0, 10, args.steps * args.batch)
     timer = timing.batch_end_timer()
     rows = []
     for name in args.models:
+        rng = np.random.default_rng(0)
+        x = rng.random((args.steps * args.batch,) + INPUT_SHAPES[name], np.float32)
+        y = rng.integers(0, 10, args.steps * args.batch)
         keras_model, _ = make("keras", name, 1, keras, keras_adascale)
         for groups in args.groups:
             trained = {"keras": (keras_model, 1)}
             trained.update({variant: make(variant, name, groups, keras, keras_adascale) for variant in VARIANTS[1:]})
 
-            def window(model, steps):
+            def window(model, steps, x=x, y=y):
                 model.fit(x, y, batch_size=args.batch // steps, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
                 return float(np.mean(np.diff(timer.ends))) * steps  # seconds per update
 

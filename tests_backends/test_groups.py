@@ -212,11 +212,13 @@ def test_one_pass_norms_of_conv_and_dense_layers_equal_each_group_s_own_gradient
 
 @jax_only
 @pytest.mark.parametrize("layer, named", [
-    (lambda: keras.layers.LayerNormalization(gamma_regularizer="l2"),
+    # named: Keras's default names count the layers made before in the process (test order)
+    (lambda: keras.layers.LayerNormalization(gamma_regularizer="l2", name="layer_normalization"),
      "layer_normalization/gamma (LayerNormalization"),
-    (lambda: keras.layers.BatchNormalization(renorm=True), "batch_normalization/gamma (BatchNormalization"),
+    (lambda: keras.layers.BatchNormalization(renorm=True, name="batch_normalization"),
+     "batch_normalization/gamma (BatchNormalization"),
     (lambda: keras.layers.Dense(3, kernel_regularizer="l2"), "its kernel_regularizer's gradient does not pass"),
-    (lambda: keras.layers.GroupNormalization(1), "group_normalization/gamma (GroupNormalization"),
+    (lambda: keras.layers.GroupNormalization(1, name="group_normalization"), "group_normalization/gamma (GroupNormalization"),
 ], ids=["layer_norm", "batch_norm", "regularizer", "group_norm"])
 def test_one_pass_norms_refuse_what_they_cannot_measure_naming_it(problem, layer, named):
     inputs = keras.Input((problem.dim,))
@@ -313,6 +315,11 @@ LAYERS = {
         keras.layers.Dense(5)(i)), False),
     "batch_norm_no_weights": (lambda i: keras.layers.BatchNormalization(center=False, scale=False)(
         keras.layers.Dense(5)(i)), False),
+    "conv1d": (lambda i: keras.layers.Conv1D(3, 2, dilation_rate=2, padding="same", activation="tanh")(i), False),
+    "conv2d": (lambda i: keras.layers.Reshape((-1, 3))(keras.layers.Conv2D(3, (3, 2), strides=(2, 1))(
+        keras.layers.Reshape((6, 4, 1))(i))), False),
+    "conv2d_channels_first": (lambda i: keras.layers.Reshape((-1, 2))(keras.layers.Conv2D(
+        2, 2, padding="same", data_format="channels_first")(keras.layers.Reshape((1, 6, 4))(i))), False),
 }
 
 
@@ -455,3 +462,50 @@ def test_one_pass_norms_under_mixed_bfloat16_match_vmap_and_float32():
     assert 1.0 < gains["float32", "one_pass"][0] < groups - 0.1
     np.testing.assert_allclose(gains["mixed_bfloat16", "one_pass"], gains["mixed_bfloat16", "vmap"], rtol=1e-2)
     np.testing.assert_allclose(gains["mixed_bfloat16", "one_pass"], gains["float32", "one_pass"], rtol=1e-2)
+
+
+CONV_FORMS = {"patches": 1e9, "transposed": 0.0}  # group_rules.PATCHES_RATIO that makes the rule pick the form
+
+
+@jax_only
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+@pytest.mark.parametrize("name", ["conv1d", "conv2d", "conv2d_channels_first"])
+def test_both_forms_of_the_conv_rule_equal_each_group_s_own_gradient_by_brute_force(name, form, monkeypatch):
+    """Conv's rule takes the groups' kernel gradients from the input's patches or by transposed convolutions,
+    as the patches' size decides (`group_rules._convolution_form`): each form against `jax.grad` per group."""
+    from keras_adascale.backend.jax import group_rules
+
+    monkeypatch.setattr(group_rules, "PATCHES_RATIO", CONV_FORMS[form])
+    assert group_rules._convolution_form((8, 6, 4), (8, 6, 3), (2, 4, 3), ((1,), "SAME", (1,), True)) == form
+    test_one_pass_norms_of_each_new_layer_equal_each_group_s_own_gradient_by_brute_force(name)
+
+
+@jax_only
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_both_forms_of_the_conv_rule_train_as_vmap_does(data_format, form, monkeypatch):
+    """`cnn`'s Conv2D and Conv1D with the rule's form forced: the same gain, tau and weights as jax.vmap's."""
+    from keras_adascale.backend.jax import group_rules
+
+    monkeypatch.setattr(group_rules, "PATCHES_RATIO", CONV_FORMS[form])
+    one_pass, vmapped = cnn_history(4, "one_pass", data_format), cnn_history(4, "vmap", data_format)
+    for (w1, g1, t1), (w2, g2, t2) in zip(one_pass, vmapped, strict=True):
+        np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
+        assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)
+
+
+@jax_only
+def test_the_conv_rule_takes_patches_where_they_are_small_and_transposes_where_they_are_not():
+    """The size rule (`group_rules.PATCHES_RATIO`): the small CNN's convolutions and a 7 x 7 first layer at stride 2
+    take patches; ResNet-20's 3 x 3 of 16 channels into 16, and 7 x 7 over 512 into 16, transpose; no geometry
+    (EinsumDense, causal padding) transposes."""
+    from keras_adascale.backend.jax import group_rules
+
+    geometry = ((1, 1), "VALID", (1, 1), True)
+    form = group_rules._convolution_form
+    assert form((256, 28, 28, 1), (256, 26, 26, 32), (3, 3, 1, 32), geometry) == "patches"
+    assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), geometry) == "patches"
+    assert form((8, 224, 224, 3), (8, 112, 112, 64), (7, 7, 3, 64), ((2, 2), "SAME", (1, 1), True)) == "patches"
+    assert form((32, 32, 32, 16), (32, 32, 32, 16), (3, 3, 16, 16), ((1, 1), "SAME", (1, 1), True)) == "transposed"
+    assert form((8, 14, 14, 512), (8, 8, 8, 16), (7, 7, 512, 16), geometry) == "transposed"
+    assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), None) == "transposed"

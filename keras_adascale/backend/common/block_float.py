@@ -37,13 +37,41 @@ def _floor_log2(magnitude):
     return ops.where(usable, ops.cast(logarithm, "int32"), ops.zeros((), "int32"))
 
 
-def _scaled_sqr_norm_sum(tensors):
+def _largest_magnitude(tensor):
+    """max |t| as two reductions of `tensor` itself (no tensor of magnitudes for a compiler to keep)."""
+    return ops.maximum(ops.max(tensor), -ops.min(tensor))
+
+
+def _times_power_of_two(tensor, exponent):
+    """`tensor * 2**exponent` for an int32 scalar `exponent` in [-252, 252], as two multiplications by scalar
+    powers of two, each a normal float32: `ldexp` to the last bit wherever the result is a normal number (a
+    product below 2^-126 is below it at the first factor already where both scale down, and its square is 0 in
+    float32 either way), and an elementwise product that fuses into what reads it (an elementwise `ldexp`
+    of a tensor is a chain of bit operations a compiler keeps as a buffer)."""
+    half = exponent // 2
+    one = ops.ones((), "float32")
+    return tensor * ops.ldexp(one, half) * ops.ldexp(one, exponent - half)
+
+
+def _largest_of(tensors):
+    """max |t| over all the tensors (float32)."""
+    return ops.max(ops.stack([_largest_magnitude(ops.cast(t, "float32")) for t in tensors]))
+
+
+def _scaled_sqr_norm_sum(tensors, largest=None):
     """`sum_k ||t_k||^2` as `(float32 mantissa, exponent)` for any finite float32 tensors: each scaled by
-    2^-e, e = floor(log2 max|t|) over all of them, before squaring (NaN or Inf stay in the mantissa)."""
+    2^-e, e = floor(log2 max|t|) over all of them, before squaring (NaN or Inf stay in the mantissa).
+
+    `largest`, where given, stands for max|t| (a float32 scalar): any number within a factor of 2 of it
+    gives the same value `mantissa * 2**exponent` (a scaling by a power of two is exact; a shift off by one
+    moves only terms below 2^-126 of the largest square across float32's smallest normal, far below the
+    sum's last bit), which lets a caller take it from tensors it holds already rather than from `tensors`,
+    for a compiler to read them once."""
     tensors = [ops.cast(t, "float32") for t in tensors]
-    largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in tensors]))
+    if largest is None:
+        largest = _largest_of(tensors)
     shift = _floor_log2(largest)
-    mantissa = sum(_squared_norm(ops.ldexp(t, -shift)) for t in tensors)
+    mantissa = sum(_squared_norm(_times_power_of_two(t, -shift)) for t in tensors)
     return mantissa, 2 * shift
 
 

@@ -213,18 +213,30 @@ class AccumulationMechanics:
             own.add(id(self._learning_rate))
         return [v for v in self.variables if id(v) not in own]
 
-    def _statistics_step(self, sums, statistic_sum, trainable_variables, setting, micro_step, counted=None):
+    def _mean_statistic(self, sums, micro_batches, trainable_variables, mean_statistic=None):
+        """The block number of the squared norm of what the statistics measure of the mean gradient
+        `sums / micro_batches` (`mean_statistic` where the backend computed it already), and a function that
+        makes that mean gradient."""
+        grads = [s / ops.cast(micro_batches, s.dtype) for s in sums]
+        if mean_statistic is None:
+            mean_statistic = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        return mean_statistic, lambda: grads
+
+    def _statistics_step(self, sums, statistic_sum, trainable_variables, setting, micro_step, counted=None,
+                         mean_statistic=None, gradients_function=False):
         """The update that completes at `micro_step`, up to its rule (pure). `statistic_sum` is the block
         number `(mantissa, exponent)` of the micro-batches' sums of squares, `counted` the count accumulator
-        with them (None without accumulation).
+        with them (None without accumulation); `mean_statistic`, where given, the block number of the mean
+        gradient's, computed by the backend (see `_mean_statistic`).
 
         Returns:
-            `(state, finite, clipped mean gradients, the new values of the state variables)`.
+            `(state, finite, clipped mean gradients, the new values of the state variables)`; with
+            `gradients_function`, a function that makes the clipped mean gradients in their place (JAX traces
+            it inside the update rule's branch: see `backend.jax.mechanics`).
         """
         dtype = self._statistics_dtype
         micro_batches = setting_lib.accumulated(setting, micro_step)
-        grads = [s / ops.cast(micro_batches, s.dtype) for s in sums]
-        mean_sqr_norm = self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
+        mean_sqr_norm, mean = self._mean_statistic(sums, micro_batches, trainable_variables, mean_statistic)
         scale = ops.cast(setting_lib.update_scale(setting, micro_batches, TENSORS), dtype)
         state, exponent = self._read_state(), ops.convert_to_tensor(self._statistics_exponent.value)
         # The averages and both sums in one exponent: the largest of those that are not 0.
@@ -251,5 +263,8 @@ class AccumulationMechanics:
         floats = ops.stack([ops.cast(getattr(state, f), dtype) for f in gain_lib.FLOAT_FIELDS])
         state_counters = ops.stack([getattr(state, f) for f in gain_lib.COUNTER_FIELDS])
         values = [floats, state_counters, ops.stack(counters), ops.stack(scales), exponent]
-        return state, finite, super()._clip_gradients(grads), values
+        def clipped():
+            return super(AccumulationMechanics, self)._clip_gradients(mean())
+
+        return state, finite, clipped if gradients_function else clipped(), values
 
