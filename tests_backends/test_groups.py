@@ -6,6 +6,8 @@ This first version takes each group's gradient in a `jax.vmap` over the groups (
 in memory); the cost is measured in benchmarks, not asserted here.
 """
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
@@ -221,6 +223,8 @@ def test_one_pass_norms_of_conv_and_dense_layers_equal_each_group_s_own_gradient
     (lambda: keras.layers.GroupNormalization(1, name="group_normalization"), "group_normalization/gamma (GroupNormalization"),
 ], ids=["layer_norm", "batch_norm", "regularizer", "group_norm"])
 def test_one_pass_norms_refuse_what_they_cannot_measure_naming_it(problem, layer, named):
+    if "BatchNormalization" in named and "renorm" not in inspect.signature(keras.layers.BatchNormalization).parameters:
+        pytest.skip(f"Keras {keras.__version__}'s BatchNormalization has no renorm")
     inputs = keras.Input((problem.dim,))
     outputs = keras.layers.Dense(1)(layer()(inputs))
     model = keras_adascale.AdaScaleModel(inputs, outputs, groups=4)

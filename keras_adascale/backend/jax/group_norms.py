@@ -52,7 +52,7 @@ def _covered(layer):
     if isinstance(layer, keras.layers.EinsumDense) and _einsum_rows(layer.equation) is None:
         return (f"its equation {layer.equation!r} does not keep its input's first (batch) axis as its output's "
                 "first, outside the kernel")
-    if isinstance(layer, keras.layers.BatchNormalization) and layer.renorm:
+    if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):  # Keras >= 3.14
         return "batch renormalization (renorm=True) is not covered"
     regularized = [name for name in _REGULARIZERS if getattr(layer, name, None) is not None]
     if regularized:
