@@ -14,8 +14,8 @@ import pytest
 
 import keras_adascale
 from conftest import BACKEND, Recorder, assert_same_history
-from problems import BATCH, LeastSquares, reference_history
-from reference import AdaScaleAdamReference
+from problems import BATCH, LeastSquares, UpdateRecorder, reference_history, replay_reference
+from reference import AdaScaleAdamReference, AdaScaleReference
 
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="groups: Keras's JAX backend only for now")
 UPDATES = 5
@@ -513,3 +513,21 @@ def test_the_conv_rule_takes_patches_where_they_are_small_and_transposes_where_t
     assert form((32, 32, 32, 16), (32, 32, 32, 16), (3, 3, 16, 16), ((1, 1), "SAME", (1, 1), True)) == "transposed"
     assert form((8, 14, 14, 512), (8, 8, 8, 16), (7, 7, 512, 16), geometry) == "transposed"
     assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), None) == "transposed"
+
+
+@jax_only
+def test_autoscale_changes_the_count_over_groups_and_matches_the_reference(problem):
+    # AutoScale changes k; each update holds groups x k samples (N = 2k, S = N), the reference update by update.
+    optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=1)
+    model = model_of(problem, 2)
+    model.compile(optimizer=optimizer, loss="mse")
+    callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=64.0, max_steps=8, verbose=0)
+    recorder = UpdateRecorder()  # after AutoScale: it reads the S that AutoScale set for the next update
+    model.fit(problem.x, problem.y, batch_size=2 * BATCH, shuffle=False, epochs=1, verbose=0,
+              callbacks=[callback, recorder])
+    assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 1
+    assert optimizer.samples_per_update == 2 * optimizer.accumulation_steps
+    assert [scale for _, _, scale in recorder.updates] == [2 * (stop - first) for first, stop, _ in recorder.updates]
+    assert len({scale for _, _, scale in recorder.updates}) > 1 and len(recorder.updates) > 4
+    reference = AdaScaleReference(problem.initial, 0.01, scale=2, momentum=0.9)
+    assert_same_history(recorder.history, replay_reference(problem, recorder.updates, reference, samples_per_batch=2))
