@@ -493,6 +493,7 @@ def test_both_forms_of_the_conv_rule_train_as_vmap_does(data_format, form, monke
 
     monkeypatch.setattr(group_rules, "PATCHES_RATIO", CONV_FORMS[form])
     one_pass, vmapped = cnn_history(4, "one_pass", data_format), cnn_history(4, "vmap", data_format)
+    assert len(one_pass) == len(vmapped) == 4
     for (w1, g1, t1), (w2, g2, t2) in zip(one_pass, vmapped, strict=True):
         np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
         assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)

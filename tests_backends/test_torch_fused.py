@@ -163,8 +163,10 @@ def test_a_non_finite_update_is_skipped_without_a_read(problem, float64_norms, m
     momentum = [np.array(m.numpy()) for m in optimizer.momentums]
     problem.y[STEPS * BATCH + 1] = np.inf
     assert reads_while_applying(optimizer, problem, STEPS, monkeypatch, model=model) == 0
-    for before, after in zip(weights, model.get_weights()):
-        np.testing.assert_array_equal(after, before)
-    for before, variable in zip(momentum, optimizer.momentums):
+    after, momenta = model.get_weights(), list(optimizer.momentums)
+    assert len(weights) == len(after) == len(momentum) == len(momenta) == 2  # kernel and bias
+    for before, now in zip(weights, after, strict=True):
+        np.testing.assert_array_equal(now, before)
+    for before, variable in zip(momentum, momenta, strict=True):
         np.testing.assert_array_equal(variable.numpy(), before)
     assert int(optimizer.skipped_updates.numpy()) == 1
