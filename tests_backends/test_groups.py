@@ -517,17 +517,19 @@ def test_the_conv_rule_takes_patches_where_they_are_small_and_transposes_where_t
 
 
 @jax_only
-def test_autoscale_changes_the_count_over_groups_and_matches_the_reference(problem):
+def test_autoscale_changes_the_count_over_groups_and_matches_the_reference(problem, capsys):
     # AutoScale changes k; each update holds groups x k samples (N = 2k, S = N), the reference update by update.
     optimizer = keras_adascale.AdaScaleSGD(0.01, momentum=0.9, gradient_accumulation_steps=1)
     model = model_of(problem, 2)
     model.compile(optimizer=optimizer, loss="mse")
-    callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=64.0, max_steps=8, verbose=0)
+    callback = keras_adascale.AutoScale(interval=0, warmup=0, update_cost=64.0, max_steps=8)  # prints (the default)
     recorder = UpdateRecorder()  # after AutoScale: it reads the S that AutoScale set for the next update
     model.fit(problem.x, problem.y, batch_size=2 * BATCH, shuffle=False, epochs=1, verbose=0,
               callbacks=[callback, recorder])
     assert callback.changes and optimizer.accumulation_steps == callback.changes[-1]["steps"] != 1
     assert optimizer.samples_per_update == 2 * optimizer.accumulation_steps
+    first = callback.changes[0]["steps"]
+    assert f"k 1 -> {first}, S = {2 * first}." in capsys.readouterr().out  # S counts the groups
     assert [scale for _, _, scale in recorder.updates] == [2 * (stop - first) for first, stop, _ in recorder.updates]
     assert len({scale for _, _, scale in recorder.updates}) > 1 and len(recorder.updates) > 4
     reference = AdaScaleReference(problem.initial, 0.01, scale=2, momentum=0.9)

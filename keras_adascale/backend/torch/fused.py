@@ -95,19 +95,21 @@ def sgd_rule(optimizer, sums, variables, micro_batches, finite, learning_rate):
         decayed = [p for p, v in zip(params, variables) if optimizer._use_weight_decay(v)]
         if decayed:
             torch._foreach_sub_(decayed, torch._foreach_mul(decayed, keep * lr * optimizer.weight_decay))
-    # g x lr, in the accumulators (they are spent): 0 where not finite.
-    torch._foreach_mul_(_sanitized(sums, finite), keep * lr / micro_batches)
+    # - g x lr enters each sum below as one multiply-add (`addcmul` by the one scalar -lr / k): no pass of its own
+    # over the gradients; 0 where not finite (the NaNs zeroed first).
+    grads = _sanitized(sums, finite)
+    rate = [-(keep * lr / micro_batches)] * len(params)
     if not optimizer.momentum:
-        torch._foreach_sub_(params, sums)
+        torch._foreach_addcmul_(params, grads, rate)
         return
     momentum = float(optimizer.momentum)
     velocities = [optimizer.momentums[optimizer._get_variable_index(v)].value for v in variables]
     # m = m x momentum - g x lr (m as it was where not finite)
     torch._foreach_mul_(velocities, torch.where(finite, momentum, 1.0).to(dtype))
-    torch._foreach_sub_(velocities, sums)
+    torch._foreach_addcmul_(velocities, grads, rate)
     if optimizer.nesterov:
         step = torch._foreach_mul(velocities, keep * momentum)
-        torch._foreach_sub_(step, sums)
+        torch._foreach_addcmul_(step, grads, rate)
         torch._foreach_add_(params, step)
     else:
         torch._foreach_addcmul_(params, velocities, [keep] * len(params))

@@ -181,7 +181,8 @@ class AdaScaleMechanics(EagerMechanics):
             sums, counted = accumulators, count
         else:
             sums, statistic, counted = [g.clone() for g in grads], local, None
-        mean_sqr_norm = self._sqr_norm64(sums) / float(micro_batches) ** 2
+        # One micro-batch (no accumulation, or k = 1): the mean is that micro-batch, whose sum was just taken.
+        mean_sqr_norm = local if first else self._sqr_norm64(sums) / float(micro_batches) ** 2
         state, finite = self._fused_state_step(statistic, mean_sqr_norm, setting, micro_batches, counted)
         rule = self.__dict__["_fused"]
         if rule == "sgd":
