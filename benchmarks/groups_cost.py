@@ -3,7 +3,8 @@
     .venv-backends/bin/python benchmarks/groups_cost.py            # the 5.8M MLP and the small CNN, ~7 min
     .venv-backends/bin/python benchmarks/groups_cost.py --quick    # a smoke run (a tiny CNN, few steps)
 
-It sets KERAS_BACKEND=jax and one host CPU device (XLA_FLAGS) itself, before JAX starts. On the same global batch
+It sets KERAS_BACKEND (`--backend`, jax by default) and, on JAX, one host CPU device (XLA_FLAGS) itself, before
+Keras starts. On the same global batch
 (`--batch`, 256 rows) and the same initial weights, SGD momentum 0.9 in each, five ways to an update:
 - `keras`: `keras.Model` and `keras.optimizers.SGD` on the batch: Keras's own step (the baseline);
 - `adascale_sgd`: `keras.Model` and `AdaScaleSGD` on the batch: one sample (gain 1), no groups: what the
@@ -27,7 +28,14 @@ compiled train step (`jax.jit(model.train_step).lower(...).compile().memory_anal
 own buffers) and `args` (its inputs: variables, optimizer state, the batch); for `accumulation`, the step of
 one micro-batch.
 
-Writes OUTPUT_DIR/groups_cost.json; the last line printed is the same JSON.
+On TensorFlow and PyTorch (`--backend tensorflow|torch`), where `groups` is JAX's only for now, the three ways
+there are (`keras`, `adascale_sgd`, `accumulation`): what a one-device user of those backends pays for the same
+statistics today. No memory column there (no XLA analysis of a step on those backends).
+
+    .venv/bin/python benchmarks/groups_cost.py --backend tensorflow
+    .venv-backends/bin/python benchmarks/groups_cost.py --backend torch
+
+Writes OUTPUT_DIR/groups_cost.json (groups_cost_<backend>.json off JAX); the last line printed is the same JSON.
 """
 
 import argparse
@@ -36,7 +44,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 import warnings
 from importlib import metadata
@@ -60,7 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--windows", type=int, default=None, help="rounds of the five (default 10; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="updates per window (default 4; quick 2)")
     parser.add_argument("--output-dir", default="runs", help="the JSON goes to OUTPUT_DIR/groups_cost.json")
+    parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default="jax",
+                        help="Keras's backend (default jax); off JAX the steps without groups only")
     args = parser.parse_args(argv)
+    if os.environ.get("KERAS_BACKEND", args.backend) != args.backend:
+        parser.error(f"--backend {args.backend} with KERAS_BACKEND={os.environ['KERAS_BACKEND']}: give one")
     args.models = (args.models or ("cnn_tiny" if args.quick else "mlp_5m,small_cnn")).split(",")
     unknown = [name for name in args.models if name not in INPUT_SHAPES]
     if unknown:
@@ -116,16 +127,27 @@ def spread(ratios):
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
-        sys.exit(f"groups_cost.py runs on JAX (KERAS_BACKEND={os.environ['KERAS_BACKEND']})")
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
-    import jax
+    on_jax = args.backend == "jax"
+    os.environ["KERAS_BACKEND"] = args.backend
+    if on_jax:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=1").strip()
     import keras
     import numpy as np
-    from jax_data_parallel import memory  # XLA's sizes of the compiled train step
 
     import keras_adascale
+
+    variants = VARIANTS if on_jax else ("keras", "adascale_sgd", "accumulation")
+    if on_jax:
+        import jax
+        from jax_data_parallel import memory  # XLA's sizes of the compiled train step
+
+        device, memory_stats = str(jax.devices()[0]), jax.devices()[0].memory_stats()
+    else:
+        def memory(*_):
+            return {"temp_mib": None, "argument_mib": None}
+
+        device, memory_stats = "cpu", None
 
     warnings.filterwarnings("ignore", "AdaScaleSGD has scale S = 1")  # adascale_sgd's one sample, on purpose
 
@@ -139,20 +161,20 @@ def main(argv=None):
         keras_model, _ = make("keras", name, 1, keras, keras_adascale)
         for groups in args.groups:
             trained = {"keras": (keras_model, 1)}
-            trained.update({variant: make(variant, name, groups, keras, keras_adascale) for variant in VARIANTS[1:]})
+            trained.update({variant: make(variant, name, groups, keras, keras_adascale) for variant in variants[1:]})
 
             def window(model, steps, x=x, y=y):
                 model.fit(x, y, batch_size=args.batch // steps, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
                 return float(np.mean(np.diff(timer.ends))) * steps  # seconds per update
 
-            for variant in VARIANTS:  # warm-up: the traces
+            for variant in variants:  # warm-up: the traces
                 window(*trained[variant])
-            times = {variant: [] for variant in VARIANTS}
+            times = {variant: [] for variant in variants}
             for index in range(args.windows):
-                shift = index % len(VARIANTS)
-                for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                shift = index % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
                     times[variant].append(window(*trained[variant]))
-            for variant in VARIANTS:
+            for variant in variants:
                 model, steps = trained[variant]
                 rows_per_step = args.batch // steps
                 used = memory(model, keras, x[:rows_per_step], y[:rows_per_step])
@@ -165,25 +187,29 @@ def main(argv=None):
                     "windows_ms": [1000 * t for t in times[variant]],
                 })
     rounds = f"{args.windows} round{'s' if args.windows != 1 else ''}"
-    print(f"One device, {args.batch} rows per update, SGD momentum 0.9 ({rounds} of the five, {args.steps} updates a "
-          "window); XLA's memory analysis of the compiled step:")
-    print(f"{'model':>10} {'n':>3} {'step':>12} {'ms/update':>10} {'/ keras (q1 - q3)':>24} {'temp MiB':>9} "
-          f"{'args MiB':>9}")
+    print(f"One device ({args.backend}), {args.batch} rows per update, SGD momentum 0.9 ({rounds} of the "
+          f"{len(variants)}, {args.steps} updates a window)" +
+          ("; XLA's memory analysis of the compiled step:" if on_jax else ":"))
+    print(f"{'model':>10} {'n':>3} {'step':>12} {'ms/update':>10} {'/ keras (q1 - q3)':>24}" +
+          (f" {'temp MiB':>9} {'args MiB':>9}" if on_jax else ""))
     for row in rows:
         ratio = row["ratio"]
         text = f"{ratio['median']:.3f} ({ratio['q1']:.3f} - {ratio['q3']:.3f})" if ratio else "-"
         print(f"{row['model']:>10} {row['groups']:>3} {row['variant']:>12} {row['ms_per_update']:>10.2f} "
-              f"{text:>24} {row['temp_mib']:>9.2f} {row['argument_mib']:>9.2f}")
-    summary = {"command": "benchmarks/groups_cost.py" + (" --quick" if args.quick else ""),
-               "date": time.strftime("%Y-%m-%d"), "keras": metadata.version("keras"), "jax": metadata.version("jax"),
+              f"{text:>24}" + (f" {row['temp_mib']:>9.2f} {row['argument_mib']:>9.2f}" if on_jax else ""))
+    summary = {"command": "benchmarks/groups_cost.py" + (" --quick" if args.quick else "") +
+               ("" if on_jax else f" --backend {args.backend}"),
+               "date": time.strftime("%Y-%m-%d"), "keras": metadata.version("keras"), "backend": args.backend,
+               args.backend: metadata.version(args.backend),
                "python": platform.python_version(), "cpu_count": os.cpu_count(),
-               "device": str(jax.devices()[0]), "memory_stats": jax.devices()[0].memory_stats(),
+               "device": device, "memory_stats": memory_stats,
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "batch": args.batch, "groups": args.groups, "windows": args.windows, "steps_per_window": args.steps,
                "results": rows}
     output = pathlib.Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "groups_cost.json").write_text(json.dumps(summary, indent=1))
+    (output / ("groups_cost.json" if on_jax else f"groups_cost_{args.backend}.json")).write_text(
+        json.dumps(summary, indent=1))
     print(json.dumps(summary))
 
 

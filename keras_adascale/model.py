@@ -29,7 +29,7 @@ from keras.src.models import functional as keras_functional
 
 from keras_adascale import validation
 from keras_adascale.backend.jax.distribution import replicas_in_distribution
-from keras_adascale.backend.jax.train_step import PerReplicaTrainStep
+from keras_adascale.backend.jax.train_step import PerReplicaTrainStep, adascale_optimizer
 
 GROUP_NORMS = ("one_pass", "vmap")
 
@@ -70,13 +70,14 @@ class AdaScaleTrainStep(PerReplicaTrainStep):
         super().compile(optimizer, *args, **kwargs)
         if self.groups == 1:
             return
-        if not hasattr(self.optimizer, "_incoming_statistic"):
+        optimizer = adascale_optimizer(self.optimizer)  # under a LossScaleOptimizer ("mixed_float16"), inside it
+        if not hasattr(optimizer, "_incoming_statistic"):
             raise ValueError(
                 f"{type(self).__name__}(groups={self.groups}) gives an AdaScale optimizer (AdaScaleSGD, AdaScaleAdam) "
-                f"{self.groups} gradient samples of each device's batch; got {type(self.optimizer).__name__}. Use "
+                f"{self.groups} gradient samples of each device's batch; got {type(optimizer).__name__}. Use "
                 "groups=1 for other optimizers."
             )
-        self.optimizer._use_groups(self.groups)
+        optimizer._use_groups(self.groups)
 
     def compile_from_config(self, config):
         # Keras's own skips a `compile` that a class overrides (with a warning): as Keras's, through the one above.

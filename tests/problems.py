@@ -88,6 +88,7 @@ class Recorder(keras.callbacks.Callback):
         if (batch + 1) % self.every:
             return
         optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
         self.history.append(
             (flat_weights(self.model), float(optimizer.gain), float(optimizer.scale_invariant_iterations))
         )

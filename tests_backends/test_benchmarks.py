@@ -97,3 +97,20 @@ def test_groups_cost_quick_prints_the_five_steps_and_writes_the_json(tmp_path):
             assert row["ratio"] is None
         else:
             assert 0 < row["ratio"]["q1"] <= row["ratio"]["median"] <= row["ratio"]["q3"]
+
+
+def test_groups_cost_quick_off_jax_times_the_three_steps_there_are(tmp_path):
+    """On PyTorch (`--backend torch`): Keras's step, AdaScaleSGD alone and accumulation; no groups, no memory."""
+    if BACKEND != "torch":
+        pytest.skip("the run off JAX (PyTorch's here; TensorFlow's in the TensorFlow environment)")
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / "groups_cost.py"), "--quick", "--backend", "torch",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": "torch"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "out" / "groups_cost_torch.json").read_text()) == summary
+    assert summary["backend"] == "torch" and summary["command"].endswith("--backend torch")
+    assert [row["variant"] for row in summary["results"]] == ["keras", "adascale_sgd", "accumulation"]
+    for row in summary["results"]:
+        assert row["ms_per_update"] > 0 and row["temp_mib"] is None
+        assert row["ratio"] is None if row["variant"] == "keras" else row["ratio"]["q1"] <= row["ratio"]["q3"]

@@ -195,6 +195,7 @@ class AllWeights(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
         self.history.append((np.concatenate([w.ravel() for w in self.model.get_weights()]), float(optimizer.gain),
                              float(optimizer.scale_invariant_iterations)))
 
@@ -215,13 +216,12 @@ def test_one_pass_norms_of_conv_and_dense_layers_equal_each_group_s_own_gradient
 @jax_only
 @pytest.mark.parametrize("layer, named", [
     # named: Keras's default names count the layers made before in the process (test order)
-    (lambda: keras.layers.LayerNormalization(gamma_regularizer="l2", name="layer_normalization"),
-     "layer_normalization/gamma (LayerNormalization"),
+    (lambda: keras.layers.Dense(3, activity_regularizer="l2", name="dense_activity"),
+     "dense_activity/kernel (Dense 'dense_activity': its activity_regularizer adds a loss"),
     (lambda: keras.layers.BatchNormalization(renorm=True, name="batch_normalization"),
      "batch_normalization/gamma (BatchNormalization"),
-    (lambda: keras.layers.Dense(3, kernel_regularizer="l2"), "its kernel_regularizer's gradient does not pass"),
     (lambda: keras.layers.GroupNormalization(1, name="group_normalization"), "group_normalization/gamma (GroupNormalization"),
-], ids=["layer_norm", "batch_norm", "regularizer", "group_norm"])
+], ids=["activity_regularizer", "batch_norm", "group_norm"])
 def test_one_pass_norms_refuse_what_they_cannot_measure_naming_it(problem, layer, named):
     if "BatchNormalization" in named and "renorm" not in inspect.signature(keras.layers.BatchNormalization).parameters:
         pytest.skip(f"Keras {keras.__version__}'s BatchNormalization has no renorm")
@@ -468,19 +468,31 @@ def test_one_pass_norms_under_mixed_bfloat16_match_vmap_and_float32():
     np.testing.assert_allclose(gains["mixed_bfloat16", "one_pass"], gains["float32", "one_pass"], rtol=1e-2)
 
 
-CONV_FORMS = {"patches": 1e9, "transposed": 0.0}  # group_rules.PATCHES_RATIO that makes the rule pick the form
+# (group_rules.PATCHES_RATIO, group_rules.UNROLLED_GROUPS) that make the rule pick the form: patches, the
+# transposed convolution group by group (unrolled), or in one vmap over the groups (above UNROLLED_GROUPS).
+CONV_FORMS = {"patches": (1e9, 32), "transposed": (0.0, 32), "transposed_in_one_vmap": (0.0, 1)}
+
+
+def _force(form, monkeypatch):
+    from keras_adascale.backend.jax import group_rules
+
+    ratio, unrolled = CONV_FORMS[form]
+    monkeypatch.setattr(group_rules, "PATCHES_RATIO", ratio)
+    monkeypatch.setattr(group_rules, "UNROLLED_GROUPS", unrolled)
 
 
 @jax_only
 @pytest.mark.parametrize("form", list(CONV_FORMS))
 @pytest.mark.parametrize("name", ["conv1d", "conv2d", "conv2d_channels_first"])
 def test_both_forms_of_the_conv_rule_equal_each_group_s_own_gradient_by_brute_force(name, form, monkeypatch):
-    """Conv's rule takes the groups' kernel gradients from the input's patches or by transposed convolutions,
-    as the patches' size decides (`group_rules._convolution_form`): each form against `jax.grad` per group."""
+    """Conv's rule takes the groups' kernel gradients from the input's patches or by transposed convolutions
+    (one by one, or in one vmap above `UNROLLED_GROUPS`), as the patches' size decides
+    (`group_rules._convolution_form`): each form against `jax.grad` per group."""
     from keras_adascale.backend.jax import group_rules
 
-    monkeypatch.setattr(group_rules, "PATCHES_RATIO", CONV_FORMS[form])
-    assert group_rules._convolution_form((8, 6, 4), (8, 6, 3), (2, 4, 3), ((1,), "SAME", (1,), True)) == form
+    _force(form, monkeypatch)
+    assert group_rules._convolution_form((8, 6, 4), (8, 6, 3), (2, 4, 3), ((1,), "SAME", (1,), True)) == \
+        form.partition("_")[0]
     test_one_pass_norms_of_each_new_layer_equal_each_group_s_own_gradient_by_brute_force(name)
 
 
@@ -489,9 +501,7 @@ def test_both_forms_of_the_conv_rule_equal_each_group_s_own_gradient_by_brute_fo
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_both_forms_of_the_conv_rule_train_as_vmap_does(data_format, form, monkeypatch):
     """`cnn`'s Conv2D and Conv1D with the rule's form forced: the same gain, tau and weights as jax.vmap's."""
-    from keras_adascale.backend.jax import group_rules
-
-    monkeypatch.setattr(group_rules, "PATCHES_RATIO", CONV_FORMS[form])
+    _force(form, monkeypatch)
     one_pass, vmapped = cnn_history(4, "one_pass", data_format), cnn_history(4, "vmap", data_format)
     assert len(one_pass) == len(vmapped) == 4
     for (w1, g1, t1), (w2, g2, t2) in zip(one_pass, vmapped, strict=True):
@@ -501,19 +511,22 @@ def test_both_forms_of_the_conv_rule_train_as_vmap_does(data_format, form, monke
 
 @jax_only
 def test_the_conv_rule_takes_patches_where_they_are_small_and_transposes_where_they_are_not():
-    """The size rule (`group_rules.PATCHES_RATIO`): the small CNN's convolutions and a 7 x 7 first layer at stride 2
-    take patches; ResNet-20's 3 x 3 of 16 channels into 16, and 7 x 7 over 512 into 16, transpose; no geometry
-    (EinsumDense, causal padding) transposes."""
+    """The size rule (`group_rules.PATCHES_RATIO`, 1): the small CNN's first convolution (over 1 channel) takes
+    patches; its second (32 into 64), ResNet-20's 3 x 3 of 16 channels into 16, its first layer (3 into 16), a
+    7 x 7 first layer at stride 2, and 7 x 7 over 512 into 16 transpose; no geometry (EinsumDense, causal
+    padding) transposes."""
     from keras_adascale.backend.jax import group_rules
 
     geometry = ((1, 1), "VALID", (1, 1), True)
+    same = ((1, 1), "SAME", (1, 1), True)
     form = group_rules._convolution_form
     assert form((256, 28, 28, 1), (256, 26, 26, 32), (3, 3, 1, 32), geometry) == "patches"
-    assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), geometry) == "patches"
-    assert form((8, 224, 224, 3), (8, 112, 112, 64), (7, 7, 3, 64), ((2, 2), "SAME", (1, 1), True)) == "patches"
-    assert form((32, 32, 32, 16), (32, 32, 32, 16), (3, 3, 16, 16), ((1, 1), "SAME", (1, 1), True)) == "transposed"
+    assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), geometry) == "transposed"
+    assert form((32, 32, 32, 16), (32, 32, 32, 16), (3, 3, 16, 16), same) == "transposed"
+    assert form((32, 32, 32, 3), (32, 32, 32, 16), (3, 3, 3, 16), same) == "transposed"
+    assert form((8, 224, 224, 3), (8, 112, 112, 64), (7, 7, 3, 64), ((2, 2), "SAME", (1, 1), True)) == "transposed"
     assert form((8, 14, 14, 512), (8, 8, 8, 16), (7, 7, 512, 16), geometry) == "transposed"
-    assert form((256, 13, 13, 32), (256, 11, 11, 64), (3, 3, 32, 64), None) == "transposed"
+    assert form((256, 28, 28, 1), (256, 26, 26, 32), (3, 3, 1, 32), None) == "transposed"
 
 
 @jax_only
@@ -534,3 +547,119 @@ def test_autoscale_changes_the_count_over_groups_and_matches_the_reference(probl
     assert len({scale for _, _, scale in recorder.updates}) > 1 and len(recorder.updates) > 4
     reference = AdaScaleReference(problem.initial, 0.01, scale=2, momentum=0.9)
     assert_same_history(recorder.history, replay_reference(problem, recorder.updates, reference, samples_per_batch=2))
+
+
+def _regularized_body(inputs):
+    """Covered layers with weight regularizers (kernel, bias, embeddings, gamma, beta)."""
+    hidden = keras.layers.Embedding(11, 8, embeddings_regularizer=keras.regularizers.L2(0.05))(inputs)
+    hidden = keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.2),
+                                bias_regularizer=keras.regularizers.L1(0.05))(hidden)
+    return keras.layers.LayerNormalization(gamma_regularizer=keras.regularizers.L2(0.1),
+                                           beta_regularizer=keras.regularizers.L1L2(0.02, 0.02))(hidden)
+
+
+@jax_only
+def test_one_pass_norms_add_the_weights_regularizers_back(monkeypatch):
+    """Weight regularizers (Embedding, Dense, LayerNormalization): their gradient is in every group's gradient and
+    passes through no layer's output; one_pass adds it back in closed form and equals vmap (each group's whole
+    gradient) and gradient accumulation over the same rows, update by update. Without the terms added back the
+    gains would differ by more than 1% (the test can fail)."""
+    from keras_adascale.backend.jax import group_norms
+
+    groups, rows, updates = 4, 8, 3
+    x = _rows(True, updates * groups * rows)
+    y = x[:, 0] % 3
+    histories = {}
+    for method in ("one_pass", "vmap", "accumulation", "dropped"):
+        keras.utils.set_random_seed(2)
+        if method == "accumulation":
+            inputs = keras.Input((6,), dtype="int32")
+            hidden = keras.layers.GlobalAveragePooling1D()(_regularized_body(inputs))
+            model, batch = keras.Model(inputs, keras.layers.Dense(3)(hidden)), rows
+            optimizer = keras_adascale.AdaScaleSGD(0.1, momentum=0.9, gradient_accumulation_steps=groups)
+        else:
+            model, batch = _sequence_model(_regularized_body, groups, "vmap" if method == "vmap" else "one_pass",
+                                           ids=True), groups * rows
+            optimizer = keras_adascale.AdaScaleSGD(0.1, momentum=0.9)
+        with monkeypatch.context() as patched:
+            if method == "dropped":
+                patched.setattr(group_norms, "regularization_terms", lambda *args: 0.0)
+            history, _ = _mixed_history(model, x, y, batch, optimizer)
+        histories[method] = history[groups - 1::groups] if method == "accumulation" else history
+    assert len(model.losses) == 5  # five regularized weights, each a loss Keras adds
+    for other in ("vmap", "accumulation"):
+        assert len(histories["one_pass"]) == len(histories[other]) == updates
+        for (w1, g1, t1), (w2, g2, t2) in zip(histories["one_pass"], histories[other], strict=True):
+            np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
+            assert g1 == pytest.approx(g2, rel=1e-4) and t1 == pytest.approx(t2, rel=1e-4)
+    assert 1.0 < histories["one_pass"][-1][1] < groups - 0.1
+    dropped = [gain for _, gain, _ in histories["dropped"]]
+    assert abs(dropped[-1] / histories["one_pass"][-1][1] - 1.0) > 0.01
+
+
+@jax_only
+@METHODS
+def test_groups_under_a_loss_scale_optimizer_match_the_reference(problem, method):
+    """Keras's LossScaleOptimizer around AdaScaleSGD, a float32 model: the groups' norms are of gradients scaled by
+    the dynamic scale (2^15, exact in float32) and divided by it squared, so every update is the reference's."""
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
+    wrapped = keras.optimizers.LossScaleOptimizer(optimizer)
+    history = fit(model_of(problem, 4, group_norms=method), problem, wrapped, 4 * BATCH, 1, UPDATES)
+    assert float(wrapped.dynamic_scale) == 2.0 ** 15 and optimizer.samples_per_update == 4
+    _, expected = reference_history(problem, 4, UPDATES, learning_rate=0.05, momentum=0.9)
+    assert_same_history(history, expected)
+
+
+@jax_only
+def test_groups_under_mixed_float16_match_vmap_accumulation_and_float32():
+    """The "mixed_float16" policy: Keras's compile wraps the optimizer in a LossScaleOptimizer (the loss scaled by
+    2^15); a Conv1D, Dense and LayerNormalization model in float16. By default one_pass's gain and tau are
+    float32's within 1% (and no step overflows: its scale stays 2^15). With a scale of 2^8 (at 2^15 a group's
+    gradient, n times its part of the mean's, overflows float16 in vmap's and accumulation's first step, which
+    the LossScaleOptimizer skips), one_pass's gain and tau are vmap's and gradient accumulation's (Keras's own
+    step) within 1%, and its weights within float16's precision."""
+    groups, rows, updates = 4, 8, 3
+    x = _rows(False, updates * groups * rows)
+    y = (x[:, 0, 0] > 0).astype("int32") + (x[:, 1, 1] > 0).astype("int32")
+
+    def body(inputs):
+        hidden = keras.layers.Conv1D(6, 3, activation="relu")(inputs)
+        return keras.layers.LayerNormalization()(keras.layers.Dense(5, activation="tanh")(hidden))
+
+    histories, scales = {}, {}
+    for policy, method, scale in (("float32", "one_pass", None), ("mixed_float16", "one_pass", None),
+                                  ("mixed_float16", "one_pass", 2 ** 8), ("mixed_float16", "vmap", 2 ** 8),
+                                  ("mixed_float16", "accumulation", 2 ** 8)):
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            keras.utils.set_random_seed(2)
+            if method == "accumulation":
+                inputs = keras.Input((6, 4))
+                hidden = keras.layers.GlobalAveragePooling1D()(body(inputs))
+                model, batch = keras.Model(inputs, keras.layers.Dense(3)(hidden)), rows
+                optimizer = keras_adascale.AdaScaleSGD(0.1, momentum=0.9, gradient_accumulation_steps=groups)
+            else:
+                model, batch = _sequence_model(body, groups, method), groups * rows
+                optimizer = keras_adascale.AdaScaleSGD(0.1, momentum=0.9)
+            if scale is not None:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=scale)
+            history, model = _mixed_history(model, x, y, batch, optimizer)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+        histories[policy, method, scale] = history[groups - 1::groups] if method == "accumulation" else history
+        scales[policy, method, scale] = float(getattr(model.optimizer, "dynamic_scale", 1.0))
+        assert len(histories[policy, method, scale]) == updates
+    assert scales["mixed_float16", "one_pass", None] == 2.0 ** 15
+    assert 1.0 < histories["float32", "one_pass", None][0][1] < groups - 0.1
+
+    def assert_close(first, second, weights):
+        for (w1, g1, t1), (w2, g2, t2) in zip(histories[first], histories[second], strict=True):
+            assert g1 == pytest.approx(g2, rel=1e-2) and t1 == pytest.approx(t2, rel=1e-2)
+            if weights:
+                np.testing.assert_allclose(w1, w2, rtol=2e-2, atol=2e-3)
+
+    assert_close(("mixed_float16", "one_pass", None), ("float32", "one_pass", None), weights=False)
+    for other in ("vmap", "accumulation"):
+        assert scales["mixed_float16", other, 2 ** 8] == 2.0 ** 8  # no step skipped
+        assert_close(("mixed_float16", "one_pass", 2 ** 8), ("mixed_float16", other, 2 ** 8), weights=True)

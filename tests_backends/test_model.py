@@ -254,11 +254,16 @@ def test_sample_weights_and_a_loss_scale_factor_give_keras_own_loss_and_the_refe
     assert_same_history(history, expected)
 
 
-def test_a_loss_scale_optimizer_is_refused_under_a_distribution(problem, data_parallel):
-    model = adascale_model(problem)
-    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras_adascale.AdaScaleSGD(0.05)), loss="mse")
-    with pytest.raises(ValueError, match="does not support keras.optimizers.LossScaleOptimizer"):
-        model.fit(problem.x[:64], problem.y[:64], batch_size=REPLICAS * BATCH, verbose=0)
+def test_a_loss_scale_optimizer_under_a_distribution_matches_the_reference(problem, data_parallel):
+    """Keras's LossScaleOptimizer around AdaScaleSGD (what "mixed_float16" makes at compile), float32 model: each
+    replica's loss and gradient are scaled by the dynamic scale (2^15: exact in float32), the statistics are of
+    the unscaled gradients, so every update is the reference's."""
+    optimizer = keras_adascale.AdaScaleSGD(0.05, momentum=0.9)
+    wrapped = keras.optimizers.LossScaleOptimizer(optimizer)
+    history = fit(adascale_model(problem), problem, wrapped, 1, UPDATES)
+    assert float(wrapped.dynamic_scale) == 2.0 ** 15 and int(optimizer.iterations) == UPDATES
+    _, expected = reference_history(problem, REPLICAS, UPDATES, learning_rate=0.05, momentum=0.9)
+    assert_same_history(history, expected)
 
 
 @keras.saving.register_keras_serializable(package="tests")

@@ -160,12 +160,15 @@ class AccumulationMechanics:
         """A finite update: the update rule on every variable."""
         self._update_variables(distribution, grads_and_vars, learning_rate)
 
-    def _replica_statistic(self, grads, trainable_variables):
+    def _replica_statistic(self, grads, trainable_variables, loss_scale=None):
         """One replica's sum of squares of what the statistics measure, a block number (in its train step).
 
-        Of the gradients `apply` will see: divided by `loss_scale_factor` where one is set, as `apply` divides."""
+        Of the gradients `apply` will see: divided by `loss_scale_factor` where one is set, as `apply` divides,
+        and by `loss_scale` (a LossScaleOptimizer's dynamic scale, which divides before this optimizer sees them)."""
         if self.loss_scale_factor is not None:
             grads = [g / self.loss_scale_factor for g in grads]
+        if loss_scale is not None:
+            grads = [g / ops.cast(loss_scale, g.dtype) for g in grads]
         return self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
 
     def _backend_apply_gradients(self, grads, trainable_variables):

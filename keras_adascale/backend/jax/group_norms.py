@@ -19,9 +19,13 @@ one backward pass. The norms are summed in float32 (the inputs' and the gradient
 
 What it refuses, before anything trains (`group_norms="vmap"` takes each group's gradient in a `jax.vmap`
 instead: exact for every layer, n gradients in memory): a trainable variable no rule covers (named, with its
-layer); a layer called twice in one step (its weight's groups' norms would lose the cross terms); kernel, bias
-or activity regularizers and `add_loss` losses (their gradients do not pass through the layer's output); LoRA
-and quantized Dense layers; an AdaScaleAdam whose statistics are preconditioned (`statistics="raw"` is covered).
+layer); a layer called twice in one step (its weight's groups' norms would lose the cross terms); activity
+regularizers and `add_loss` losses (their gradients do not pass through the layer's output); LoRA and quantized
+Dense layers; an AdaScaleAdam whose statistics are preconditioned (`statistics="raw"` is covered).
+
+A weight's regularizer (kernel, bias, embeddings, gamma, beta) is covered: its gradient is every group's alike and
+is added back in closed form (`regularization_terms`). Under a LossScaleOptimizer (Keras's "mixed_float16") the
+norms are of the scaled gradients and the train step divides them by the scale squared.
 """
 
 import contextlib
@@ -38,8 +42,6 @@ _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 # The layers whose rules follow `_grouped_call`'s Dense and Conv ones (`_more_call`).
 _MORE = (keras.layers.EinsumDense, keras.layers.Embedding, keras.layers.LayerNormalization,
          keras.layers.BatchNormalization)
-_REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "embeddings_regularizer", "gamma_regularizer",
-                 "beta_regularizer", "activity_regularizer")
 
 
 def _covered(layer):
@@ -54,9 +56,8 @@ def _covered(layer):
                 "first, outside the kernel")
     if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):  # Keras >= 3.14
         return "batch renormalization (renorm=True) is not covered"
-    regularized = [name for name in _REGULARIZERS if getattr(layer, name, None) is not None]
-    if regularized:
-        return f"its {' and '.join(regularized)}'s gradient does not pass through the layer's output"
+    if getattr(layer, "activity_regularizer", None) is not None:
+        return "its activity_regularizer adds a loss of the whole batch's outputs, which the groups' norms do not split"
     return None
 
 
@@ -96,6 +97,36 @@ def check(model, optimizer):
             "with group_norms='vmap' (each group's gradient in a jax.vmap: exact for every layer, n gradients in "
             "memory), or use gradient accumulation."
         )
+
+
+def _regularized(model):
+    """`(index, regularizer)` of every trainable variable of `model` with a regularizer (Keras adds its loss,
+    `regularizer(value)`, to the model's loss: see `regularization_terms`)."""
+    return [(index, variable.regularizer) for index, variable in enumerate(model.trainable_variables)
+            if getattr(variable, "regularizer", None) is not None]
+
+
+def regularization_terms(model, trainable, grads, groups, scale):
+    """What the weights' regularizers add to the sum over the groups of |g_g|^2 (a float32 scalar; 0.0 without).
+
+    A regularizer's loss depends on the weight only, so its gradient r (times `scale`, the loss scale) is in every
+    group's gradient alike and passes through no layer's output: g_g = d_g + s r, d_g the part the rules measure.
+    With `grads` = G = mean of d_g + s r (the replica's gradient, scaled as the loss is):
+    sum over g of |d_g + s r|^2 = sum |d_g|^2 + 2 n s r.G - n s^2 |r|^2."""
+    found = _regularized(model)
+    if not found:
+        return 0.0
+
+    def total(values):  # as Keras adds the regularization losses to the loss (`_aggregate_additional_loss`)
+        return sum(keras.ops.sum(keras.ops.cast(regularizer(value), "float32"))
+                   for value, (_, regularizer) in zip(values, found, strict=True))
+
+    penalties = jax.grad(total)([trainable[index] for index, _ in found])
+    scale = keras.ops.cast(scale, "float32")
+    cross = sum(jnp.vdot(r.astype(jnp.float32), grads[index].astype(jnp.float32))
+                for r, (index, _) in zip(penalties, found, strict=True))
+    square = sum(jnp.vdot(r.astype(jnp.float32), r.astype(jnp.float32)) for r in penalties)
+    return float(groups) * scale * (2.0 * cross - scale * square)
 
 
 def _value(variable):
@@ -198,13 +229,16 @@ def measuring(model, probes, groups):
     calls = {}
     stateless_call = model.stateless_call
 
+    regularized = len(_regularized(model))
+
     def without_added_losses(*args, **kwargs):
         result = stateless_call(*args, **kwargs)
-        if kwargs.get("return_losses") and result[-1]:
+        added = len(result[-1]) - regularized if kwargs.get("return_losses") else 0
+        if added:  # Keras lists the weights' regularization losses last, one per regularized weight
             raise ValueError(
                 f"{type(model).__name__}(groups={groups}) measures the groups' gradient norms through the layers' "
-                f"outputs, and the model adds {len(result[-1])} loss{'es' if len(result[-1]) != 1 else ''} in its "
-                "forward pass (`add_loss`, a regularizer): their gradient does not pass through the outputs. Build "
+                f"outputs, and the model adds {added} loss{'es' if added != 1 else ''} in its forward pass "
+                "(`add_loss`, an activity regularizer): their gradient does not pass through the outputs. Build "
                 "the model with group_norms='vmap' (see keras_adascale.backend.jax.group_norms)."
             )
         return result

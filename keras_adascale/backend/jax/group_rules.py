@@ -4,22 +4,20 @@ for the math and what is covered). Pure JAX, but for reading a Keras convolution
 `convolution_op` is bound to.
 
 A convolution's n per-group kernel gradients are taken one of two ways (`_convolution`), both exact:
+- transposed convolutions: the layer's own convolution transposed (`jax.linear_transpose`) for each group's rows,
+  one group after another (unrolled in the trace, up to `UNROLLED_GROUPS`; above, one `jax.vmap` over the groups,
+  which XLA runs as one grouped convolution), their sum the kernel's gradient. The default: measured on 2 CPU
+  cores, XLA ran the n kernel gradients over b / n rows each in 0.45-0.91x the time of its own one kernel gradient
+  over the b rows (3 x 3 convolutions of ResNet-20's three stages and of the small CNN, b = 64 and 256, n = 4 and
+  8), where the vmap took 1.5-3.0x and the patches below 1.1-3.2x. Also for EinsumDense's general equations
+  (`convolve` is then the einsum), and for any convolution other than a plain Keras one (causal padding,
+  grouped, or a subclass's own `convolution_op`).
 - patches (im2col): the layer's input as patches U (`jax.lax.conv_general_dilated_patches`, one row per output
   position, cin x the kernel's window wide) and the n kernel gradients U_g^T D_g as one batched matrix product, in
-  float32. Where the patches hold at most `PATCHES_RATIO` (3) times the elements of the layer's input and output
+  float32. Where the patches hold at most `PATCHES_RATIO` (1) times the elements of the layer's input and output
   gradient together, and the layer is a plain Keras Conv1D/2D/3D (padding "valid" or "same", `groups=1`, its own
-  `convolution_op`). That takes a first layer over few channels (3 x 3 over 1 into 32: 0.3x; 7 x 7 over 3 into 64
-  at stride 2: 1.9x), 1 x 1 convolutions, and a 3 x 3 one into at least twice its input channels (the small CNN's
-  32 into 64 "valid": 2.6x). Measured on 2 CPU cores, the small CNN's one-pass step at n = 4 took 0.99x Keras's
-  with patches against 1.34x with transposed convolutions; a 3 x 3 convolution of 16 channels into 16 on a 32 x 32
-  map (ResNet-20's first stage, 4.5x) took 18 ms with patches against 14 ms transposed, and the patches are a
-  transient buffer of that size in the backward pass: the ratio bounds it against the two tensors the backward
-  holds anyway.
-- transposed convolutions: the layer's own convolution transposed for each group's rows (`jax.vmap` over the
-  groups of `jax.linear_transpose`, which XLA runs as one grouped convolution): where the patches would be larger
-  (3 x 3 with as many output channels as input ones, larger windows over many channels, large dilations), for
-  EinsumDense's general equations (`convolve` is then the einsum), and for any other convolution (causal padding,
-  grouped, or a subclass's own `convolution_op`).
+  `convolution_op`): a first layer over one channel (the small CNN's 3 x 3 over 1 into 32: 0.27x), where the
+  patches took 0.61x the kernel gradient's time against the transposed form's 0.84x.
 """
 
 import functools
@@ -34,12 +32,30 @@ def _grouped(array, groups):
     return array.reshape((groups, -1, array.shape[-1])).astype(jnp.float32)
 
 
+# The most groups whose kernel gradients `_kernel_norms` takes one by one (unrolled in the trace); above, in one
+# `jax.vmap` (one grouped convolution), for the trace and the compile to stay short.
+UNROLLED_GROUPS = 32
+
+
 def _kernel_norms(transpose, x, dy, groups):
     """Each group's kernel gradient (`transpose(x_g, dy_g)`, the kernel's cotangent), squared and summed; and
-    the kernel's whole gradient (their sum)."""
-    per_group = jax.vmap(transpose)(x.reshape((groups, -1) + x.shape[1:]), dy.reshape((groups, -1) + dy.shape[1:]))
-    squares = jnp.sum(jnp.square(per_group.astype(jnp.float32)).reshape(groups, -1), axis=1)
-    return squares, jnp.sum(per_group, axis=0)
+    the kernel's whole gradient (their sum).
+
+    One transposed op per group, unrolled in the trace (up to `UNROLLED_GROUPS`): on 2 CPU cores XLA ran the n
+    kernel gradients of a 3 x 3 convolution over b / n rows each in 0.45-0.91x the time of its own kernel
+    gradient over the b rows (b = 64 and 256, n = 4 and 8, ResNet-20's three stages), where `jax.vmap` over the
+    groups (one grouped convolution) took 1.5-3.0x and `lax.scan` 3-20x."""
+    xs, dys = x.reshape((groups, -1) + x.shape[1:]), dy.reshape((groups, -1) + dy.shape[1:])
+    if groups > UNROLLED_GROUPS:
+        per_group = jax.vmap(transpose)(xs, dys)
+        squares = jnp.sum(jnp.square(per_group.astype(jnp.float32)).reshape(groups, -1), axis=1)
+        return squares, jnp.sum(per_group, axis=0)
+    squares, total = [], None
+    for group in range(groups):
+        gradient = transpose(xs[group], dys[group])
+        squares.append(jnp.sum(jnp.square(gradient.astype(jnp.float32))))
+        total = gradient if total is None else total + gradient
+    return jnp.stack(squares), total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -72,7 +88,7 @@ _dense.defvjp(_dense_forward, _dense_backward)
 
 # The most elements the patches of a convolution's input may hold, as a multiple of its input's and its output
 # gradient's together, for its groups' kernel gradients to be taken from them (see the module's documentation).
-PATCHES_RATIO = 3.0
+PATCHES_RATIO = 1.0
 
 
 def _convolution_geometry(convolve):

@@ -116,13 +116,17 @@ class AdaScaleMechanics(AccumulationMechanics):
         zero = ops.zeros((), "int32")
         return ops.cond(usable, lambda: ((fast, zero), (fast, zero)), separately)
 
-    def _statistic_of_sum(self, total):
+    def _statistic_of_sum(self, total, loss_scale=None):
         """`_replica_statistic` of a sum of squares computed elsewhere (`AdaScaleModel(groups=n)`'s one-pass group
-        norms, float32): the block number `(mantissa, exponent)` of `total` over `loss_scale_factor` squared."""
+        norms, float32): the block number `(mantissa, exponent)` of `total` over `loss_scale_factor` squared (and
+        over `loss_scale` squared: a LossScaleOptimizer's dynamic scale)."""
         import jax.numpy as jnp
 
         if self.loss_scale_factor is not None:
             total = total / float(self.loss_scale_factor) ** 2
+        if loss_scale is not None:
+            loss_scale = ops.cast(loss_scale, "float32")
+            total = total / loss_scale / loss_scale  # no square: a scale of 2^64 or more stays finite
         mantissa, exponent = jnp.frexp(ops.cast(total, "float32"))
         return mantissa, ops.cast(exponent, "int32")
 

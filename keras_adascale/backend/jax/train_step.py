@@ -84,6 +84,14 @@ def _replica_seed(state, index):
 _GROUPS = "adascale_groups"  # the name of the vmapped axis of a replica's groups
 
 
+def adascale_optimizer(optimizer):
+    """The AdaScale optimizer a model's optimizer is, or wraps (Keras's LossScaleOptimizer, which `compile`
+    puts around it under the "mixed_float16" dtype policy)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
 class PerReplicaTrainStep:
     """The JAX train step with each replica's gradient and its checks, mixed in by `model.AdaScaleTrainStep`
     before a Keras model class."""
@@ -92,7 +100,7 @@ class PerReplicaTrainStep:
         if keras.backend.backend() == "jax" and self.groups > 1 and self.group_norms == "one_pass":
             from keras_adascale.backend.jax import group_norms
 
-            group_norms.check(self, self.optimizer)
+            group_norms.check(self, adascale_optimizer(self.optimizer))
 
     def _check_batches(self, method, args, kwargs):
         """Before training: every batch of array data splits over the distribution's devices (see
@@ -132,7 +140,7 @@ class PerReplicaTrainStep:
 
     def _check_distribution_kept(self):
         """An optimizer made for several replicas, now without them: say the distribution is gone."""
-        optimizer = getattr(self, "optimizer", None)
+        optimizer = adascale_optimizer(getattr(self, "optimizer", None))
         configuration = getattr(optimizer, "_configuration", None)
         if keras.backend.backend() != "jax" or configuration is None or configuration.replicas == self.groups:
             return
@@ -144,13 +152,7 @@ class PerReplicaTrainStep:
         )
 
     def _check_optimizer(self, replicas):
-        optimizer = self.optimizer
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                f"{type(self).__name__} does not support keras.optimizers.LossScaleOptimizer under a distribution "
-                "yet: give the AdaScale optimizer itself (float32 training), or train with gradient accumulation "
-                "on one device."
-            )
+        optimizer = adascale_optimizer(self.optimizer)
         if not hasattr(optimizer, "_incoming_statistic"):
             raise ValueError(
                 f"{type(self).__name__} computes per-replica gradient statistics for an AdaScale optimizer "
@@ -181,7 +183,8 @@ class PerReplicaTrainStep:
             from keras_adascale.backend.jax import group_norms
 
             self._check_group_norms()
-        optimizer = self.optimizer
+        optimizer = self.optimizer  # Keras's LossScaleOptimizer around `adascale` under "mixed_float16"
+        adascale = adascale_optimizer(optimizer)
         trainable, non_trainable, optimizer_values, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         seeds = [v.path.endswith(_SEED_STATE) for v in self.non_trainable_variables]
@@ -189,14 +192,20 @@ class PerReplicaTrainStep:
 
         def gradients(trainable, non_trainable, metrics, x, y, sample_weight, optimizer_values):
             """`((loss, aux), grads, statistic)`: the statistic this sample's (or with one-pass group norms, this
-            replica's groups') sum of squares, as the optimizer measures it, before any sum over `axes`."""
+            replica's groups') sum of squares, as the optimizer measures it, before any sum over `axes`.
+
+            Under a LossScaleOptimizer the loss, and so `grads`, are scaled by its dynamic scale: the statistic is
+            of the unscaled gradients (as the AdaScale optimizer divides by its own `loss_scale_factor`)."""
             arguments = (non_trainable, metrics, x, y, sample_weight)
             options = {"training": True, "optimizer_variables": optimizer_values}
+            mapping = list(zip(optimizer.variables, optimizer_values))
+            with keras.StatelessScope(state_mapping=mapping):
+                dynamic = ops.convert_to_tensor(optimizer.dynamic_scale) if optimizer is not adascale else None
             if not one_pass:
                 value, grads = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)(
                     trainable, *arguments, **options)
-                with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
-                    return value, grads, optimizer._replica_statistic(grads, model_variables)
+                with keras.StatelessScope(state_mapping=mapping):
+                    return value, grads, adascale._replica_statistic(grads, model_variables, dynamic)
 
             def with_probes(trainable, probes, *arguments, **options):
                 with group_norms.measuring(self, probes, groups):
@@ -206,7 +215,10 @@ class PerReplicaTrainStep:
                 trainable, group_norms.probes(self, groups), *arguments, **options)
             # A group's gradient is n times its rows' part of the replica's mean loss's gradient.
             total = float(groups * groups) * sum(ops.sum(kernel) + ops.sum(bias) for kernel, bias in measured)
-            return value, grads, optimizer._statistic_of_sum(total)
+            with keras.StatelessScope(state_mapping=mapping):
+                scale = optimizer.scale_loss(1.0)  # what multiplied the loss (and its gradient)
+            total = total + group_norms.regularization_terms(self, trainable, grads, groups, scale)
+            return value, grads, adascale._statistic_of_sum(total, dynamic)
 
         def sample(trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight, index, axes, count):
             """One gradient sample's step (a replica's, or a group's of a replica), its reductions over the mesh
@@ -226,7 +238,7 @@ class PerReplicaTrainStep:
             # The statistic (AdaScaleAdam may precondition, with its optimizer state), summed over the samples
             # in one exponent.
             if axes:
-                statistic = optimizer._sum_over_axis(statistic, axes)
+                statistic = adascale._sum_over_axis(statistic, axes)
             grads = mean(grads)
             # A seed generator keeps its seed and takes the counter it advanced to (the same on every replica).
             new_non_trainable = [
@@ -291,10 +303,10 @@ class PerReplicaTrainStep:
         unscaled_loss, y_pred, masks, non_trainable, metrics, grads, statistic = step(
             trainable, non_trainable, optimizer_values, metrics, x, y, sample_weight)
         keras.tree.map_structure(keras_masking.set_keras_mask, y_pred, masks)
-        optimizer._incoming_statistic = statistic
+        adascale._incoming_statistic = statistic
         try:
             trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
         finally:
-            optimizer._incoming_statistic = None
+            adascale._incoming_statistic = None
         logs, metrics = self._update_metrics_variables(metrics, unscaled_loss, x, y, y_pred, sample_weight)
         return logs, (trainable, non_trainable, optimizer_values, metrics)
