@@ -45,8 +45,8 @@ demo-jax: $(JAX_VENV)/.test
 
 test: $(VENV)/.test $(BACKENDS_VENV)/.test $(JAX_VENV)/.test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
-	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
-	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -q -p no:cacheprovider tests_backends
+	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope tests_backends
+	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope tests_backends
 	KERAS_BACKEND=jax $(JAX_PY) -m pytest -q -p no:cacheprovider tests_runner_jax
 
 
@@ -54,7 +54,7 @@ $(BACKENDS_VENV)/.test: pyproject.toml
 	$(PYTHON) -m venv $(BACKENDS_VENV)
 	$(BACKENDS_PY) -m pip install --quiet --upgrade pip
 	$(BACKENDS_PY) -m pip install --quiet "keras==3.15.1" "numpy>=2" "jax==0.10.2" "jaxlib==0.10.2" "torch==2.13.0" \
-		"pytest>=8,<10" "hypothesis>=6.100,<7"
+		"pytest>=8,<10" "pytest-xdist>=3.5,<4" "hypothesis>=6.100,<7"
 	$(BACKENDS_PY) -m pip install --quiet -e '.[jax,torch]'
 	touch $@
 
