@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
-# pytest-xdist workers for `make test`: one per core of the 2-core CI machine. Each test file runs
+# pytest-xdist workers for `make test` (each of its four suites): one per core of the 2-core CI machine. Each test file runs
 # whole on one worker (--dist loadscope), so a module's fixtures are made once.
 TEST_WORKERS ?= 2
 # The JAX and PyTorch tests (tests_backends/, once per backend): a virtual environment of their own, without
@@ -47,7 +47,7 @@ test: $(VENV)/.test $(BACKENDS_VENV)/.test $(JAX_VENV)/.test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope tests_backends
 	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope tests_backends
-	KERAS_BACKEND=jax $(JAX_PY) -m pytest -q -p no:cacheprovider tests_runner_jax
+	KERAS_BACKEND=jax $(JAX_PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope tests_runner_jax
 
 
 $(BACKENDS_VENV)/.test: pyproject.toml
