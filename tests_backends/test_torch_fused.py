@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -59,7 +60,9 @@ def reads_while_applying(optimizer, problem, micro_batches, monkeypatch, model=N
         original = getattr(torch.Tensor, name)
 
         def read(self, *args, _original=original, **kwargs):
-            if state["applying"]:
+            # In the thread that applies: Keras 3.15 converts the logs of the batch before to NumPy in a thread
+            # of its own (CallbackList's ThreadPoolExecutor), which may overlap `apply` (seen under pytest-xdist).
+            if state["applying"] and threading.get_ident() == state["thread"]:
                 state["reads"] += 1
             return _original(self, *args, **kwargs)
 
@@ -67,7 +70,7 @@ def reads_while_applying(optimizer, problem, micro_batches, monkeypatch, model=N
     apply = optimizer.apply
 
     def counted_apply(*args, **kwargs):
-        state["applying"] = True
+        state["applying"], state["thread"] = True, threading.get_ident()
         try:
             return apply(*args, **kwargs)
         finally:
