@@ -528,6 +528,18 @@ def test_the_conv_rule_takes_patches_where_they_are_small_and_transposes_where_t
     assert form((8, 14, 14, 512), (8, 8, 8, 16), (7, 7, 512, 16), geometry) == "transposed"
     assert form((256, 28, 28, 1), (256, 26, 26, 32), (3, 3, 1, 32), None) == "transposed"
 
+    class OwnConvolution(keras.layers.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(inputs, kernel)
+
+    settings = group_rules.convolution_geometry  # a layer's geometry where patches may be taken, else None
+    assert settings(keras.layers.Conv2D(4, 3)) == ((1, 1), "VALID", (1, 1), True)
+    assert settings(keras.layers.Conv1D(4, 3, strides=2, padding="same", data_format="channels_first")) == (
+        (2,), "SAME", (1,), False)
+    assert settings(keras.layers.Conv1D(4, 3, padding="causal")) is None
+    assert settings(keras.layers.Conv2D(4, 3, groups=2)) is None
+    assert settings(OwnConvolution(4, 3)) is None
+
 
 @jax_only
 def test_autoscale_changes_the_count_over_groups_and_matches_the_reference(problem, capsys):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_adascale.backend.jax.group_rules import _grouped, _dense, _convolution, _bias, _offset, _scale, _embedding, _einsum_rows, _einsum_as_matmul  # noqa: F401 (tests read them here)
+from keras_adascale.backend.jax.group_rules import _grouped, _dense, _convolution, _bias, _offset, _scale, _embedding, _einsum_rows, _einsum_as_matmul, convolution_geometry  # noqa: F401 (tests read them here)
 
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 # The layers whose rules follow `_grouped_call`'s Dense and Conv ones (`_more_call`).
@@ -151,7 +151,8 @@ def _grouped_call(layer, probes, groups, calls):
             outputs = _dense(inputs, _value(layer.kernel), kernel_probe, groups)
             channels_last = True
         else:
-            outputs = _convolution(inputs, _value(layer.kernel), kernel_probe, groups, layer.convolution_op)
+            outputs = _convolution(inputs, _value(layer.kernel), kernel_probe, groups, layer.convolution_op,
+                                   convolution_geometry(layer))
             channels_last = layer.data_format == "channels_last"
         if layer.bias is not None:
             outputs = _bias(outputs, _value(layer.bias), bias_probe, groups, channels_last)
@@ -176,7 +177,7 @@ def _more_call(layer, probes, groups, inputs, *args, **kwargs):
                           kernel.reshape((int(np.prod(kernel.shape[:contracted])), -1)), first, groups)
             outputs = flat.reshape(kept + kernel.shape[contracted:])
         else:  # the per-group kernel gradients: the einsum transposed for each group's rows
-            outputs = _convolution(inputs, kernel, first, groups, functools.partial(jnp.einsum, layer.equation))
+            outputs = _convolution(inputs, kernel, first, groups, functools.partial(jnp.einsum, layer.equation), None)
         if layer.bias is not None:
             outputs = _offset(outputs, _value(layer.bias), second, groups)
         return layer.activation(outputs) if layer.activation is not None else outputs

@@ -1,7 +1,7 @@
 """The one-pass rules of `group_norms`: each covered layer's op as a `jax.custom_vjp` whose backward returns, as the
 cotangent of a zero "probe" of shape (n,), the n groups' squared norms of its weight's gradient (see `group_norms`
-for the math and what is covered). Pure JAX, but for reading a Keras convolution's geometry from the layer its
-`convolution_op` is bound to.
+for the math and what is covered). Pure JAX, but for `convolution_geometry`, which reads a Keras convolution
+layer's settings.
 
 A convolution's n per-group kernel gradients are taken one of two ways (`_convolution`), both exact:
 - transposed convolutions: the layer's own convolution transposed (`jax.linear_transpose`) for each group's rows,
@@ -91,16 +91,14 @@ _dense.defvjp(_dense_forward, _dense_backward)
 PATCHES_RATIO = 1.0
 
 
-def _convolution_geometry(convolve):
-    """`(strides, padding, dilation, channels_last)` of a Keras Conv1D/2D/3D whose `convolution_op` is `convolve`,
-    where its kernel gradients may be taken from patches (padding "valid" or "same", one feature group, the base
-    class's own `convolution_op`); else None."""
+def convolution_geometry(layer):
+    """`(strides, padding, dilation, channels_last)` of a Keras Conv1D/2D/3D `layer` whose kernel gradients may be
+    taken from patches (padding "valid" or "same", one feature group, the base class's own `convolution_op`);
+    else None (the transposed form: causal padding, grouped, a subclass's own `convolution_op`)."""
     import keras
 
-    layer = getattr(convolve, "__self__", None)
-    convolutions = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
     own = keras.layers.Conv2D.convolution_op  # the three's, from their base class
-    if not isinstance(layer, convolutions) or getattr(convolve, "__func__", None) is not own:
+    if type(layer).convolution_op is not own:
         return None
     if getattr(layer, "groups", 1) != 1 or str(layer.padding).lower() not in ("valid", "same"):
         return None
@@ -138,20 +136,21 @@ def _patch_kernel_norms(x, dy, kernel, groups, geometry):
     return squares, jnp.moveaxis(dkernel, 0, rank)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _convolution(x, kernel, probe, groups, convolve):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _convolution(x, kernel, probe, groups, convolve, geometry):
+    """`convolve(x, kernel)`; `geometry` (`convolution_geometry` of the layer, or None) lets the backward take
+    the patches form."""
     del probe
     return convolve(x, kernel)
 
 
-def _convolution_forward(x, kernel, probe, groups, convolve):
-    return _convolution(x, kernel, probe, groups, convolve), (x, kernel)
+def _convolution_forward(x, kernel, probe, groups, convolve, geometry):
+    return _convolution(x, kernel, probe, groups, convolve, geometry), (x, kernel)
 
 
-def _convolution_backward(groups, convolve, residuals, dy):
+def _convolution_backward(groups, convolve, geometry, residuals, dy):
     x, kernel = residuals
     (dx,) = jax.linear_transpose(lambda inputs: convolve(inputs, kernel), x)(dy)
-    geometry = _convolution_geometry(convolve)
     if _convolution_form(x.shape, dy.shape, kernel.shape, geometry) == "patches":
         squares, dkernel = _patch_kernel_norms(x, dy, kernel, groups, geometry)
         return dx, dkernel.astype(kernel.dtype), squares
