@@ -274,3 +274,33 @@ def test_auto_overhead_quick_prints_the_side_by_side_ratio_and_autoscales_own_ti
     assert summary["changes"] == 0  # one count allowed: nothing changes
     # the warm-up's two fits and the timed windows, 3 updates each
     assert summary["updates"] == (2 + 2 * 2) * 3
+
+
+def test_noise_scale_key_finds_the_key_on_which_synthetic_runs_agree(tmp_path):
+    """Synthetic fixed-S runs where the noise scale is a function of the training loss alone (b = 1 / loss) and the
+    loss falls twice as fast in tau at S = 4: compared at equal loss, b is the same at both S (spread 1); at equal
+    tau it is not (S = 4's is larger, as the study's real runs show). Checks the script, not the hypothesis."""
+    runs = tmp_path / "autoscale_study"
+    for scale, gain, rate in ((1, 1.0, 0.002), (4, 2.0, 0.004)):
+        folder = runs / f"fixed_s{scale}_seed0"
+        folder.mkdir(parents=True)
+        lines = []
+        for update in range(1, 401):
+            tau = update * gain
+            loss = math.exp(-rate * tau)
+            lines.append(json.dumps({"update": update, "tau": tau, "examples": 32 * scale * update, "loss": loss,
+                                     "gradient_noise_scale": 1.0 / loss}))
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "final.json").write_text("{}")
+    (runs / "fixed_s8_seed0").mkdir()  # unfinished (no final.json): left out
+    lines = run_script(["noise_scale_key.py", "--runs", str(runs), "--window", "1"], tmp_path)
+    summary = json.loads(lines[-1])
+    results = {result["key"]: result for result in summary["results"]}
+    assert summary["seeds"] == {"1": 1, "4": 1} and set(results) == {"tau", "examples", "loss"}
+    assert results["loss"]["spread_median"] == pytest.approx(1.0, abs=1e-3)
+    assert results["loss"]["spread_max"] == pytest.approx(1.0, abs=1e-2)
+    # At equal tau (within 1 - 400, both reached), b(S=4) / b(S=1) = exp(0.002 tau): at the midpoint tau = 200.5.
+    assert results["tau"]["range"] == pytest.approx([2.0, 400.0])
+    assert results["tau"]["last_over_first"][1] == pytest.approx(math.exp(0.002 * (2 + 400) / 2), rel=1e-2)
+    assert results["tau"]["spread_median"] > 1.3
+    assert (runs / "noise_scale_key.png").stat().st_size > 0
