@@ -7,8 +7,8 @@ across S when the runs are compared at equal values of other keys:
 
 - `tau`: scale-invariant iterations (what `advise` and AutoScale's gain model key on today);
 - `examples`: training examples seen;
-- `loss`: the training loss, smoothed (the mean over a window of updates), at its first crossing of each value
-  (hypothesis: a run at larger S has a lower noise temperature, settles lower at the same tau, where the
+- `loss`: the training loss, smoothed (the mean over a window of updates), at its first crossing of each value,
+  on a grid even in log loss (hypothesis: a run at larger S has a lower noise temperature, settles lower at the same tau, where the
   gradient is smaller and the noise scale larger; if so, b would follow the loss, not tau).
 
 For each key, the common range of all the S (the key's values every S's seed-mean curve reaches) on a grid of
@@ -72,12 +72,13 @@ def smoothed(values, window):
 
 def curve(run, key, window):
     """(key values, b) of one run, the key increasing: tau and examples as recorded; the loss smoothed, as its
-    running minimum (b at the first update where the smoothed loss reaches each value), negated to increase."""
+    running minimum (b at the first update where the smoothed loss reaches each value), as -log(loss) (a grid
+    even in log loss: most of training is at losses far below the first ones)."""
     if key != "loss":
         return run[key], run["b"]
     loss = np.minimum.accumulate(smoothed(run["loss"], window))
     first = np.concatenate([[True], loss[1:] < loss[:-1]])  # the first update at each new low
-    return -loss[first], run["b"][first]
+    return -np.log(loss[first]), run["b"][first]
 
 
 def log_b_at(runs, key, grid, window):
@@ -106,7 +107,8 @@ def analyse(runs, key, points, window):
     first, last = min(log_b), max(log_b)
     ratio = np.exp(log_b[last] - log_b[first])
     quarter = [float(ratio[int(f * (points - 1))]) for f in (0.25, 0.5, 0.75)]
-    return {"key": key, "range": [float(abs(low)), float(abs(high))], "grid": grid.tolist(),
+    shown = np.exp(-grid) if key == "loss" else grid  # the loss itself
+    return {"key": key, "range": [float(shown[0]), float(shown[-1])], "grid": shown.tolist(),
             "log_b": {f"{scale:g}": values.tolist() for scale, values in log_b.items()},
             "spread_median": float(np.median(spread)), "spread_max": float(spread.max()),
             "last_over_first": quarter, "first_scale": first, "last_scale": last}
@@ -120,10 +122,12 @@ def plot(results, path):
 
     figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for axis, result in zip(axes[0], results, strict=True):
-        grid = np.abs(np.array(result["grid"]))
+        grid = np.array(result["grid"])
         for scale, values in result["log_b"].items():
             axis.plot(grid, np.exp(values), label=f"S = {scale}")
         axis.set_yscale("log")
+        if result["key"] == "loss":
+            axis.set_xscale("log")
         axis.set_xlabel({"tau": "tau", "examples": "examples seen",
                          "loss": "training loss (moving mean, first reached)"}[result["key"]])
         if result["key"] == "loss":
