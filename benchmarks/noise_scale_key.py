@@ -7,7 +7,7 @@ across S when the runs are compared at equal values of other keys:
 
 - `tau`: scale-invariant iterations (what `advise` and AutoScale's gain model key on today);
 - `examples`: training examples seen;
-- `loss`: the training loss, smoothed (the mean over a window of updates), at its first crossing of each value,
+- `loss`: the training loss, smoothed (the mean over a window of updates centred on each), at its first crossing of each value,
   on a grid even in log loss (hypothesis: a run at larger S has a lower noise temperature, settles lower at the same tau, where the
   gradient is smaller and the noise scale larger; if so, b would follow the loss, not tau).
 
@@ -63,10 +63,12 @@ def read_runs(folder):
 
 
 def smoothed(values, window):
-    """The moving mean over the last `window` values (fewer at the start)."""
+    """The moving mean over `window` values centred on each (fewer at the ends): a trailing mean would lag the
+    loss by window / 2 updates, more at the S whose loss falls faster per update."""
     sums = np.cumsum(np.insert(values, 0, 0.0))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - window, 0)
+    index = np.arange(len(values))
+    starts = np.maximum(index - window // 2, 0)
+    ends = np.minimum(index - window // 2 + window, len(values))
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 

@@ -304,3 +304,8 @@ def test_noise_scale_key_finds_the_key_on_which_synthetic_runs_agree(tmp_path):
     assert results["tau"]["last_over_first"][1] == pytest.approx(math.exp(0.002 * (2 + 400) / 2), rel=1e-2)
     assert results["tau"]["spread_median"] > 1.3
     assert (runs / "noise_scale_key.png").stat().st_size > 0
+    # The default window (a moving mean over 50 updates, centred: no lag that differs between the S).
+    default = {result["key"]: result for result in json.loads(
+        run_script(["noise_scale_key.py", "--runs", str(runs)], tmp_path)[-1])["results"]}
+    assert default["loss"]["spread_median"] == pytest.approx(1.0, abs=0.02)
+    assert default["tau"]["spread_median"] > 1.3
