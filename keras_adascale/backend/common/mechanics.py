@@ -165,10 +165,11 @@ class AccumulationMechanics:
 
         Of the gradients `apply` will see: divided by `loss_scale_factor` where one is set, as `apply` divides,
         and by `loss_scale` (a LossScaleOptimizer's dynamic scale, which divides before this optimizer sees them)."""
-        if self.loss_scale_factor is not None:
-            grads = [g / self.loss_scale_factor for g in grads]
+        divisor = self.loss_scale_factor
         if loss_scale is not None:
-            grads = [g / ops.cast(loss_scale, g.dtype) for g in grads]
+            divisor = loss_scale if divisor is None else loss_scale * divisor
+        if divisor is not None:  # one division of each gradient, fused into the squares' reduction where traced
+            grads = [g / ops.cast(divisor, g.dtype) for g in grads]
         return self._sqr_norm_sum(self._statistic_gradients(grads, trainable_variables))
 
     def _backend_apply_gradients(self, grads, trainable_variables):

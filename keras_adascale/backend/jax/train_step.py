@@ -201,6 +201,7 @@ class PerReplicaTrainStep:
             mapping = list(zip(optimizer.variables, optimizer_values))
             with keras.StatelessScope(state_mapping=mapping):
                 dynamic = ops.convert_to_tensor(optimizer.dynamic_scale) if optimizer is not adascale else None
+                scale = optimizer.scale_loss(1.0)  # what multiplied the loss (and its gradient)
             if not one_pass:
                 value, grads = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)(
                     trainable, *arguments, **options)
@@ -215,8 +216,6 @@ class PerReplicaTrainStep:
                 trainable, group_norms.probes(self, groups), *arguments, **options)
             # A group's gradient is n times its rows' part of the replica's mean loss's gradient.
             total = float(groups * groups) * sum(ops.sum(kernel) + ops.sum(bias) for kernel, bias in measured)
-            with keras.StatelessScope(state_mapping=mapping):
-                scale = optimizer.scale_loss(1.0)  # what multiplied the loss (and its gradient)
             total = total + group_norms.regularization_terms(self, trainable, grads, groups, scale)
             return value, grads, adascale._statistic_of_sum(total, dynamic)
 
